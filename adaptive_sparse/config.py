@@ -1,0 +1,70 @@
+"""Checks that run before any data loads, plus the few run-level settings (device, seeds)."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A config value out of range; the message names the key and what is allowed."""
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Refuse out-of-range values by key name before any data or model is built."""
+    rate = cfg.gate.target_rate
+    _require(isinstance(rate, (int, float)) and 0 < rate <= 1, "gate.target_rate", rate,
+             "a fraction in (0, 1]")
+    t = cfg.training
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        _require(isinstance(t[key], int) and t[key] >= 1, f"training.{key}", t[key], "an integer >= 1")
+    _require(t.limit_train_batches is None or (isinstance(t.limit_train_batches, int)
+                                               and t.limit_train_batches >= 1),
+             "training.limit_train_batches", t.limit_train_batches, "null or an integer >= 1")
+    _require(isinstance(t.lr, (int, float)) and t.lr > 0, "training.lr", t.lr, "a number > 0")
+    _require(t.precision in ("fp32", "bf16", "fp16"), "training.precision", t.precision,
+             "one of fp32, bf16, fp16")
+    _require(cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
+             "device", cfg.device, "auto, cpu, cuda or cuda:N")
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device!r} but no CUDA device is available; use device=cpu or auto")
+    _require(cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", cfg.wandb.mode,
+             "one of offline, online, disabled")
+    _require(cfg.dataset.name in _dataset_names(), "dataset.name", cfg.dataset.name,
+             f"one of {sorted(_dataset_names())}")
+    if cfg.dataset.get("root") and not cfg.dataset.get("download", False):
+        root = Path(os.path.expanduser(str(cfg.dataset.root)))
+        if not root.exists():
+            raise ConfigError(f"dataset.root={str(root)!r} does not exist and dataset.download=false")
+
+
+def _dataset_names() -> set[str]:
+    from adaptive_sparse.data import DATASETS
+    return set(DATASETS)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True

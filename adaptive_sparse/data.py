@@ -1,0 +1,246 @@
+"""Datasets held in memory as uint8 tensors, served in batches that carry dataset indices.
+
+Each split is decoded once (from torchvision's CIFAR-10 pickles or from an image folder),
+cached outside the dataset folder, and kept in memory. Augmentation runs on whole batches
+as tensor ops, so the training loop does no per-sample PIL work (airbench's recipe).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from adaptive_sparse.checkpointing import atomic_torch_save
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class DatasetError(RuntimeError):
+    """A dataset that cannot be found or read; the message names the key or file."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # [N, 3, H, W] uint8
+    labels: torch.Tensor  # [N] int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class ImageData:
+    train: Split
+    test: Split
+    classes: tuple[str, ...]
+    source: str  # where the pixels came from, recorded in summary.json
+
+
+# --------------------------------------------------------------------------- loading
+
+def find_root(cfg: DictConfig) -> Path | None:
+    """`dataset.root` if set, else the first existing entry of `dataset.search_roots`."""
+    if cfg.get("root"):
+        return Path(os.path.expanduser(str(cfg.root))).resolve()
+    for candidate in cfg.get("search_roots") or []:
+        path = Path(os.path.expanduser(str(candidate))).resolve()
+        if path.exists():
+            return path
+    return None
+
+
+def root_kind(root: Path) -> str | None:
+    """'torchvision' for a CIFAR-10 pickle root, 'folder' for train/ and test/ image folders."""
+    if (root / "cifar-10-batches-py").is_dir():
+        return "torchvision"
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return "folder"
+    return None
+
+
+def load_cifar10(cfg: DictConfig) -> ImageData:
+    root = find_root(cfg)
+    if root is None:
+        tried = [cfg.get("root")] if cfg.get("root") else list(cfg.get("search_roots") or [])
+        if not cfg.download:
+            raise DatasetError(f"dataset.root: no CIFAR-10 found (tried {tried}) and "
+                               "dataset.download=false; set dataset.root=PATH")
+        root = Path(os.path.expanduser(str(cfg.get("root") or cfg.search_roots[0]))).resolve()
+    kind = root_kind(root)
+    if kind is None and not cfg.download:
+        raise DatasetError(f"dataset.root={root}: not a CIFAR-10 root (expected "
+                           "cifar-10-batches-py/ or train/ and test/ folders) and dataset.download=false")
+    if kind == "folder":
+        return _cached(root, cfg, lambda: _decode_image_folder(root))
+    return _load_torchvision_cifar10(root, download=bool(cfg.download))
+
+
+def _load_torchvision_cifar10(root: Path, download: bool) -> ImageData:
+    from torchvision.datasets import CIFAR10  # imported here: torchvision is slow to import
+
+    try:
+        splits = [CIFAR10(str(root), train=t, download=download) for t in (True, False)]
+    except Exception as err:  # no network, bad checksum, unreadable pickle
+        raise DatasetError(f"dataset.root={root}: could not load or download CIFAR-10 ({err}). "
+                           "Without network, point dataset.root at an existing copy.") from err
+    train, test = (Split(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
+                         torch.tensor(s.targets, dtype=torch.long)) for s in splits)
+    return ImageData(train, test, tuple(splits[0].classes), f"torchvision:{root}")
+
+
+def _cached(root: Path, cfg: DictConfig, decode: Callable[[], ImageData]) -> ImageData:
+    """Decode once, then reuse a tensor cache keyed by the folder's path and contents."""
+    cache_dir = Path(os.path.expanduser(str(cfg.cache_dir)))
+    cache_file = cache_dir / f"cifar10-folder-{_folder_fingerprint(root)}.pt"
+    if cache_file.exists():
+        try:
+            blob = torch.load(cache_file, weights_only=True)
+            return ImageData(Split(*blob["train"]), Split(*blob["test"]),
+                             tuple(blob["classes"]), f"folder:{root}")
+        except Exception:  # a stale or truncated cache is rebuilt, never trusted
+            cache_file.unlink(missing_ok=True)
+    data = decode()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"train": (data.train.images, data.train.labels),
+                       "test": (data.test.images, data.test.labels),
+                       "classes": list(data.classes)}, cache_file)
+    return data
+
+
+def _folder_fingerprint(root: Path) -> str:
+    digest = hashlib.sha1(str(root).encode())
+    for split in ("train", "test"):
+        for class_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            stat = class_dir.stat()
+            digest.update(f"{split}/{class_dir.name}:{stat.st_mtime_ns}:{len(os.listdir(class_dir))}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _decode_image_folder(root: Path) -> ImageData:
+    classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
+    train = _decode_split(root / "train", classes)
+    test = _decode_split(root / "test", classes)
+    return ImageData(train, test, classes, f"folder:{root}")
+
+
+def _decode_split(split_dir: Path, classes: tuple[str, ...]) -> Split:
+    from PIL import Image
+    from tqdm import tqdm
+
+    files = [(path, label) for label, name in enumerate(classes)
+             for path in sorted((split_dir / name).iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DatasetError(f"dataset.root: no images under {split_dir}")
+    images = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(tqdm(files, desc=f"decoding {split_dir.name}", mininterval=2,
+                                       disable=None)):
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+        except Exception as err:
+            raise DatasetError(f"cannot read image {path}: {err}") from err
+        if pixels.shape != (32, 32, 3):
+            raise DatasetError(f"image {path} is {pixels.shape}, expected 32x32 RGB")
+        images[i] = pixels
+    labels = torch.tensor([label for _, label in files], dtype=torch.long)
+    return Split(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
+
+
+def make_synthetic(cfg: DictConfig) -> ImageData:
+    """A small, learnable 10-class image set for tests: a fixed random pattern per class,
+    shifted and blurred with noise, so a CNN or ViT gets well above chance in an epoch."""
+    g = torch.Generator().manual_seed(int(cfg.data_seed))
+    num_classes, size = int(cfg.num_classes), int(cfg.image_size)
+    prototypes = torch.rand(num_classes, 3, size // 4, size // 4, generator=g)
+    prototypes = torch.nn.functional.interpolate(prototypes, size=(size, size), mode="bilinear")
+
+    def draw(n: int) -> Split:
+        labels = torch.randint(num_classes, (n,), generator=g)
+        shift = torch.randint(-2, 3, (2,), generator=g).tolist()
+        images = prototypes[labels].roll(shifts=shift, dims=(2, 3))
+        images = images + float(cfg.noise) * torch.randn(images.shape, generator=g)
+        return Split((images.clamp(0, 1) * 255).round().to(torch.uint8), labels)
+
+    return ImageData(draw(int(cfg.num_train)), draw(int(cfg.num_test)),
+                     tuple(f"class{i}" for i in range(num_classes)), f"synthetic:seed{cfg.data_seed}")
+
+
+DATASETS: dict[str, Callable[[DictConfig], ImageData]] = {
+    "cifar10": load_cifar10,
+    "synthetic": make_synthetic,
+}
+
+
+def load_dataset(cfg: DictConfig) -> ImageData:
+    """Build the dataset named by `dataset.name` from its registry entry."""
+    return DATASETS[cfg.name](cfg)
+
+
+# --------------------------------------------------------------------------- batching
+
+class BatchLoader:
+    """Serves (images, labels, dataset indices) from tensors already on the device.
+
+    Images go to float and are normalised one batch at a time; augmentation (random crop
+    with zero padding, horizontal flip) is drawn per sample but applied to the whole batch.
+    """
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device, *, shuffle: bool,
+                 augment: bool = False, crop_padding: int = 4, limit_batches: int | None = None,
+                 seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                 indices: torch.Tensor | None = None):
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.indices = indices if indices is not None else torch.arange(len(split))
+        self.batch_size, self.device = batch_size, device
+        self.shuffle, self.augment, self.crop_padding = shuffle, augment, crop_padding
+        self.limit_batches = limit_batches
+        self.generator = torch.Generator().manual_seed(seed)  # CPU generator: same stream on any device
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        full = -(-len(self.indices) // self.batch_size)
+        return full if self.limit_batches is None else min(full, self.limit_batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = self.indices
+        if self.shuffle:
+            order = order[torch.randperm(len(order), generator=self.generator)]
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device)  # [B]
+            images = self.images[idx]  # [B, 3, H, W] uint8
+            if self.augment:
+                images = self._augment(images)
+            x = (images.float() - self.mean) / self.std
+            yield x, self.labels[idx], idx
+
+    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = images.shape
+        pad = self.crop_padding
+        draw = lambda high: torch.randint(high, (n,), generator=self.generator).to(self.device)
+        if pad:
+            padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # [B, 3, H+2p, W+2p]
+            rows = draw(2 * pad + 1)[:, None] + torch.arange(h, device=self.device)  # [B, H]
+            cols = draw(2 * pad + 1)[:, None] + torch.arange(w, device=self.device)  # [B, W]
+            batch = torch.arange(n, device=self.device)[:, None, None]
+            images = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, H, W, 3]
+            images = images.permute(0, 3, 1, 2)
+        flip = draw(2).bool()
+        return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,108 @@
+"""Measuring what a run costs: FLOPs counted by torch's flop counter, and wall-clock per phase."""
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+class FlopMeter:
+    """Per-sample FLOPs of a scoring forward and of a training forward+backward.
+
+    Counted once with `torch.utils.flop_counter.FlopCounterMode` on a copy of the model on
+    the meta device (shapes only, no arithmetic, no effect on the real model or timings).
+    Counts are taken at batch sizes 1 and 2 and must scale linearly, which holds for models
+    that treat samples independently; a run's FLOPs are then per-sample counts times the
+    samples scored and trained. The optimiser update is not counted (it is per parameter,
+    not per sample, and the same for every gate).
+    """
+
+    def __init__(self, model: nn.Module, sample_shape: tuple[int, ...], num_classes: int):
+        meta_model = copy.deepcopy(model).to("meta")
+        self.forward_per_sample = self._per_sample(meta_model, sample_shape, num_classes, backward=False)
+        self.train_per_sample = self._per_sample(meta_model, sample_shape, num_classes, backward=True)
+
+    @staticmethod
+    def count(model: nn.Module, batch: int, sample_shape: tuple[int, ...], num_classes: int,
+              backward: bool) -> int:
+        images = torch.empty(batch, *sample_shape, device="meta")
+        labels = torch.zeros(batch, dtype=torch.long, device="meta")
+        model.train(backward)
+        with FlopCounterMode(display=False) as counter:
+            if backward:
+                F.cross_entropy(model(images), labels).backward()
+            else:
+                with torch.no_grad():
+                    model(images)
+        model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    def _per_sample(self, model: nn.Module, sample_shape, num_classes: int, backward: bool) -> int:
+        one = self.count(model, 1, sample_shape, num_classes, backward)
+        two = self.count(model, 2, sample_shape, num_classes, backward)
+        if two != 2 * one:
+            raise RuntimeError(f"FLOPs are not linear in batch size ({one} for 1, {two} for 2)")
+        return one
+
+
+class PhaseTimer:
+    """Accumulates wall-clock seconds per named phase; synchronises CUDA before each reading."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.seconds[name] += self.now() - start
+
+    def timed(self, iterable, name: str):
+        """Yield from `iterable`, charging the time spent producing each item to `name`."""
+        iterator = iter(iterable)
+        while True:
+            with self.phase(name):
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+            yield item
+
+
+class Tally:
+    """Counts for one epoch: samples seen, scored and trained, and the trained samples' loss."""
+
+    def __init__(self):
+        self.seen = self.scored = self.trained = 0
+        self.loss_sum = 0.0
+
+    def add(self, seen: int, scored: int, trained_losses: torch.Tensor | None) -> None:
+        self.seen += seen
+        self.scored += scored
+        if trained_losses is not None and len(trained_losses):
+            self.trained += len(trained_losses)
+            self.loss_sum += float(trained_losses.sum())
+
+    def flops(self, meter: FlopMeter) -> dict[str, float]:
+        """FLOPs executed (scoring + training) against a full step on every sample seen."""
+        scoring = self.scored * meter.forward_per_sample
+        training = self.trained * meter.train_per_sample
+        full = self.seen * meter.train_per_sample
+        return {"flops_scoring": scoring, "flops_training": training,
+                "flops_executed": scoring + training, "flops_full": full,
+                "compute_savings": 1.0 - (scoring + training) / full if full else 0.0}

@@ -1,0 +1,147 @@
+"""Where a run's numbers go: metrics.jsonl, summary.json, the console table, and W&B.
+
+The files are the contract (flat keys, written whatever the W&B mode); W&B gets the same
+numbers under namespaced keys (train/loss, val/acc, time/epoch_s, ...). Logging never
+stops training: a W&B failure is a warning.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from adaptive_sparse.checkpointing import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# contract key in the files -> namespaced key in W&B
+WANDB_KEYS = {
+    "epoch": "epoch",
+    "train_loss": "train/loss",
+    "val_loss": "val/loss",
+    "val_acc": "val/acc",
+    "activation_rate": "gate/activation_rate",
+    "threshold": "gate/threshold",
+    "sample_savings": "gate/sample_savings",
+    "epoch_time_s": "time/epoch_s",
+    "eval_time_s": "time/eval_s",
+    "data_time_s": "time/data_s",
+    "scoring_time_s": "time/scoring_s",
+    "select_time_s": "time/select_s",
+    "train_step_time_s": "time/train_step_s",
+    "samples_per_s": "time/samples_per_s",
+    "flops_executed": "flops/executed",
+    "flops_scoring": "flops/scoring",
+    "flops_training": "flops/training",
+    "flops_full": "flops/full",
+    "compute_savings": "flops/compute_savings",
+}
+
+TABLE_HEADER = ("| Epoch | Loss   | Val Acc | Activation Rate | Compute Savings (FLOPs) "
+                "| Sample Savings | Time    |")
+
+
+def table_row(record: dict[str, Any], epochs: int) -> str:
+    """One line of the report's table; its 'Energy Savings' column is now measured FLOPs."""
+    return (f"| {record['epoch']}/{epochs:<3} | {record['train_loss']:.4f} | {record['val_acc']:6.2f}% "
+            f"| {100 * record['activation_rate']:14.1f}% | {100 * record['compute_savings']:22.1f}% "
+            f"| {100 * record['sample_savings']:13.1f}% | {record['epoch_time_s']:6.1f}s |")
+
+
+def hardware_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+class RunLog:
+    """Writes one run's metrics; use as a context manager so W&B is always finished."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.wandb_run = self._start_wandb(cfg)
+
+    # ------------------------------------------------------------------ W&B
+    def _start_wandb(self, cfg: DictConfig):
+        wcfg = cfg.wandb
+        if wcfg.mode == "disabled":
+            return None
+        try:
+            import wandb
+        except ImportError:
+            warnings.warn("wandb is not installed; logging to files only")
+            return None
+        settings = dict(project=wcfg.project, entity=wcfg.entity, group=wcfg.group,
+                        tags=list(wcfg.tags or []), name=wcfg.name, dir=str(self.run_dir),
+                        config=OmegaConf.to_container(cfg, resolve=True))
+        for mode in dict.fromkeys([wcfg.mode, "offline"]):  # online first if asked, then offline
+            try:
+                return wandb.init(mode=mode, reinit="finish_previous", **settings)
+            except Exception as err:  # no network, no API key, a broken install
+                warnings.warn(f"wandb.init(mode={mode}) failed ({err}); "
+                              + ("trying offline" if mode != "offline" else "logging to files only"))
+        return None
+
+    def _wandb_log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self.wandb_run is None:
+            return
+        try:
+            self.wandb_run.log(metrics, step=step)
+        except Exception as err:
+            warnings.warn(f"wandb.log failed ({err}); continuing without W&B")
+            self.wandb_run = None
+
+    # ------------------------------------------------------------------ records
+    def log_step(self, step: int, metrics: dict[str, float | None]) -> None:
+        self._wandb_log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def log_epoch(self, record: dict[str, Any], step: int) -> None:
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self._wandb_log({WANDB_KEYS.get(k, k): v for k, v in record.items() if v is not None}, step=step)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(json.dumps(summary, indent=2) + "\n", self.run_dir / "summary.json")
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.summary.update(
+                    {k: v for k, v in summary.items() if not isinstance(v, float) or math.isfinite(v)})
+            except Exception as err:
+                warnings.warn(f"wandb summary update failed ({err})")
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as err:
+                warnings.warn(f"wandb.finish failed ({err})")
+            self.wandb_run = None
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
+
+
+def environment_facts(device: torch.device) -> dict[str, Any]:
+    return {"device": str(device), "hardware": hardware_description(device),
+            "torch": torch.__version__, "cpu_count": os.cpu_count()}

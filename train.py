@@ -1,0 +1,171 @@
+"""Adaptive Sparse Training: one script, read top to bottom.
+
+    python train.py                                       # the report's run: cnn, sundew, 6%, 3 epochs
+    python train.py model=vit gate=random gate.target_rate=0.25
+    python train.py -m gate=none,random,sundew seed=0,1,2  # a sweep
+
+Each batch: a gate decides which samples are worth training on (scoring them first with
+one inference-mode forward if it needs scores), then forward and backward run on those
+samples only. FLOPs are counted, training wall-clock is timed apart from evaluation, and
+every epoch goes to metrics.jsonl, the console table and W&B in the Hydra run directory.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from adaptive_sparse.config import resolve_device, seed_everything, validate_config
+from adaptive_sparse.data import BatchLoader, load_dataset
+from adaptive_sparse.metering import FlopMeter, PhaseTimer, Tally
+from adaptive_sparse.models import count_parameters
+from adaptive_sparse.step import evaluate, score_batch, train_on_subset
+from adaptive_sparse.tracking import TABLE_HEADER, RunLog, environment_facts, table_row
+
+log = logging.getLogger("train")
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    # ------------------------------------------------------------------ config
+    validate_config(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    choices = HydraConfig.get().runtime.choices
+    device = resolve_device(cfg.device)
+    if cfg.training.num_threads:
+        torch.set_num_threads(cfg.training.num_threads)
+    seed_everything(cfg.seed, cfg.deterministic)
+    train_cfg, precision = cfg.training, cfg.training.precision
+
+    # ------------------------------------------------------------------ data
+    data = load_dataset(cfg.dataset)
+    train_loader = BatchLoader(data.train, train_cfg.batch_size, device, shuffle=True,
+                               augment=cfg.dataset.augment, crop_padding=cfg.dataset.crop_padding,
+                               limit_batches=train_cfg.limit_train_batches, seed=cfg.seed)
+    val_loader = BatchLoader(data.test, train_cfg.eval_batch_size, device, shuffle=False)
+    log.info("data: %s (%d train, %d test)", data.source, len(data.train), len(data.test))
+
+    # ------------------------------------------------------------------ model
+    model = instantiate(cfg.model, num_classes=len(data.classes)).to(device)
+    optimizer = instantiate(train_cfg.optimizer)(model.parameters())
+    scheduler = instantiate(train_cfg.scheduler)(optimizer) if train_cfg.scheduler else None
+    flop_meter = FlopMeter(model, tuple(data.train.images.shape[1:]), len(data.classes))
+    log.info("model: %s, %.2fM parameters, %.1f MFLOP/sample forward, %.1f MFLOP/sample train step",
+             choices.model, count_parameters(model) / 1e6, flop_meter.forward_per_sample / 1e6,
+             flop_meter.train_per_sample / 1e6)
+
+    # ------------------------------------------------------------------ gate
+    gate = instantiate(cfg.gate, num_samples=len(data.train), num_classes=len(data.classes),
+                       seed=cfg.seed)
+    log.info("gate: %s, target rate %.3f", choices.gate, gate.target_rate)
+
+    # ------------------------------------------------------------------ loop
+    history: list[dict] = []
+    step = 0
+    with RunLog(run_dir, cfg) as run_log:
+        log.info(TABLE_HEADER)
+        for epoch in range(1, train_cfg.epochs + 1):
+            model.train()
+            timer, tally = PhaseTimer(device), Tally()
+            epoch_start = timer.now()
+            batches = tqdm(timer.timed(train_loader, "data"), total=len(train_loader),
+                           desc=f"epoch {epoch}/{train_cfg.epochs}", leave=False,
+                           disable=None if cfg.progress else True)
+            for images, labels, idx in batches:
+                # 1. score: one forward over the whole batch, no autograd (only if the gate asks)
+                with timer.phase("scoring"):
+                    scores = score_batch(model, images, labels, precision) if gate.needs_scores else None
+                # 2. select: the gate picks batch positions to train on
+                with timer.phase("select"):
+                    chosen = gate.select(idx, scores).index  # [k]
+                # 3. train: forward and backward on the chosen samples only
+                losses = None
+                with timer.phase("train_step"):
+                    if len(chosen):
+                        losses = train_on_subset(model, optimizer, images[chosen], labels[chosen], precision)
+                        gate.observe(idx[chosen], losses)
+                tally.add(seen=len(idx), scored=len(idx) if scores is not None else 0, trained_losses=losses)
+                step += 1
+                if step % cfg.wandb.log_every_steps == 0:
+                    run_log.log_step(step, {"train/batch_rate": len(chosen) / len(idx),
+                                            "gate/threshold": gate.threshold,
+                                            "train/batch_loss": float(losses.mean()) if losses is not None else None})
+            epoch_time = timer.now() - epoch_start
+            if scheduler is not None:
+                scheduler.step()
+
+            # -------------------------------------------------------------- evaluation
+            with timer.phase("eval"):
+                val_loss, val_acc = evaluate(model, val_loader, precision)
+
+            # -------------------------------------------------------------- logging
+            record = {
+                "epoch": epoch,
+                "train_loss": tally.loss_sum / max(tally.trained, 1),
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "activation_rate": tally.trained / tally.seen,
+                "threshold": gate.threshold,
+                "epoch_time_s": epoch_time,
+                **tally.flops(flop_meter),
+                "sample_savings": 1.0 - tally.trained / tally.seen,
+                "samples_seen": tally.seen,
+                "samples_trained": tally.trained,
+                "data_time_s": timer.seconds["data"],
+                "scoring_time_s": timer.seconds["scoring"],
+                "select_time_s": timer.seconds["select"],
+                "train_step_time_s": timer.seconds["train_step"],
+                "eval_time_s": timer.seconds["eval"],
+                "samples_per_s": tally.seen / epoch_time,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            history.append(record)
+            run_log.log_epoch(record, step=step)
+            log.info(table_row(record, train_cfg.epochs))
+
+        summary = summarise(history, gate.target_rate, flop_meter)
+        summary.update(gate=choices.gate, model=choices.model, attention=choices.attention,
+                       dataset=choices.dataset, data_source=data.source, seed=cfg.seed,
+                       params=count_parameters(model), **environment_facts(device))
+        run_log.write_summary(summary)
+    log.info("final val_acc %.2f%%, activation rate %.4f (target %.4f), compute savings %.1f%%, "
+             "sample savings %.1f%%, training time %.1fs", summary["val_acc"], summary["activation_rate"],
+             summary["target_rate"], 100 * summary["compute_savings"], 100 * summary["sample_savings"],
+             summary["train_time_s"])
+    return summary["val_acc"]
+
+
+def summarise(history: list[dict], target_rate: float, flop_meter: FlopMeter) -> dict:
+    """Whole-run figures for summary.json, summed over epochs from the per-epoch records."""
+    seen = sum(r["samples_seen"] for r in history)
+    trained = sum(r["samples_trained"] for r in history)
+    flops = {k: sum(r[k] for r in history) for k in ("flops_scoring", "flops_training",
+                                                      "flops_executed", "flops_full")}
+    last = history[-1]
+    return {
+        "val_acc": last["val_acc"],
+        "val_loss": last["val_loss"],
+        "activation_rate": trained / seen,
+        "target_rate": target_rate,
+        "train_time_s": sum(r["epoch_time_s"] for r in history),
+        "epoch_times_s": [r["epoch_time_s"] for r in history],
+        "eval_time_s": sum(r["eval_time_s"] for r in history),
+        **flops,
+        "compute_savings": 1.0 - flops["flops_executed"] / flops["flops_full"],
+        "sample_savings": 1.0 - trained / seen,
+        "epochs": len(history),
+        "samples_seen": seen,
+        "samples_trained": trained,
+        "flops_per_sample_forward": flop_meter.forward_per_sample,
+        "flops_per_sample_train": flop_meter.train_per_sample,
+    }
+
+
+if __name__ == "__main__":
+    main()
