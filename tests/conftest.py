@@ -1,0 +1,44 @@
+"""Shared helpers: compose configs in-process, run train.py in a subprocess on tiny data."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+CIFAR_FOLDER = ROOT.parent / "shared" / "data" / "cifar10"
+
+# A run that takes seconds on 2 CPU cores: 512 synthetic images, one epoch, no W&B.
+TINY = ["dataset=synthetic", "dataset.num_train=512", "dataset.num_test=256",
+        "training.epochs=1", "training.eval_batch_size=256", "wandb.mode=disabled"]
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_train(run_dir: Path, *overrides: str, timeout: int = 300,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """python train.py hydra.run.dir=RUN_DIR OVERRIDES..., from the repository root."""
+    return subprocess.run([sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def read_run(run_dir: Path) -> tuple[list[dict], dict]:
+    """(metrics.jsonl records, summary.json) of a finished run."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines], json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)
