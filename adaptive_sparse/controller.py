@@ -20,7 +20,10 @@ class PIController:
         self.min_threshold, self.max_threshold = min_threshold, max_threshold
         self.rate_ema = target
         self.integral = 0.0
-        self.threshold = init_threshold
+        self.threshold = self.clamp(init_threshold)
+
+    def clamp(self, threshold: float) -> float:
+        return min(max(threshold, self.min_threshold), self.max_threshold)
 
     def update(self, achieved_rate: float) -> float:
         """Feed one batch's achieved rate; returns the threshold for the next batch."""
@@ -28,7 +31,7 @@ class PIController:
         error = self.rate_ema - self.target
         integral = self.integral + error
         raw = self.init_threshold + self.kp * error + self.ki * integral
-        clamped = min(max(raw, self.min_threshold), self.max_threshold)
+        clamped = self.clamp(raw)
         if raw == clamped:
             self.integral = integral  # integrate only while unsaturated
         self.threshold = clamped
