@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from adaptive_sparse.config import resolve_device, seed_everything, validate_config
 from adaptive_sparse.data import BatchLoader, load_dataset
+from adaptive_sparse.energy import make_energy_meter
 from adaptive_sparse.metering import FlopMeter, PhaseTimer, Tally
 from adaptive_sparse.models import count_parameters
 from adaptive_sparse.step import evaluate, score_batch, train_on_subset
@@ -64,6 +65,7 @@ def main(cfg: DictConfig) -> float:
     gate = instantiate(cfg.gate, num_samples=len(data.train), num_classes=len(data.classes),
                        seed=cfg.seed)
     log.info("gate: %s, target rate %.3f", choices.gate, gate.target_rate)
+    energy_meter = make_energy_meter(cfg.energy.kind, device, cfg.energy.get("country_iso_code", "USA"))
 
     # ------------------------------------------------------------------ loop
     history: list[dict] = []
@@ -72,31 +74,32 @@ def main(cfg: DictConfig) -> float:
         log.info(TABLE_HEADER)
         for epoch in range(1, train_cfg.epochs + 1):
             model.train()
+            gate.start_epoch(epoch)
             timer, tally = PhaseTimer(device), Tally()
-            epoch_start = timer.now()
             batches = tqdm(timer.timed(train_loader, "data"), total=len(train_loader),
                            desc=f"epoch {epoch}/{train_cfg.epochs}", leave=False,
                            disable=None if cfg.progress else True)
-            for images, labels, idx in batches:
-                # 1. score: one forward over the whole batch, no autograd (only if the gate asks)
-                with timer.phase("scoring"):
-                    scores = score_batch(model, images, labels, precision) if gate.needs_scores else None
-                # 2. select: the gate picks batch positions to train on
-                with timer.phase("select"):
-                    chosen = gate.select(idx, scores).index  # [k]
-                # 3. train: forward and backward on the chosen samples only
-                losses = None
-                with timer.phase("train_step"):
-                    if len(chosen):
-                        losses = train_on_subset(model, optimizer, images[chosen], labels[chosen], precision)
-                        gate.observe(idx[chosen], losses)
-                tally.add(seen=len(idx), scored=len(idx) if scores is not None else 0, trained_losses=losses)
-                step += 1
-                if step % cfg.wandb.log_every_steps == 0:
-                    run_log.log_step(step, {"train/batch_rate": len(chosen) / len(idx),
-                                            "gate/threshold": gate.threshold,
-                                            "train/batch_loss": float(losses.mean()) if losses is not None else None})
-            epoch_time = timer.now() - epoch_start
+            with timer.phase("epoch"), energy_meter.measure():  # training only: eval is timed apart
+                for images, labels, idx in batches:
+                    # 1. score: one forward over the whole batch, no autograd (only if the gate asks)
+                    with timer.phase("scoring"):
+                        scores = score_batch(model, images, labels, precision) if gate.needs_scores else None
+                    # 2. select: the gate picks the batch positions to train on
+                    with timer.phase("select"):
+                        chosen = gate.select(idx, scores).index  # [k]
+                    # 3. train: forward and backward on the chosen samples only
+                    trained = None
+                    with timer.phase("train_step"):
+                        if len(chosen):
+                            trained = train_on_subset(model, optimizer, images[chosen], labels[chosen], precision)
+                            gate.observe(idx[chosen], trained)
+                    tally.add(seen=len(idx), scored=len(idx) if scores is not None else 0,
+                              trained_losses=trained.loss if trained is not None else None)
+                    step += 1
+                    if step % cfg.wandb.log_every_steps == 0:
+                        run_log.log_step(step, {"train/batch_rate": len(chosen) / len(idx),
+                                                "gate/threshold": gate.threshold,
+                                                "train/batch_loss": tally.last_batch_loss})
             if scheduler is not None:
                 scheduler.step()
 
@@ -105,6 +108,7 @@ def main(cfg: DictConfig) -> float:
                 val_loss, val_acc = evaluate(model, val_loader, precision)
 
             # -------------------------------------------------------------- logging
+            epoch_time = timer.seconds["epoch"]
             record = {
                 "epoch": epoch,
                 "train_loss": tally.loss_sum / max(tally.trained, 1),
@@ -123,15 +127,20 @@ def main(cfg: DictConfig) -> float:
                 "train_step_time_s": timer.seconds["train_step"],
                 "eval_time_s": timer.seconds["eval"],
                 "samples_per_s": tally.seen / epoch_time,
+                "energy_kwh": energy_meter.kwh,  # cumulative, training phases only
                 "lr": optimizer.param_groups[0]["lr"],
+                **gate.epoch_metrics(),
             }
             history.append(record)
             run_log.log_epoch(record, step=step)
             log.info(table_row(record, train_cfg.epochs))
+        energy_meter.close()
 
         summary = summarise(history, gate.target_rate, flop_meter)
         summary.update(gate=choices.gate, model=choices.model, attention=choices.attention,
                        dataset=choices.dataset, data_source=data.source, seed=cfg.seed,
+                       scoring=cfg.gate.get("scoring"), energy_kwh=energy_meter.kwh,
+                       energy_source=energy_meter.source,
                        params=count_parameters(model), **environment_facts(device))
         run_log.write_summary(summary)
     log.info("final val_acc %.2f%%, activation rate %.4f (target %.4f), compute savings %.1f%%, "

@@ -40,8 +40,15 @@ class Gate:
     def select(self, idx: torch.Tensor, scores: BatchScores | None) -> Selection:
         return Selection(torch.arange(len(idx), device=idx.device))
 
-    def observe(self, trained_idx: torch.Tensor, losses: torch.Tensor) -> None:
-        """Called after the training forward with the trained samples' losses."""
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each epoch (1-based)."""
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Gate-specific figures for the epoch record."""
+        return {}
+
+    def observe(self, trained_idx: torch.Tensor, trained: BatchScores) -> None:
+        """Called after the training forward with the trained samples' losses and entropies."""
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -62,40 +69,111 @@ class RandomGate(Gate):
     """
 
     def select(self, idx: torch.Tensor, scores: BatchScores | None) -> Selection:
-        want = self.target_rate * len(idx)
-        k = int(want) + int(torch.rand((), generator=self.generator).item() < want - int(want))
+        k = stochastic_round(self.target_rate * len(idx), self.generator)
         chosen = torch.randperm(len(idx), generator=self.generator)[:k].sort().values
         return Selection(chosen.to(idx.device))
 
 
 class SundewGate(Gate):
-    """Significance gating with a PI-controlled threshold.
+    """Significance gating, with the activation rate held on target by a PI controller.
 
-    Scores are standardised with running (EMA) batch statistics, so the threshold lives in
-    units of standard deviations and the controller's gains do not depend on the loss scale
-    or on how it drifts during training. With temperature > 0 selection is soft: a sample
-    is kept with probability sigmoid((z - threshold) / temperature).
+    scoring=forward: every sample is scored by one inference-mode forward. Scores are
+    standardised with running (EMA) batch statistics, so the threshold lives in units of
+    standard deviations and the controller's gains do not depend on the loss scale or its
+    drift. A sample is kept when its z-score exceeds the threshold (with temperature > 0:
+    with probability sigmoid((z - threshold) / temperature)).
+
+    scoring=memory: no scoring forward. Significance comes from what each sample's last
+    training forward left in the memory. Stale losses of different ages are no common
+    scale for a threshold, so here the controller sets each batch's budget (the fraction to
+    train) and the budget is filled by priority: first an exploration share drawn uniformly
+    from the batch (so a sample is trained with probability >= exploration * target_rate
+    per epoch, whatever its remembered score), then samples never seen (maximally
+    significant), then the highest remembered significance. With refresh_every_epochs=N,
+    every N-th epoch scores all samples with a forward pass to renew the memory.
     """
-
-    needs_scores = True
 
     def __init__(self, target_rate: float = 0.06, num_samples: int = 0, num_classes: int = 10,
                  weights: dict[str, float] | None = None, controller: dict | None = None,
+                 scoring: str = "forward", exploration: float = 0.1, refresh_every_epochs: int = 0,
                  temperature: float = 0.0, min_selected: int = 1, norm_momentum: float = 0.05,
                  seed: int = 0):
         super().__init__(target_rate, num_samples, num_classes, seed)
+        if scoring not in ("forward", "memory"):
+            raise ValueError(f"gate.scoring={scoring!r} is not allowed: forward or memory")
+        if not 0.0 <= exploration <= 1.0:
+            raise ValueError(f"gate.exploration={exploration} is not allowed: a fraction in [0, 1]")
+        self.scoring, self.exploration = scoring, float(exploration)
+        self.refresh_every_epochs = int(refresh_every_epochs)
         self.significance = SignificanceModel(weights or {"loss": 1.0}, num_classes)
         self.memory = SampleMemory(num_samples)
-        feed_forward = statistics.NormalDist().inv_cdf(1.0 - target_rate) if target_rate < 1 else -6.0
-        self.controller = PIController(target_rate, init_threshold=feed_forward, **(controller or {}))
+        self.controller = self._make_controller(dict(controller or {}))
         self.temperature, self.min_selected = float(temperature), int(min_selected)
         self.norm_momentum = float(norm_momentum)
         self.score_mean: float | None = None
         self.score_var = 1.0
+        self.refreshing = False
+
+    def _make_controller(self, gains: dict) -> PIController:
+        if self.scoring == "forward":  # output: a z-score threshold, fed forward from a normal guess
+            start = statistics.NormalDist().inv_cdf(1.0 - self.target_rate) if self.target_rate < 1 else -6.0
+            return PIController(self.target_rate, init_threshold=start, **gains)
+        # output: the batch budget. Too many trained lowers it, hence the negative gains; its
+        # only job is to offset the min_selected floor, so it is integral-only and slow.
+        return PIController(self.target_rate, kp=0.0, ki=-0.01, ema=gains.get("ema", 0.1),
+                            init_threshold=self.target_rate, min_threshold=0.0, max_threshold=1.0)
 
     @property
-    def threshold(self) -> float:
-        return self.controller.threshold
+    def needs_scores(self) -> bool:
+        return self.scoring == "forward" or self.refreshing
+
+    @property
+    def threshold(self) -> float | None:
+        return self.controller.threshold if self.scoring == "forward" else None
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {"budget": self.controller.threshold} if self.scoring == "memory" else {}
+
+    def start_epoch(self, epoch: int) -> None:
+        n = self.refresh_every_epochs
+        self.refreshing = self.scoring == "memory" and n > 0 and epoch > 1 and (epoch - 1) % n == 0
+
+    def select(self, idx: torch.Tensor, scores: BatchScores | None) -> Selection:
+        memory = self.memory.to(idx.device)
+        if self.scoring == "forward":
+            keep = self._keep_above_threshold(self.significance.fresh(idx, scores, memory))
+            memory.record(idx, scores)
+        else:
+            if scores is not None:  # a refresh epoch
+                memory.record(idx, scores)
+            keep = self._keep_by_priority(self.significance.remembered(idx, memory))
+        self.controller.update(keep.float().mean().item())
+        return Selection(keep.nonzero().squeeze(1))
+
+    def _keep_above_threshold(self, score: torch.Tensor) -> torch.Tensor:
+        z = self.standardise(score)  # [B]
+        if self.temperature > 0:
+            keep_prob = torch.sigmoid((z - self.threshold) / self.temperature)
+            keep = torch.rand(len(z), generator=self.generator).to(z.device) < keep_prob
+        else:
+            keep = z > self.threshold
+        if int(keep.sum()) < self.min_selected:  # the floor: the top scores train anyway
+            keep[z.topk(min(self.min_selected, len(z))).indices] = True
+        return keep
+
+    def _keep_by_priority(self, score: torch.Tensor) -> torch.Tensor:
+        b = len(score)
+        budget = stochastic_round(self.controller.threshold * b, self.generator)
+        budget = min(max(budget, self.min_selected), b)
+        n_explore = stochastic_round(self.exploration * budget, self.generator)
+        order = torch.randperm(b, generator=self.generator).to(score.device)
+        keep = torch.zeros(b, dtype=torch.bool, device=score.device)
+        keep[order[:n_explore]] = True
+        # unseen (NaN) first, then by remembered significance; random order breaks ties
+        priority = torch.nan_to_num(score, nan=float("inf")).masked_fill(keep, float("-inf"))
+        ranked = order[priority[order].argsort(descending=True, stable=True)]
+        keep[ranked[:budget - n_explore]] = True
+        return keep
 
     def standardise(self, score: torch.Tensor) -> torch.Tensor:
         mean, var = score.mean().item(), score.var().item() if len(score) > 1 else 0.0
@@ -106,22 +184,10 @@ class SundewGate(Gate):
             self.score_var += self.norm_momentum * (var - self.score_var)
         return (score - self.score_mean) / (self.score_var ** 0.5 + 1e-8)
 
-    def select(self, idx: torch.Tensor, scores: BatchScores | None) -> Selection:
-        memory = self.memory.to(idx.device)
-        z = self.standardise(self.significance.score(idx, scores, memory))  # [B]
-        memory.record_losses(idx, scores.loss)
-        if self.temperature > 0:
-            keep_prob = torch.sigmoid((z - self.threshold) / self.temperature)
-            keep = torch.rand(len(z), generator=self.generator).to(z.device) < keep_prob
-        else:
-            keep = z > self.threshold
-        if int(keep.sum()) < self.min_selected:  # the floor: the top scores train anyway
-            keep[z.topk(min(self.min_selected, len(z))).indices] = True
-        self.controller.update(keep.float().mean().item())
-        return Selection(keep.nonzero().squeeze(1))
-
-    def observe(self, trained_idx: torch.Tensor, losses: torch.Tensor) -> None:
+    def observe(self, trained_idx: torch.Tensor, trained: BatchScores) -> None:
         self.memory.record_trained(trained_idx)
+        if self.scoring == "memory" and not self.refreshing:
+            self.memory.record(trained_idx, trained)  # the training forward's losses, for free
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "controller": self.controller.state_dict(),
@@ -133,3 +199,9 @@ class SundewGate(Gate):
         self.controller.load_state_dict(state["controller"])
         self.memory.load_state_dict(state["memory"])
         self.score_mean, self.score_var = state["score_norm"]
+
+
+def stochastic_round(x: float, generator: torch.Generator) -> int:
+    """floor(x), plus one with probability frac(x): unbiased, so E[result] == x."""
+    whole = int(x)
+    return whole + int(torch.rand((), generator=generator).item() < x - whole)

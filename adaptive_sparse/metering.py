@@ -90,13 +90,16 @@ class Tally:
     def __init__(self):
         self.seen = self.scored = self.trained = 0
         self.loss_sum = 0.0
+        self.last_batch_loss: float | None = None
 
     def add(self, seen: int, scored: int, trained_losses: torch.Tensor | None) -> None:
         self.seen += seen
         self.scored += scored
         if trained_losses is not None and len(trained_losses):
+            batch_sum = float(trained_losses.sum())
             self.trained += len(trained_losses)
-            self.loss_sum += float(trained_losses.sum())
+            self.loss_sum += batch_sum
+            self.last_batch_loss = batch_sum / len(trained_losses)
 
     def flops(self, meter: FlopMeter) -> dict[str, float]:
         """FLOPs executed (scoring + training) against a full step on every sample seen."""

@@ -3,8 +3,11 @@
 Signals (each scaled to roughly [0, 1] so the weights in conf/gate/sundew.yaml compare):
 - loss (difficulty): cross-entropy / log(C)
 - entropy (uncertainty): prediction entropy / log(C)
-- learning_value: how far the sample's loss moved since its previous visit, / log(C)
+- learning_value: how far the sample's loss moved between its two latest visits, / log(C)
 - novelty: 1 / sqrt(1 + times the sample was trained)
+
+With forward scoring the loss and entropy are fresh from the scoring pass; with memory
+scoring they are the values recorded at the sample's last training forward.
 """
 from __future__ import annotations
 
@@ -19,43 +22,57 @@ SIGNALS = ("loss", "entropy", "learning_value", "novelty")
 
 @dataclass
 class BatchScores:
-    """What a scoring forward pass tells about each sample of a batch."""
+    """What a forward pass tells about each sample of a batch."""
     loss: torch.Tensor     # [B] cross-entropy
     entropy: torch.Tensor  # [B] prediction entropy (nats)
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor) -> "BatchScores":
-        logits = logits.float()
-        log_probs = F.log_softmax(logits, dim=1)  # [B, C]
+        log_probs = F.log_softmax(logits.float(), dim=1)  # [B, C]
         loss = F.nll_loss(log_probs, labels, reduction="none")
         entropy = -(log_probs.exp() * log_probs).sum(dim=1)
         return cls(loss, entropy)
 
+    def detach(self) -> "BatchScores":
+        return BatchScores(self.loss.detach(), self.entropy.detach())
+
 
 class SampleMemory:
-    """State kept per dataset index: the last loss seen and how often a sample was trained."""
+    """State kept per dataset index: the two latest losses, the latest entropy, and how often
+    a sample was trained. NaN loss means never seen."""
 
     def __init__(self, num_samples: int, device: torch.device | str = "cpu"):
         self.last_loss = torch.full((num_samples,), float("nan"), device=device)
+        self.prev_loss = torch.full((num_samples,), float("nan"), device=device)
+        self.last_entropy = torch.zeros(num_samples, device=device)
         self.times_trained = torch.zeros(num_samples, dtype=torch.long, device=device)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"last_loss": self.last_loss, "prev_loss": self.prev_loss,
+                "last_entropy": self.last_entropy, "times_trained": self.times_trained}
+
     def to(self, device: torch.device | str) -> "SampleMemory":
-        self.last_loss = self.last_loss.to(device)
-        self.times_trained = self.times_trained.to(device)
+        for name, tensor in self.tensors().items():
+            setattr(self, name, tensor.to(device))
         return self
 
-    def record_losses(self, idx: torch.Tensor, loss: torch.Tensor) -> None:
-        self.last_loss[idx] = loss.detach().float()
+    def record(self, idx: torch.Tensor, scores: BatchScores) -> None:
+        self.prev_loss[idx] = self.last_loss[idx]
+        self.last_loss[idx] = scores.loss.float()
+        self.last_entropy[idx] = scores.entropy.float()
 
     def record_trained(self, idx: torch.Tensor) -> None:
         self.times_trained[idx] += 1
 
+    def seen(self, idx: torch.Tensor) -> torch.Tensor:
+        return ~self.last_loss[idx].isnan()
+
     def state_dict(self) -> dict:
-        return {"last_loss": self.last_loss, "times_trained": self.times_trained}
+        return dict(self.tensors())
 
     def load_state_dict(self, state: dict) -> None:
-        self.last_loss.copy_(state["last_loss"])
-        self.times_trained.copy_(state["times_trained"])
+        for name, tensor in self.tensors().items():
+            tensor.copy_(state[name])
 
 
 class SignificanceModel:
@@ -68,16 +85,25 @@ class SignificanceModel:
         self.weights = {name: float(weights.get(name, 0.0)) for name in SIGNALS}
         self.log_classes = math.log(num_classes)
 
-    def components(self, idx: torch.Tensor, scores: BatchScores, memory: SampleMemory) -> dict[str, torch.Tensor]:
-        previous = memory.last_loss[idx]
-        moved = (scores.loss - previous).abs()
+    def components(self, loss: torch.Tensor, entropy: torch.Tensor, previous_loss: torch.Tensor,
+                   times_trained: torch.Tensor) -> dict[str, torch.Tensor]:
+        moved = torch.nan_to_num((loss - previous_loss).abs(), nan=0.0)  # no previous visit: 0
         return {
-            "loss": scores.loss / self.log_classes,
-            "entropy": scores.entropy / self.log_classes,
-            "learning_value": torch.nan_to_num(moved, nan=0.0) / self.log_classes,
-            "novelty": (1.0 + memory.times_trained[idx].float()).rsqrt(),
+            "loss": loss / self.log_classes,
+            "entropy": entropy / self.log_classes,
+            "learning_value": moved / self.log_classes,
+            "novelty": (1.0 + times_trained.float()).rsqrt(),
         }
 
-    def score(self, idx: torch.Tensor, scores: BatchScores, memory: SampleMemory) -> torch.Tensor:
-        parts = self.components(idx, scores, memory)
+    def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(w * parts[name] for name, w in self.weights.items() if w)  # [B]
+
+    def fresh(self, idx: torch.Tensor, scores: BatchScores, memory: SampleMemory) -> torch.Tensor:
+        """Significance from a scoring pass; the memory supplies the previous loss."""
+        return self.combine(self.components(scores.loss, scores.entropy, memory.last_loss[idx],
+                                            memory.times_trained[idx]))
+
+    def remembered(self, idx: torch.Tensor, memory: SampleMemory) -> torch.Tensor:
+        """Significance from memory alone (NaN for samples never seen)."""
+        return self.combine(self.components(memory.last_loss[idx], memory.last_entropy[idx],
+                                            memory.prev_loss[idx], memory.times_trained[idx]))

@@ -37,15 +37,16 @@ def score_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                    labels: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """One optimiser step on exactly these samples; returns their detached per-sample losses."""
+                    labels: torch.Tensor, precision: str = "fp32") -> BatchScores:
+    """One optimiser step on exactly these samples; returns their detached per-sample loss and
+    entropy (what memory scoring remembers, at no extra cost)."""
     optimizer.zero_grad(set_to_none=True)
     with autocast_context(images.device, precision):
         logits = model(images)  # [k, C]
-    losses = F.cross_entropy(logits.float(), labels, reduction="none")  # [k]
-    losses.mean().backward()
+    scores = BatchScores.from_logits(logits, labels)
+    scores.loss.mean().backward()
     optimizer.step()
-    return losses.detach()
+    return scores.detach()
 
 
 @torch.inference_mode()

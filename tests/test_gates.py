@@ -87,13 +87,79 @@ def test_significance_components_by_hand():
     model = SignificanceModel({"loss": 1.0, "entropy": 0.5, "learning_value": 0.5, "novelty": 1.0},
                               num_classes=10)
     memory = SampleMemory(4)
-    memory.record_losses(torch.tensor([1]), torch.tensor([1.0]))
+    memory.record(torch.tensor([1]), BatchScores(torch.tensor([1.0]), torch.tensor([0.3])))
     memory.record_trained(torch.tensor([1]))
     scores = BatchScores(loss=torch.tensor([2.0, 3.0]), entropy=torch.tensor([1.0, 0.0]))
-    parts = model.components(torch.tensor([0, 1]), scores, memory)
+    idx = torch.tensor([0, 1])
+    parts = model.components(scores.loss, scores.entropy, memory.last_loss[idx], memory.times_trained[idx])
     log10 = math.log(10)
     assert parts["loss"].tolist() == pytest.approx([2 / log10, 3 / log10])
     assert parts["learning_value"].tolist() == pytest.approx([0.0, 2 / log10])  # unseen -> 0
     assert parts["novelty"].tolist() == pytest.approx([1.0, 1 / math.sqrt(2)])
-    total = model.score(torch.tensor([0, 1]), scores, memory)
+    total = model.fresh(idx, scores, memory)
     assert total[0].item() == pytest.approx(2 / log10 + 0.5 / log10 + 1.0)
+    # from memory alone: sample 1's last visit (loss 1.0, entropy 0.3), sample 0 never seen
+    remembered = model.remembered(idx, memory)
+    assert remembered[0].isnan()
+    assert remembered[1].item() == pytest.approx(1 / log10 + 0.15 / log10 + 1 / math.sqrt(2))
+
+
+def memory_gate(target: float, n: int, exploration: float = 0.1, **kw) -> SundewGate:
+    return SundewGate(target_rate=target, num_samples=n, scoring="memory", exploration=exploration,
+                      weights={"loss": 1.0}, seed=0, **kw)
+
+
+@pytest.mark.parametrize("target", [0.06, 0.25])
+def test_memory_scoring_needs_no_scores_and_tracks_its_target(target):
+    n, epochs = BATCH * 100, 3
+    gate = memory_gate(target, n)
+    g = torch.Generator().manual_seed(0)
+    hardness = torch.rand(n, generator=g)  # a fixed loss per sample
+    for epoch in range(1, epochs + 1):
+        gate.start_epoch(epoch)
+        assert not gate.needs_scores
+        trained = 0
+        for idx in torch.randperm(n, generator=g).split(BATCH):
+            chosen = gate.select(idx, None).index
+            gate.observe(idx[chosen], BatchScores(hardness[idx[chosen]], torch.zeros(len(chosen))))
+            trained += len(chosen)
+        assert abs(trained / n - target) < 0.1 * target, (epoch, trained / n)
+
+
+def test_memory_scoring_trains_unseen_first_then_the_hardest():
+    n = BATCH * 4
+    gate = memory_gate(0.25, n, exploration=0.0)
+    loss = torch.arange(n, dtype=torch.float)  # sample i has loss i
+    gate.memory.record(torch.arange(n // 2), BatchScores(loss[: n // 2], torch.zeros(n // 2)))
+    idx = torch.cat([torch.arange(8), torch.arange(n // 2, n // 2 + 8)])  # 8 seen, 8 unseen
+    chosen = idx[gate.select(idx, None).index]
+    assert set(chosen.tolist()) <= set(range(n // 2, n // 2 + 8))  # budget 4 of 16: unseen only
+    idx = torch.arange(16)  # all seen, losses 0..15: the budget of 4 goes to the highest
+    assert sorted(idx[gate.select(idx, None).index].tolist()) == [12, 13, 14, 15]
+
+
+def test_exploration_floor_trains_the_least_significant_sample_at_its_stated_rate():
+    """A sample whose remembered score is the lowest in every batch is trained only through
+    the exploration share: with probability exploration * target_rate per epoch (here
+    0.5 * 0.25 = 0.125), so over E epochs P(never trained) = (1 - 0.125)^E."""
+    n, epochs = BATCH * 8, 400
+    gate = memory_gate(0.25, n, exploration=0.5)
+    loss = torch.linspace(1.0, 2.0, n)
+    loss[0] = 0.0  # sample 0: always the least significant
+    gate.memory.record(torch.arange(n), BatchScores(loss, torch.zeros(n)))
+    g = torch.Generator().manual_seed(1)
+    hits = 0
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=g).split(BATCH):
+            hits += int(0 in idx[gate.select(idx, None).index].tolist())
+    # binomial(400, 0.125): mean 50, std 6.6
+    assert abs(hits / epochs - 0.125) < 4 * math.sqrt(0.125 * 0.875 / epochs)
+
+
+def test_refresh_epoch_scores_every_sample():
+    gate = memory_gate(0.1, BATCH, refresh_every_epochs=2)
+    flags = []
+    for epoch in range(1, 6):
+        gate.start_epoch(epoch)
+        flags.append(gate.needs_scores)
+    assert flags == [False, False, True, False, True]

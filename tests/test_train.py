@@ -1,4 +1,5 @@
 """train.py end to end in a subprocess on small learnable data."""
+import pytest
 from conftest import read_run, run_train
 
 CONTRACT_EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "activation_rate", "threshold",
@@ -41,3 +42,16 @@ def test_vit_trains_a_few_steps(tmp_path, tiny):
     assert result.returncode == 0, result.stderr[-3000:]
     _, summary = read_run(tmp_path / "run")
     assert summary["model"] == "vit" and summary["samples_seen"] == 3 * 64
+
+
+def test_memory_scoring_runs_no_scoring_forward(tmp_path, tiny):
+    result = run_train(tmp_path / "run", *tiny, "training.epochs=2", "gate.scoring=memory",
+                       "gate.target_rate=0.25")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records, summary = read_run(tmp_path / "run")
+    assert summary["flops_scoring"] == 0
+    assert all(r["scoring_time_s"] == 0.0 or r["scoring_time_s"] < 1e-3 for r in records)
+    # with no scoring pass, compute savings equal sample savings exactly
+    assert summary["compute_savings"] == pytest.approx(summary["sample_savings"])
+    assert abs(summary["activation_rate"] - 0.25) < 0.03
+    assert records[-1]["threshold"] is None and "budget" in records[-1]
