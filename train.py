@@ -12,6 +12,7 @@ every epoch goes to metrics.jsonl, the console table and W&B in the Hydra run di
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -21,12 +22,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from adaptive_sparse.checkpointing import Checkpointer, ResumePoint, locate_checkpoint
 from adaptive_sparse.config import resolve_device, seed_everything, validate_config
 from adaptive_sparse.data import BatchLoader, load_dataset
+from adaptive_sparse.distributed import agree_on_run_dir, setup_distributed
 from adaptive_sparse.energy import make_energy_meter
 from adaptive_sparse.metering import FlopMeter, PhaseTimer, Tally
 from adaptive_sparse.models import count_parameters
-from adaptive_sparse.step import evaluate, score_batch, train_on_subset
+from adaptive_sparse.step import evaluation_sums, inject_nan_at_step, score_batch, train_on_subset
 from adaptive_sparse.tracking import TABLE_HEADER, RunLog, environment_facts, table_row
 
 log = logging.getLogger("train")
@@ -38,7 +41,9 @@ def main(cfg: DictConfig) -> float:
     validate_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     choices = HydraConfig.get().runtime.choices
-    device = resolve_device(cfg.device)
+    checkpoint_path = locate_checkpoint(run_dir, cfg.resume)  # refuses a missing one, or overwriting one
+    dist = setup_distributed(cfg.distributed.backend, cfg.device)  # inactive without torchrun
+    device = dist.device or resolve_device(cfg.device)
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -48,8 +53,10 @@ def main(cfg: DictConfig) -> float:
     data = load_dataset(cfg.dataset)
     train_loader = BatchLoader(data.train, train_cfg.batch_size, device, shuffle=True,
                                augment=cfg.dataset.augment, crop_padding=cfg.dataset.crop_padding,
-                               limit_batches=train_cfg.limit_train_batches, seed=cfg.seed)
-    val_loader = BatchLoader(data.test, train_cfg.eval_batch_size, device, shuffle=False)
+                               limit_batches=train_cfg.limit_train_batches, seed=cfg.seed,
+                               shard=dist.train_shard)  # torchrun: this rank's slice of each epoch
+    val_loader = BatchLoader(data.test, train_cfg.eval_batch_size, device, shuffle=False,
+                             indices=dist.shard(len(data.test)))
     log.info("data: %s (%d train, %d test)", data.source, len(data.train), len(data.test))
 
     # ------------------------------------------------------------------ model
@@ -60,22 +67,33 @@ def main(cfg: DictConfig) -> float:
     log.info("model: %s, %.2fM parameters, %.1f MFLOP/sample forward, %.1f MFLOP/sample train step",
              choices.model, count_parameters(model) / 1e6, flop_meter.forward_per_sample / 1e6,
              flop_meter.train_per_sample / 1e6)
+    inject_nan_at_step(model, cfg.debug.inject_nan_at_step)  # test-only; null by default
 
     # ------------------------------------------------------------------ gate
     gate = instantiate(cfg.gate, num_samples=len(data.train), num_classes=len(data.classes),
-                       seed=cfg.seed)
+                       seed=cfg.seed + dist.rank)
+    dist.attach(gate)  # torchrun: the controller sees the global activation rate
     log.info("gate: %s, target rate %.3f", choices.gate, gate.target_rate)
     energy_meter = make_energy_meter(cfg.energy.kind, device, cfg.energy.get("country_iso_code", "USA"))
 
+    # ------------------------------------------------------------------ checkpoint / resume
+    checkpoints = Checkpointer(checkpoint_path, dist, model=model, optimizer=optimizer, scheduler=scheduler,
+                               gate=gate, train_loader=train_loader, every_epochs=cfg.checkpoint.every_epochs)
+    start = checkpoints.restore() if cfg.resume else ResumePoint()
+    if cfg.resume:
+        log.info("resumed from %s after epoch %d (step %d)", checkpoint_path, start.epoch, start.step)
+    train_step = dist.train_on_subset if dist.active else train_on_subset
+
     # ------------------------------------------------------------------ loop
-    history: list[dict] = []
-    step = 0
-    with RunLog(run_dir, cfg) as run_log:
+    history, step = start.history, start.step
+    with RunLog(run_dir, cfg, enabled=dist.is_main, wandb_run_id=start.wandb_run_id,
+                resume_records=history if cfg.resume else None) as run_log:
         log.info(TABLE_HEADER)
-        for epoch in range(1, train_cfg.epochs + 1):
+        for epoch in range(start.epoch + 1, train_cfg.epochs + 1):
             model.train()
             gate.start_epoch(epoch)
             timer, tally = PhaseTimer(device), Tally()
+            memory_at_start = dist.snapshot_gate_memory(gate)  # torchrun: merged across ranks at epoch end
             batches = tqdm(timer.timed(train_loader, "data"), total=len(train_loader),
                            desc=f"epoch {epoch}/{train_cfg.epochs}", leave=False,
                            disable=None if cfg.progress else True)
@@ -90,8 +108,9 @@ def main(cfg: DictConfig) -> float:
                     # 3. train: forward and backward on the chosen samples only
                     trained = None
                     with timer.phase("train_step"):
-                        if len(chosen):
-                            trained = train_on_subset(model, optimizer, images[chosen], labels[chosen], precision)
+                        if len(chosen) or dist.active:  # torchrun: every rank joins every gradient all-reduce
+                            trained = train_step(model, optimizer, images[chosen], labels[chosen], precision,
+                                                 epoch=epoch, step=step + 1)
                             gate.observe(idx[chosen], trained)
                     tally.add(seen=len(idx), scored=len(idx) if scores is not None else 0,
                               trained_losses=trained.loss if trained is not None else None)
@@ -102,10 +121,11 @@ def main(cfg: DictConfig) -> float:
                                                 "train/batch_loss": tally.last_batch_loss})
             if scheduler is not None:
                 scheduler.step()
+            dist.merge_epoch(tally, gate, memory_at_start)  # torchrun: global counts, one sample memory
 
             # -------------------------------------------------------------- evaluation
-            with timer.phase("eval"):
-                val_loss, val_acc = evaluate(model, val_loader, precision)
+            with timer.phase("eval"):  # torchrun: each rank a slice of the validation set, sums reduced
+                val_loss, val_acc = dist.evaluate(evaluation_sums(model, val_loader, precision))
 
             # -------------------------------------------------------------- logging
             epoch_time = timer.seconds["epoch"]
@@ -132,6 +152,8 @@ def main(cfg: DictConfig) -> float:
                 **gate.epoch_metrics(),
             }
             history.append(record)
+            if checkpoints.due(epoch, train_cfg.epochs):  # before the metrics line (README: Checkpoints)
+                checkpoints.save(epoch, step, history, run_log.wandb_run_id)
             run_log.log_epoch(record, step=step)
             log.info(table_row(record, train_cfg.epochs))
         energy_meter.close()
@@ -143,6 +165,7 @@ def main(cfg: DictConfig) -> float:
                        energy_source=energy_meter.source,
                        params=count_parameters(model), **environment_facts(device))
         run_log.write_summary(summary)
+    dist.close()
     log.info("final val_acc %.2f%%, activation rate %.4f (target %.4f), compute savings %.1f%%, "
              "sample savings %.1f%%, training time %.1fs", summary["val_acc"], summary["activation_rate"],
              summary["target_rate"], 100 * summary["compute_savings"], 100 * summary["sample_savings"],
@@ -177,4 +200,5 @@ def summarise(history: list[dict], target_rate: float, flop_meter: FlopMeter) ->
 
 
 if __name__ == "__main__":
+    sys.argv = agree_on_run_dir(sys.argv)  # torchrun: one run directory for all ranks
     main()

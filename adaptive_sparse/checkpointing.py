@@ -1,11 +1,15 @@
-"""Safe saving: a file is either the old version or the complete new one, never half of each."""
+"""Safe saving (a file is either the old version or the complete new one, never half of each),
+and the training checkpoints written that way and loaded without running pickled code."""
 from __future__ import annotations
 
 import os
+import random
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable
 
+import numpy as np
 import torch
 
 
@@ -30,3 +34,137 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     _atomic_write(path, "w", lambda handle: handle.write(text))
+
+
+# --------------------------------------------------------------------------- training checkpoints
+#
+# RUN_DIR/checkpoints/last.pt holds everything a run needs to continue exactly where it was:
+# model, optimiser, scheduler, epoch, global step, the per-epoch records so far, the W&B run
+# id, and per rank the gate (generator, controller, per-sample memory, score normaliser), the
+# training loader's generator and every RNG (python, numpy, torch CPU, CUDA). Only tensors,
+# numbers, strings and containers go in, so it loads with `torch.load(weights_only=True)`:
+# no pickled code ever runs on load.
+
+CHECKPOINT_FORMAT = 1
+REQUIRED_KEYS = {"format", "epoch", "step", "world_size", "model", "optimizer", "scheduler",
+                 "history", "wandb_run_id", "ranks"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, corrupt, unsafe or from another setup; names the file."""
+
+
+@dataclass
+class ResumePoint:
+    """Where the loop starts: after `epoch` (0 for a fresh run) and global `step`."""
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    wandb_run_id: str | None = None
+
+
+def locate_checkpoint(run_dir: Path, resume: bool) -> Path:
+    """RUN_DIR/checkpoints/last.pt, checked against `resume` before any data loads: resuming
+    needs it, and a fresh run must not overwrite another run's checkpoint."""
+    path = Path(run_dir) / "checkpoints" / "last.pt"
+    if resume and not path.is_file():
+        raise CheckpointError(f"resume=true but there is no checkpoint {path}; pass the run's "
+                              "hydra.run.dir, or drop resume=true to start afresh")
+    if not resume and path.exists():
+        raise CheckpointError(f"{path} exists: pass resume=true to continue that run, or choose "
+                              "another hydra.run.dir (nothing was overwritten)")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """torch.load with weights_only=True (tensors and plain containers only); any failure
+    becomes a CheckpointError naming the file instead of an unpickling traceback."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, bad magic, a disallowed global (code) in the pickle
+        raise CheckpointError(f"cannot load checkpoint {path}: {_reason(err)}") from None
+    if not isinstance(state, dict) or not REQUIRED_KEYS <= state.keys():
+        missing = sorted(REQUIRED_KEYS - state.keys()) if isinstance(state, dict) else "everything"
+        raise CheckpointError(f"checkpoint {path} is not a training checkpoint (missing {missing})")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {state['format']}, expected {CHECKPOINT_FORMAT}")
+    return state
+
+
+def _reason(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    unsafe = [line for line in lines if "global" in line.lower()]  # the pickle names code to run
+    reason = unsafe[0] if unsafe else (lines[0] if lines else "")
+    return f"{type(err).__name__}: {reason[:300]} (truncated, corrupt, or not a weights-only checkpoint)"
+
+
+def capture_rng() -> dict:
+    """Every RNG stream a run draws from, as tensors and numbers."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Saves and restores one run's training state. Under torchrun every rank calls `save`
+    (the per-rank states are gathered to rank 0) and rank 0 alone writes the file."""
+
+    def __init__(self, path: Path, dist, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler, gate, train_loader, every_epochs: int = 1):
+        self.path, self.dist, self.every_epochs = Path(path), dist, every_epochs
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.gate, self.train_loader = gate, train_loader
+
+    def due(self, epoch: int, last_epoch: int) -> bool:
+        """Every `every_epochs` epochs and after the last one (0 turns checkpoints off)."""
+        return self.every_epochs > 0 and (epoch % self.every_epochs == 0 or epoch == last_epoch)
+
+    def save(self, epoch: int, step: int, history: list[dict], wandb_run_id: str | None) -> None:
+        rank_state = {"gate": self.gate.state_dict(), "train_loader": self.train_loader.state_dict(),
+                      "rng": capture_rng()}
+        ranks = self.dist.gather(rank_state)  # a collective: every rank takes part
+        if not self.dist.is_main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step,
+            "world_size": self.dist.world_size,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "history": list(history), "wandb_run_id": wandb_run_id, "ranks": ranks,
+        }, self.path)
+
+    def restore(self) -> ResumePoint:
+        """Load last.pt into the live objects; returns where the loop continues."""
+        state = load_checkpoint(self.path)
+        if state["world_size"] != self.dist.world_size:
+            raise CheckpointError(f"checkpoint {self.path} was written by {state['world_size']} "
+                                  f"rank(s); resume it with the same --nproc_per_node (now {self.dist.world_size})")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            rank_state = state["ranks"][self.dist.rank]
+            self.gate.load_state_dict(rank_state["gate"])
+            self.train_loader.load_state_dict(rank_state["train_loader"])
+            restore_rng(rank_state["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {self.path} does not fit this run's model, optimiser "
+                                  f"or gate ({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
+        return ResumePoint(state["epoch"], state["step"], list(state["history"]), state["wandb_run_id"])

@@ -91,11 +91,26 @@ def _load_torchvision_cifar10(root: Path, download: bool) -> ImageData:
     try:
         splits = [CIFAR10(str(root), train=t, download=download) for t in (True, False)]
     except Exception as err:  # no network, bad checksum, unreadable pickle
+        bad = _corrupt_batch_files(root)
+        if bad:
+            raise DatasetError(f"CIFAR-10 batch file {bad[0]} is corrupt (md5 checksum "
+                               f"mismatch; {len(bad)} bad file(s) under {root})") from err
         raise DatasetError(f"dataset.root={root}: could not load or download CIFAR-10 ({err}). "
                            "Without network, point dataset.root at an existing copy.") from err
     train, test = (Split(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
                          torch.tensor(s.targets, dtype=torch.long)) for s in splits)
     return ImageData(train, test, tuple(splits[0].classes), f"torchvision:{root}")
+
+
+def _corrupt_batch_files(root: Path) -> list[Path]:
+    """The torchvision batch files that exist but fail their md5 (torchvision's own message
+    names none of them); missing files are reported by the caller's download error."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    folder = root / CIFAR10.base_folder
+    return [folder / name for name, md5 in CIFAR10.train_list + CIFAR10.test_list
+            if (folder / name).exists() and not check_integrity(str(folder / name), md5)]
 
 
 def _cached(root: Path, cfg: DictConfig, decode: Callable[[], ImageData]) -> ImageData:
@@ -198,25 +213,35 @@ class BatchLoader:
     def __init__(self, split: Split, batch_size: int, device: torch.device, *, shuffle: bool,
                  augment: bool = False, crop_padding: int = 4, limit_batches: int | None = None,
                  seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                 indices: torch.Tensor | None = None):
+                 indices: torch.Tensor | None = None, shard: tuple[int, int] | None = None):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.indices = indices if indices is not None else torch.arange(len(split))
         self.batch_size, self.device = batch_size, device
         self.shuffle, self.augment, self.crop_padding = shuffle, augment, crop_padding
         self.limit_batches = limit_batches
+        # (rank, world size): every rank draws the same permutation (same seed) and serves its
+        # own slice; the last len % world samples of each permutation are dropped so every
+        # rank runs the same number of equal batches and the collectives line up
+        self.shard = shard
         self.generator = torch.Generator().manual_seed(seed)  # CPU generator: same stream on any device
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
+    def _samples_served(self) -> int:
+        return len(self.indices) if self.shard is None else len(self.indices) // self.shard[1]
+
     def __len__(self) -> int:
-        full = -(-len(self.indices) // self.batch_size)
+        full = -(-self._samples_served() // self.batch_size)
         return full if self.limit_batches is None else min(full, self.limit_batches)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = self.indices
         if self.shuffle:
             order = order[torch.randperm(len(order), generator=self.generator)]
+        if self.shard is not None:
+            rank, per_rank = self.shard[0], self._samples_served()
+            order = order[rank * per_rank:(rank + 1) * per_rank]
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device)  # [B]
             images = self.images[idx]  # [B, 3, H, W] uint8

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from adaptive_sparse.controller import PIController
 from adaptive_sparse.significance import BatchScores, SampleMemory, SignificanceModel
+
+
+def local_rate(keep: torch.Tensor) -> float:
+    """Achieved rate of one batch from its keep mask (the distributed module swaps in a global one)."""
+    return keep.float().mean().item()
 
 
 @dataclass
@@ -32,6 +38,9 @@ class Gate:
         self.target_rate = float(target_rate)
         self.num_samples = num_samples
         self.generator = torch.Generator().manual_seed(seed)  # CPU: same draws on any device
+        # keep mask -> achieved rate fed to a controller; under torchrun it is all-reduced so
+        # every rank's controller sees the global rate and holds the same threshold
+        self.rate_reducer: Callable[[torch.Tensor], float] = local_rate
 
     @property
     def threshold(self) -> float | None:
@@ -147,7 +156,7 @@ class SundewGate(Gate):
             if scores is not None:  # a refresh epoch
                 memory.record(idx, scores)
             keep = self._keep_by_priority(self.significance.remembered(idx, memory))
-        self.controller.update(keep.float().mean().item())
+        self.controller.update(self.rate_reducer(keep))
         return Selection(keep.nonzero().squeeze(1))
 
     def _keep_above_threshold(self, score: torch.Tensor) -> torch.Tensor:

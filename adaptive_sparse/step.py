@@ -17,6 +17,18 @@ from torch import nn
 from adaptive_sparse.significance import BatchScores
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A NaN or infinite training loss; raised before the optimiser step, so the weights (and
+    the last checkpoint on disk) are still the last good ones."""
+
+    def __init__(self, epoch: int, step: int, losses: torch.Tensor | None = None):
+        detail = (" (on another rank)" if losses is None
+                  else f" ({int((~torch.isfinite(losses)).sum())} of {len(losses)} samples)")
+        super().__init__(f"non-finite training loss at epoch {epoch}, step {step}{detail}; "
+                         "stopping before the optimiser step, the last checkpoint is untouched")
+        self.epoch, self.step = epoch, step
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16/fp16 autocast when asked for, otherwise a no-op."""
     if precision == "fp32":
@@ -36,22 +48,42 @@ def score_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return BatchScores.from_logits(logits, labels)
 
 
-def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                    labels: torch.Tensor, precision: str = "fp32") -> BatchScores:
-    """One optimiser step on exactly these samples; returns their detached per-sample loss and
-    entropy (what memory scoring remembers, at no extra cost)."""
-    optimizer.zero_grad(set_to_none=True)
+def forward_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   precision: str = "fp32") -> BatchScores:
+    """The training forward: per-sample loss (with autograd) and entropy, empty for no rows."""
+    if not len(labels):
+        empty = torch.zeros(0, device=images.device)
+        return BatchScores(empty, empty)
     with autocast_context(images.device, precision):
         logits = model(images)  # [k, C]
-    scores = BatchScores.from_logits(logits, labels)
+    return BatchScores.from_logits(logits, labels)
+
+
+def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                    labels: torch.Tensor, precision: str = "fp32", *, epoch: int = 0,
+                    step: int = 0) -> BatchScores:
+    """One optimiser step on exactly these samples; returns their detached per-sample loss and
+    entropy (what memory scoring remembers, at no extra cost). A non-finite loss raises
+    NonFiniteLossError (naming epoch and step) before any update."""
+    optimizer.zero_grad(set_to_none=True)
+    scores = forward_scores(model, images, labels, precision)
+    if not bool(torch.isfinite(scores.loss).all()):
+        raise NonFiniteLossError(epoch, step, scores.loss)
     scores.loss.mean().backward()
     optimizer.step()
     return scores.detach()
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, loader, precision: str = "fp32") -> tuple[float, float]:
     """Mean cross-entropy and accuracy (percent) over every sample the loader yields."""
+    loss_sum, correct, count = evaluation_sums(model, loader, precision)
+    return loss_sum / count, 100.0 * correct / count
+
+
+@torch.inference_mode()
+def evaluation_sums(model: nn.Module, loader, precision: str = "fp32") -> tuple[float, int, int]:
+    """(summed cross-entropy, correct predictions, samples) over what the loader yields; sums
+    rather than means so that ranks' shares of the validation set add up exactly."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -64,4 +96,21 @@ def evaluate(model: nn.Module, loader, precision: str = "fp32") -> tuple[float, 
         correct += (logits.argmax(1) == labels).sum().cpu()
         count += len(labels)
     model.train(was_training)
-    return loss_sum.item() / count, 100.0 * correct.item() / count
+    return loss_sum.item(), int(correct.item()), count
+
+
+def inject_nan_at_step(model: nn.Module, at_step: int | None) -> None:
+    """Test-only fault injection (`debug.inject_nan_at_step`): the `at_step`-th training forward
+    (train mode with autograd on; scoring and evaluation forwards do not count) returns NaN logits."""
+    if at_step is None:
+        return
+    forwards = 0
+
+    def poison(module: nn.Module, inputs, output: torch.Tensor):
+        nonlocal forwards
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        forwards += 1
+        return output * float("nan") if forwards == at_step else None
+
+    model.register_forward_hook(poison)

@@ -73,14 +73,26 @@ def hardware_description(device: torch.device) -> str:
 class RunLog:
     """Writes one run's metrics; use as a context manager so W&B is always finished."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig):
+    def __init__(self, run_dir: Path, cfg: DictConfig, *, enabled: bool = True,
+                 resume_records: list[dict] | None = None, wandb_run_id: str | None = None):
+        """`enabled=False` (torchrun ranks other than 0) writes nothing. On resume,
+        `resume_records` (the checkpoint's epochs) become metrics.jsonl, dropping any line of
+        an epoch that ran after that checkpoint, and W&B continues run `wandb_run_id`."""
+        self.enabled = enabled
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.wandb_run = self._start_wandb(cfg)
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if enabled and resume_records is not None:
+            atomic_write_text("".join(json.dumps(r) + "\n" for r in resume_records), self.metrics_path)
+        self.wandb_run = self._start_wandb(cfg, wandb_run_id) if enabled else None
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return getattr(self.wandb_run, "id", None)
 
     # ------------------------------------------------------------------ W&B
-    def _start_wandb(self, cfg: DictConfig):
+    def _start_wandb(self, cfg: DictConfig, run_id: str | None = None):
         wcfg = cfg.wandb
         if wcfg.mode == "disabled":
             return None
@@ -92,6 +104,8 @@ class RunLog:
         settings = dict(project=wcfg.project, entity=wcfg.entity, group=wcfg.group,
                         tags=list(wcfg.tags or []), name=wcfg.name, dir=str(self.run_dir),
                         config=OmegaConf.to_container(cfg, resolve=True))
+        if run_id is not None:  # resume: the same W&B run continues
+            settings.update(id=run_id, resume="allow")
         for mode in dict.fromkeys([wcfg.mode, "offline"]):  # online first if asked, then offline
             try:
                 return wandb.init(mode=mode, reinit="finish_previous", **settings)
@@ -114,11 +128,15 @@ class RunLog:
         self._wandb_log({k: v for k, v in metrics.items() if v is not None}, step=step)
 
     def log_epoch(self, record: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         self._wandb_log({WANDB_KEYS.get(k, k): v for k, v in record.items() if v is not None}, step=step)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         atomic_write_text(json.dumps(summary, indent=2) + "\n", self.run_dir / "summary.json")
         if self.wandb_run is not None:
             try:

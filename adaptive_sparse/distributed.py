@@ -1,0 +1,215 @@
+"""Data-parallel training over `torchrun` ranks, without DistributedDataParallel.
+
+    torchrun --standalone --nproc_per_node=2 train.py device=cpu ...
+
+Why no DDP wrapper: a gate selects a different number of samples on each rank, possibly
+none. Each rank backpropagates the *sum* of its selected samples' losses, the gradients
+are all-reduced in one flat buffer, and divided by the *global* number of selected
+samples: exactly the mean over every sample selected anywhere, and a rank with nothing
+selected contributes zeros but still joins every collective, so no rank waits forever.
+
+Every collective below is called the same number of times on every rank: equal batch
+counts per rank (the loader drops the remainder), one rate all-reduce per gate selection,
+one count and one gradient all-reduce per step.
+
+A single process (no torchrun) gets `Distributed(active=False)`: every method is then a
+no-op or a local computation, so the single-process path runs exactly as before.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from adaptive_sparse.metering import Tally
+from adaptive_sparse.significance import BatchScores
+from adaptive_sparse.step import NonFiniteLossError, forward_scores
+
+log = logging.getLogger(__name__)
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def agree_on_run_dir(argv: list[str]) -> list[str]:
+    """All ranks must write one run directory. The default `outputs/${now:...}` is resolved by
+    each rank on its own clock and could differ by a second, so under torchrun without an
+    explicit `hydra.run.dir` every rank uses `outputs/torchrun/<rendezvous id>` instead
+    (torchrun gives all ranks the same id; --standalone makes a fresh uuid per launch)."""
+    if not launched_by_torchrun() or any(a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in argv):
+        return argv
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id == "none":
+        sys.exit("distributed: ranks cannot agree on a run directory: pass hydra.run.dir=PATH "
+                 "(or torchrun --rdzv_id=ID)")
+    return [*argv, f"hydra.run.dir=outputs/torchrun/{run_id}"]
+
+
+@dataclass
+class Distributed:
+    """This process's place among the ranks; `active` is False for a single process."""
+
+    active: bool = False
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ data
+    def shard(self, n: int) -> torch.Tensor | None:
+        """This rank's contiguous slice of range(n) for evaluation (sizes may differ by one:
+        evaluation runs no collective per batch, only one all-reduce of the sums at the end)."""
+        if not self.active:
+            return None
+        return torch.arange(n).tensor_split(self.world_size)[self.rank]
+
+    @property
+    def train_shard(self) -> tuple[int, int] | None:
+        """(rank, world size) for BatchLoader: one global permutation per epoch, sliced."""
+        return (self.rank, self.world_size) if self.active else None
+
+    # ------------------------------------------------------------------ reductions
+    def all_reduce(self, values: list[float], dtype: torch.dtype = torch.float64) -> list[float]:
+        """Sum a few numbers over ranks (identity for a single process)."""
+        if not self.active:
+            return list(values)
+        buffer = torch.tensor(values, dtype=dtype, device=self.device)
+        torch_dist.all_reduce(buffer)
+        return buffer.tolist()
+
+    def global_rate(self, keep: torch.Tensor) -> float:
+        """The gate's rate_reducer under torchrun: selected / seen over all ranks' batches, so
+        every rank's controller sees the same achieved rate and moves to the same threshold."""
+        selected, total = self.all_reduce([int(keep.sum()), len(keep)])
+        return selected / total
+
+    def attach(self, gate: Any) -> None:
+        """Make the gate's controller work on the global activation rate."""
+        if self.active:
+            gate.rate_reducer = self.global_rate
+
+    def reduce_tally(self, tally: Tally) -> Tally:
+        """The epoch's counts and trained-loss sum over all ranks."""
+        seen, scored, trained, loss_sum = self.all_reduce(
+            [tally.seen, tally.scored, tally.trained, tally.loss_sum])
+        tally.seen, tally.scored, tally.trained, tally.loss_sum = int(seen), int(scored), int(trained), loss_sum
+        return tally
+
+    def evaluate(self, sums: tuple[float, int, int]) -> tuple[float, float]:
+        """(mean loss, accuracy %) over the whole validation set from each rank's
+        (loss sum, correct, count)."""
+        loss_sum, correct, count = self.all_reduce(list(sums))
+        return loss_sum / count, 100.0 * correct / count
+
+    def sync_sample_memory(self, gate: Any, epoch_start: dict[str, torch.Tensor] | None) -> None:
+        """Merge the per-sample memory at epoch end. Each sample was served to at most one
+        rank this epoch, so that rank's last loss wins, and trained counts add up."""
+        memory = getattr(gate, "memory", None)
+        if not self.active or memory is None or epoch_start is None:
+            return
+        changed = memory.last_loss.ne(epoch_start["last_loss"]) & ~memory.last_loss.isnan()
+        changed_anywhere = changed.double()
+        torch_dist.all_reduce(changed_anywhere)
+        for name in ("last_loss", "prev_loss", "last_entropy"):  # the visiting rank's values win
+            tensor = getattr(memory, name)
+            part = torch.where(changed, tensor, torch.zeros_like(tensor)).double()
+            torch_dist.all_reduce(part)  # zeros elsewhere: the sum is the visiting rank's value
+            tensor.copy_(torch.where(changed_anywhere > 0, part.to(tensor.dtype), tensor))
+        trained = memory.times_trained - epoch_start["times_trained"]
+        torch_dist.all_reduce(trained)
+        memory.times_trained.copy_(epoch_start["times_trained"] + trained)
+
+    def snapshot_gate_memory(self, gate: Any) -> dict[str, torch.Tensor] | None:
+        """The gate's per-sample memory at epoch start (under torchrun; None otherwise)."""
+        memory = getattr(gate, "memory", None)
+        if not self.active or memory is None:
+            return None
+        return {k: v.clone() for k, v in memory.state_dict().items()}
+
+    def merge_epoch(self, tally: Tally, gate: Any, memory_at_start: dict[str, torch.Tensor] | None) -> None:
+        """Epoch end under torchrun: global counts in `tally`, one per-sample memory on all ranks."""
+        if self.active:
+            self.reduce_tally(tally)
+            self.sync_sample_memory(gate, memory_at_start)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (checkpointed per-rank state), in rank order."""
+        if not self.active:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.active:
+            torch_dist.barrier()
+
+    # ------------------------------------------------------------------ training step
+    def train_on_subset(self, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                        labels: torch.Tensor, precision: str = "fp32", *, epoch: int = 0,
+                        step: int = 0) -> BatchScores:
+        """One optimiser step on the samples selected on all ranks; returns this rank's
+        detached per-sample losses and entropies (possibly empty)."""
+        optimizer.zero_grad(set_to_none=True)
+        scores = forward_scores(model, images, labels, precision)
+        # every rank learns the global count and whether any rank's loss went non-finite
+        finite = bool(torch.isfinite(scores.loss).all())
+        global_count, non_finite_ranks = self.all_reduce([len(labels), 0.0 if finite else 1.0])
+        if non_finite_ranks:
+            raise NonFiniteLossError(epoch, step, scores.loss if not finite else None)
+        if len(labels):
+            scores.loss.sum().backward()
+        if global_count:
+            self._average_gradients(model, global_count)
+            optimizer.step()
+        return scores.detach()
+
+    def _average_gradients(self, model: nn.Module, global_count: float) -> None:
+        """All-reduce every gradient in one flat buffer and divide by the global count.
+        A parameter without a gradient (nothing selected here) contributes zeros."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in params])
+        torch_dist.all_reduce(flat)
+        flat /= global_count
+        for p, chunk in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = chunk.view_as(p).clone() if p.grad is None else p.grad.copy_(chunk.view_as(p))
+
+    def close(self) -> None:
+        if self.active and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def setup_distributed(backend: str, device_name: str) -> Distributed:
+    """Join the torchrun process group (gloo on CPU, NCCL on CUDA unless `backend` says
+    otherwise); a plain `python train.py` returns an inactive Distributed."""
+    if not launched_by_torchrun():
+        return Distributed()
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                  timeout=timedelta(minutes=10))
+    if rank != 0:  # rank 0 alone writes train.log; the others keep warnings on the console
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+        root.setLevel(logging.WARNING)
+    log.info("distributed: rank %d of %d, backend %s, device %s", rank, world_size, backend, device)
+    return Distributed(True, rank, world_size, device)

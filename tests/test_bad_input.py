@@ -1,0 +1,99 @@
+"""Bad input is refused before training with the key or file named; logging never kills a run."""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import re
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from hydra.errors import MissingConfigException
+
+from adaptive_sparse.config import ConfigError, validate_config
+from adaptive_sparse.data import DatasetError, load_dataset
+from conftest import TINY, compose_config, run_train
+
+BAD_INPUTS = [
+    (["gate.target_rate=0"], "gate.target_rate=0 is not allowed"),
+    (["gate.target_rate=2"], "gate.target_rate=2 is not allowed"),
+    (["training.batch_size=-1"], "training.batch_size=-1 is not allowed"),
+    (["dataset=cifar10", "dataset.root=/nonexistent", "dataset.download=false"],
+     "dataset.root='/nonexistent' does not exist"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_INPUTS, ids=lambda v: v[-1] if isinstance(v, list) else "")
+def test_out_of_range_values_and_a_missing_dataset_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(compose_config(overrides))
+
+
+def test_unknown_group_option_is_refused_naming_the_group():
+    with pytest.raises(MissingConfigException, match=r"Could not find 'model/nope'") as refused:
+        compose_config(["model=nope"])
+    assert "Available options in 'model'" in str(refused.value) and "cnn" in str(refused.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([*TINY, "gate.target_rate=2"], "gate.target_rate=2 is not allowed"),
+    ([*TINY, "model=nope"], "Could not find 'model/nope'"),
+], ids=["range", "group"])
+def test_train_py_exits_1_before_loading_data(tmp_path, overrides, message):
+    result = run_train(tmp_path, *overrides, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert message in output
+    assert "data:" not in output  # refused before any data loaded
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def _png(colour: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), colour, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_corrupt_image_is_named(tmp_path):
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        (root / split / "cat").mkdir(parents=True)
+        (root / split / "cat" / "ok.png").write_bytes(_png(100))
+    bad = root / "train" / "cat" / "broken.png"
+    bad.write_bytes(_png(50)[:40])  # a truncated PNG
+    cfg = OmegaConf.create({"name": "cifar10", "root": str(root), "download": False,
+                            "cache_dir": str(tmp_path / "cache"), "search_roots": []})
+    with pytest.raises(DatasetError, match=f"cannot read image {bad}"):
+        load_dataset(cfg)
+
+
+def test_corrupt_cifar_batch_file_is_named(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(pickle.dumps({"data": "not images"}))
+    cfg = OmegaConf.create({"name": "cifar10", "root": str(tmp_path), "download": False,
+                            "cache_dir": str(tmp_path / "cache"), "search_roots": []})
+    with pytest.raises(DatasetError, match=f"batch file {folder / 'data_batch_1'} is corrupt"):
+        load_dataset(cfg)
+
+
+def test_wandb_online_without_key_continues_offline_and_resume_keeps_the_run_id(tmp_path):
+    import os
+
+    if os.environ.get("WANDB_API_KEY"):
+        pytest.skip("a W&B key is configured here; this test needs a machine without one")
+    home = {"HOME": str(tmp_path / "home"), "WANDB_MODE": "", "WANDB_CONFIG_DIR": str(tmp_path / "wbcfg")}
+    small = [*TINY[:-1], "dataset.num_train=256", "dataset.num_test=128", "wandb.mode=online"]
+    run_dir = tmp_path / "run"
+    first = run_train(run_dir, *small, env=home)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "wandb.init(mode=online) failed" in first.stderr and "trying offline" in first.stderr
+    resumed = run_train(run_dir, *small, "resume=true", "training.epochs=2", env=home)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1]  # one W&B run id
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]

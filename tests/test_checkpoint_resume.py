@@ -1,0 +1,123 @@
+"""Checkpoints: exact resume after SIGKILL, safe loading, and a NaN that stops the run cleanly."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from adaptive_sparse.checkpointing import CheckpointError, load_checkpoint, locate_checkpoint
+from conftest import ROOT, TINY, read_run, run_train
+
+DETERMINISTIC = [*TINY, "training.epochs=3", "deterministic=true", "training.num_threads=1"]
+TIMING_KEYS = {"epoch_time_s", "data_time_s", "scoring_time_s", "select_time_s", "train_step_time_s",
+               "eval_time_s", "samples_per_s"}
+
+
+def _without_timings(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
+
+
+def _kill_after_first_epoch(run_dir) -> None:
+    """Start train.py, SIGKILL it as soon as epoch 1's metrics line (written after its
+    checkpoint) appears."""
+    process = subprocess.Popen([sys.executable, "train.py", f"hydra.run.dir={run_dir}", *DETERMINISTIC],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no epoch-1 metrics line within 120 s"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    assert run_train(reference, *DETERMINISTIC).returncode == 0
+    killed = tmp_path / "killed"
+    _kill_after_first_epoch(killed)
+    assert load_checkpoint(killed / "checkpoints" / "last.pt")["epoch"] >= 1
+    # a stale line of an epoch the checkpoint does not cover must not survive the resume
+    with (killed / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps({"epoch": 99, "stale": True}) + "\n")
+
+    result = run_train(killed, *DETERMINISTIC, "resume=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed_records, resumed_summary = read_run(killed)
+    reference_records, reference_summary = read_run(reference)
+    assert [r["epoch"] for r in resumed_records] == [1, 2, 3]  # no duplicate, none missing
+    assert [_without_timings(r) for r in resumed_records] == [_without_timings(r) for r in reference_records]
+    assert resumed_summary["val_acc"] == reference_summary["val_acc"]
+    assert resumed_summary["val_loss"] == reference_summary["val_loss"]
+    assert resumed_summary["samples_trained"] == reference_summary["samples_trained"]
+
+
+def test_resume_and_fresh_runs_refuse_the_wrong_checkpoint_state(tmp_path):
+    with pytest.raises(CheckpointError, match=r"resume=true but there is no checkpoint .*last\.pt"):
+        locate_checkpoint(tmp_path, resume=True)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="pass resume=true"):
+        locate_checkpoint(tmp_path, resume=False)
+
+
+def _minimal_checkpoint() -> dict:
+    return {"format": 1, "epoch": 1, "step": 8, "world_size": 1, "model": {"w": torch.ones(1000)},
+            "optimizer": {}, "scheduler": None, "history": [{"epoch": 1}], "wandb_run_id": None, "ranks": []}
+
+
+def test_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save(_minimal_checkpoint(), path)
+    assert load_checkpoint(path)["epoch"] == 1
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"cannot load checkpoint {path}"):
+        load_checkpoint(path)
+
+
+class _Payload:
+    """Unpickling this runs a shell command: exactly what a weights-only load must refuse."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_with_a_code_running_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "last.pt"
+    torch.save({**_minimal_checkpoint(), "model": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(path)
+    assert str(path) in str(refused.value) and "system" in str(refused.value)
+    assert not marker.exists()
+    # the same bytes through a plain pickle load would have run it: the test can fail
+    with path.open("rb") as handle:
+        torch.load(handle, weights_only=False)
+    assert marker.exists()
+
+
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path):
+    # 512 samples / 64 = 8 steps an epoch: step 11 is the third step of epoch 2
+    result = run_train(tmp_path, *TINY, "training.epochs=3", "debug.inject_nan_at_step=11")
+    assert result.returncode != 0
+    assert "non-finite training loss at epoch 2, step 11" in result.stdout + result.stderr
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and state["step"] == 8
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (tmp_path / "summary.json").exists()
