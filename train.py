@@ -52,16 +52,16 @@ def main(cfg: DictConfig) -> float:
     log.info("data: %s (%d train, %d test)", data.source, len(data.train), len(data.test))
 
     # ------------------------------------------------------------------ model
-    model = instantiate(cfg.model, num_classes=len(data.classes)).to(device)
+    model = instantiate(cfg.model, num_classes=data.num_classes).to(device)
     optimizer = instantiate(train_cfg.optimizer)(model.parameters())
     scheduler = instantiate(train_cfg.scheduler)(optimizer) if train_cfg.scheduler else None
-    flop_meter = FlopMeter(model, tuple(data.train.images.shape[1:]), len(data.classes))
+    flop_meter = FlopMeter(model, tuple(data.train.images.shape[1:]), data.num_classes)
     log.info("model: %s, %.2fM parameters, %.1f MFLOP/sample forward, %.1f MFLOP/sample train step",
              choices.model, count_parameters(model) / 1e6, flop_meter.forward_per_sample / 1e6,
              flop_meter.train_per_sample / 1e6)
 
     # ------------------------------------------------------------------ gate
-    gate = instantiate(cfg.gate, num_samples=len(data.train), num_classes=len(data.classes),
+    gate = instantiate(cfg.gate, num_samples=len(data.train), num_classes=data.num_classes,
                        seed=cfg.seed)
     log.info("gate: %s, target rate %.3f", choices.gate, gate.target_rate)
 
