@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from adaptive_sparse.config import resolve_device, seed_everything, validate_config
+from adaptive_sparse.config import resolve_device, seed_everything, threads_per_job, validate_config
 from adaptive_sparse.data import BatchLoader, load_dataset
 from adaptive_sparse.metering import FlopMeter, PhaseTimer, Tally
 from adaptive_sparse.models import count_parameters
@@ -38,8 +38,10 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     choices = HydraConfig.get().runtime.choices
     device = resolve_device(cfg.device)
-    if cfg.training.num_threads:
-        torch.set_num_threads(cfg.training.num_threads)
+    # parallel sweep jobs share the cores: training.num_threads, else the launcher's share
+    num_threads = cfg.training.num_threads or threads_per_job(HydraConfig.get().launcher)
+    if num_threads:
+        torch.set_num_threads(num_threads)
     seed_everything(cfg.seed, cfg.deterministic)
     train_cfg, precision = cfg.training, cfg.training.precision
 
