@@ -12,6 +12,7 @@ report, never dropped in silence.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import socket
@@ -202,12 +203,17 @@ def table_markdown(rows: list[Row]) -> str:
 
 # --------------------------------------------------------------------------- plots
 
+def _cumulative(run: Run, key: str) -> list[float]:
+    """A per-epoch figure (epoch_time_s, flops_executed) summed up to each epoch."""
+    return list(itertools.accumulate(rec[key] for rec in run.epochs))
+
+
 def _curve(row: Row, x_key: str) -> tuple[list[float], list[float], list[float], list[float]]:
     """Per epoch over the row's seeds: mean cumulative x, and mean, min, max val_acc."""
     n = min(len(r.epochs) for r in row.runs)
     xs, mean, low, high = [], [], [], []
     for e in range(n):
-        xs.append(statistics.fmean(sum(rec[x_key] for rec in r.epochs[:e + 1]) for r in row.runs))
+        xs.append(statistics.fmean(_cumulative(r, x_key)[e] for r in row.runs))
         accs = [r.epochs[e]["val_acc"] for r in row.runs]
         mean.append(statistics.fmean(accs))
         low.append(min(accs))
@@ -222,8 +228,7 @@ def _plot_accuracy(rows: list[Row], x_key: str, x_label: str, path: Path) -> Non
         line, = ax.plot(xs, mean, marker="o", label=row.name)
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
         for run in row.runs:  # each seed faintly, so one-epoch runs show their spread too
-            cumulative = [sum(rec[x_key] for rec in run.epochs[:e + 1]) for e in range(len(run.epochs))]
-            ax.plot(cumulative, [rec["val_acc"] for rec in run.epochs], marker=".",
+            ax.plot(_cumulative(run, x_key), [rec["val_acc"] for rec in run.epochs], marker=".",
                     color=line.get_color(), alpha=0.35, linewidth=0.8)
     ax.set(xlabel=x_label, ylabel="validation accuracy (%)")
     ax.set_title("mean over seeds, shaded min to max; faint: each seed", fontsize=9)
