@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from adaptive_sparse.checkpointing import Checkpointer, ResumePoint, locate_checkpoint
-from adaptive_sparse.config import resolve_device, seed_everything, validate_config
+from adaptive_sparse.config import resolve_device, seed_everything, threads_per_job, validate_config
 from adaptive_sparse.data import BatchLoader, load_dataset
 from adaptive_sparse.distributed import agree_on_run_dir, setup_distributed
 from adaptive_sparse.energy import make_energy_meter
@@ -44,8 +44,10 @@ def main(cfg: DictConfig) -> float:
     checkpoint_path = locate_checkpoint(run_dir, cfg.resume)  # refuses a missing one, or overwriting one
     dist = setup_distributed(cfg.distributed.backend, cfg.device)  # inactive without torchrun
     device = dist.device or resolve_device(cfg.device)
-    if cfg.training.num_threads:
-        torch.set_num_threads(cfg.training.num_threads)
+    # parallel sweep jobs share the cores: training.num_threads, else the launcher's share
+    num_threads = cfg.training.num_threads or threads_per_job(HydraConfig.get().launcher)
+    if num_threads:
+        torch.set_num_threads(num_threads)
     seed_everything(cfg.seed, cfg.deterministic)
     train_cfg, precision = cfg.training, cfg.training.precision
 
@@ -60,17 +62,17 @@ def main(cfg: DictConfig) -> float:
     log.info("data: %s (%d train, %d test)", data.source, len(data.train), len(data.test))
 
     # ------------------------------------------------------------------ model
-    model = instantiate(cfg.model, num_classes=len(data.classes)).to(device)
+    model = instantiate(cfg.model, num_classes=data.num_classes).to(device)
     optimizer = instantiate(train_cfg.optimizer)(model.parameters())
     scheduler = instantiate(train_cfg.scheduler)(optimizer) if train_cfg.scheduler else None
-    flop_meter = FlopMeter(model, tuple(data.train.images.shape[1:]), len(data.classes))
+    flop_meter = FlopMeter(model, tuple(data.train.images.shape[1:]), data.num_classes)
     log.info("model: %s, %.2fM parameters, %.1f MFLOP/sample forward, %.1f MFLOP/sample train step",
              choices.model, count_parameters(model) / 1e6, flop_meter.forward_per_sample / 1e6,
              flop_meter.train_per_sample / 1e6)
     inject_nan_at_step(model, cfg.debug.inject_nan_at_step)  # test-only; null by default
 
     # ------------------------------------------------------------------ gate
-    gate = instantiate(cfg.gate, num_samples=len(data.train), num_classes=len(data.classes),
+    gate = instantiate(cfg.gate, num_samples=len(data.train), num_classes=data.num_classes,
                        seed=cfg.seed + dist.rank)
     dist.attach(gate)  # torchrun: the controller sees the global activation rate
     log.info("gate: %s, target rate %.3f", choices.gate, gate.target_rate)

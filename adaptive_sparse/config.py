@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -64,6 +65,21 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def threads_per_job(launcher: Mapping[str, Any], cpu_count: int | None = None) -> int | None:
+    """Torch threads for one job of a sweep, from the launcher's config; None: torch's default.
+
+    Parallel jobs that each start one thread per core oversubscribe the machine. joblib runs
+    n_jobs jobs at once (-1: one per core, -2: all but one, as joblib counts), so each gets
+    its share of the cores; submitit (local or SLURM) gives each job cpus_per_task cores.
+    """
+    cpu_count = cpu_count or os.cpu_count() or 1
+    n_jobs = launcher.get("n_jobs")
+    if n_jobs:
+        running = n_jobs if n_jobs > 0 else max(1, cpu_count + 1 + n_jobs)
+        return max(1, cpu_count // running)
+    return launcher.get("cpus_per_task") or None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

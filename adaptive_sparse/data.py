@@ -45,6 +45,13 @@ class ImageData:
     classes: tuple[str, ...]
     source: str  # where the pixels came from, recorded in summary.json
 
+    @property
+    def num_classes(self) -> int:
+        # train.py asks for this rather than len(data.classes): the attribute name `classes`
+        # in train.main makes cloudpickle (joblib's process launcher) ship the unpicklable
+        # torch.classes module along with the function, and every joblib sweep fails
+        return len(self.classes)
+
 
 # --------------------------------------------------------------------------- loading
 

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from adaptive_sparse.checkpointing import atomic_write_text
+from adaptive_sparse.sweeps import wandb_identity
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,10 @@ WANDB_KEYS = {
     "flops_full": "flops/full",
     "compute_savings": "flops/compute_savings",
 }
+
+# running totals logged to W&B each epoch: the x-axes of scripts/report.py's W&B panels
+CUMULATIVE_WANDB_KEYS = {"epoch_time_s": "time/train_cumulative_s",
+                         "flops_executed": "flops/executed_cumulative"}
 
 TABLE_HEADER = ("| Epoch | Loss   | Val Acc | Activation Rate | Compute Savings (FLOPs) "
                 "| Sample Savings | Time    |")
@@ -85,6 +91,9 @@ class RunLog:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if enabled and resume_records is not None:
             atomic_write_text("".join(json.dumps(r) + "\n" for r in resume_records), self.metrics_path)
+        # W&B group/tags/name, completed from the sweep in a multirun (one group per sweep)
+        self.identity = wandb_identity(cfg.wandb, HydraConfig.get() if HydraConfig.initialized() else None)
+        self.cumulative = dict.fromkeys(CUMULATIVE_WANDB_KEYS.values(), 0.0)
         self.wandb_run = self._start_wandb(cfg, wandb_run_id) if enabled else None
 
     @property
@@ -101,9 +110,8 @@ class RunLog:
         except ImportError:
             warnings.warn("wandb is not installed; logging to files only")
             return None
-        settings = dict(project=wcfg.project, entity=wcfg.entity, group=wcfg.group,
-                        tags=list(wcfg.tags or []), name=wcfg.name, dir=str(self.run_dir),
-                        config=OmegaConf.to_container(cfg, resolve=True))
+        settings = dict(project=wcfg.project, entity=wcfg.entity, dir=str(self.run_dir),
+                        config=OmegaConf.to_container(cfg, resolve=True), **self.identity)
         if run_id is not None:  # resume: the same W&B run continues
             settings.update(id=run_id, resume="allow")
         for mode in dict.fromkeys([wcfg.mode, "offline"]):  # online first if asked, then offline
@@ -132,11 +140,16 @@ class RunLog:
             return
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        self._wandb_log({WANDB_KEYS.get(k, k): v for k, v in record.items() if v is not None}, step=step)
+        # running totals give W&B the report's x-axes: accuracy against training time and FLOPs
+        for key, wandb_key in CUMULATIVE_WANDB_KEYS.items():
+            self.cumulative[wandb_key] += record[key]
+        self._wandb_log({**{WANDB_KEYS.get(k, k): v for k, v in record.items() if v is not None},
+                         **self.cumulative}, step=step)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        summary = {**summary, "wandb_group": self.identity["group"]}  # report.py --wandb reads it
         atomic_write_text(json.dumps(summary, indent=2) + "\n", self.run_dir / "summary.json")
         if self.wandb_run is not None:
             try:
@@ -162,4 +175,4 @@ class RunLog:
 
 def environment_facts(device: torch.device) -> dict[str, Any]:
     return {"device": str(device), "hardware": hardware_description(device),
-            "torch": torch.__version__, "cpu_count": os.cpu_count()}
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), "num_threads": torch.get_num_threads()}

@@ -1,0 +1,404 @@
+"""A shareable report on a sweep, made offline from its run directories.
+
+    python scripts/report.py SWEEP_DIR            # SWEEP_DIR/report.md and PNG plots beside it
+    python scripts/report.py SWEEP_DIR --wandb    # also publishes a W&B Report for the sweep's group
+
+Every run below SWEEP_DIR (a directory with .hydra/overrides.yaml, summary.json or
+metrics.jsonl) is read. Runs are grouped into rows by the overrides whose values differ
+between runs, seed excepted, so a row's figures are means and sample standard deviations over
+its seeds. Runs without a readable summary.json (failed, or still running) are listed in the
+report, never dropped in silence.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import socket
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and in tests
+import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # adaptive_sparse, when run as `python scripts/report.py`
+from adaptive_sparse.sweeps import parse_overrides, sweep_group_name  # noqa: E402
+
+# Overrides that never tell rows apart: seeds are averaged over; the rest name places and
+# logging, not experiments (the same keys that sweep sub-directory names leave out).
+NOT_ROW_KEYS = {"seed", *OmegaConf.load(ROOT / "conf" / "config.yaml")
+                .hydra.job.config.override_dirname.exclude_keys}
+# Row keys come first in this order when they vary, then any other key alphabetically.
+KEY_ORDER = ("experiment", "gate", "gate.target_rate", "attention", "model", "training.epochs")
+PLOTS = {"accuracy_vs_time": "validation accuracy against training wall-clock",
+         "accuracy_vs_flops": "validation accuracy against FLOPs executed",
+         "activation_rate": "achieved against target activation rate",
+         "threshold": "the gate's threshold at the end of each epoch"}
+
+
+@dataclass
+class Run:
+    path: Path
+    overrides: dict[str, str]
+    summary: dict[str, Any] | None
+    epochs: list[dict[str, Any]]
+    problem: str | None = None  # why the run is incomplete; None for a finished run
+
+    @property
+    def complete(self) -> bool:
+        return self.problem is None
+
+
+@dataclass
+class Row:
+    """The runs of one setting of the varying keys, and their figures."""
+    label: dict[str, str]
+    runs: list[Run]
+    figures: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # (mean, sd)
+    speedup: float | None = None
+
+    @property
+    def name(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.label.items()) or "all runs"
+
+
+# --------------------------------------------------------------------------- reading
+
+def find_run_dirs(sweep_dir: Path) -> list[Path]:
+    """Directories holding a run's files, outside W&B's and submitit's own folders."""
+    marks = ("summary.json", "metrics.jsonl", ".hydra/overrides.yaml")
+    found = {p.parent.parent if p.name == "overrides.yaml" else p.parent
+             for mark in marks for p in sweep_dir.rglob(mark)}
+    return sorted(d for d in found
+                  if not {"wandb", ".submitit"} & set(d.relative_to(sweep_dir).parts))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def expected_epochs(run_dir: Path) -> int | None:
+    config = run_dir / ".hydra" / "config.yaml"
+    return OmegaConf.load(config).training.epochs if config.exists() else None
+
+
+def load_run(run_dir: Path) -> Run:
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = parse_overrides(OmegaConf.load(overrides_file)) if overrides_file.exists() else {}
+    try:
+        epochs = read_metrics(run_dir / "metrics.jsonl")
+    except json.JSONDecodeError as err:
+        return Run(run_dir, overrides, None, [], f"metrics.jsonl unreadable ({err})")
+    summary_file = run_dir / "summary.json"
+    if not summary_file.exists():
+        want = expected_epochs(run_dir)
+        return Run(run_dir, overrides, None, epochs,
+                   f"no summary.json: failed or still running ({len(epochs)} of {want or '?'} epochs "
+                   "in metrics.jsonl)")
+    try:
+        summary = json.loads(summary_file.read_text())
+    except json.JSONDecodeError as err:
+        return Run(run_dir, overrides, None, epochs, f"summary.json unreadable ({err})")
+    if not epochs:
+        return Run(run_dir, overrides, summary, epochs, "summary.json but no metrics.jsonl records")
+    return Run(run_dir, overrides, summary, epochs)
+
+
+def collect_runs(sweep_dir: str | Path) -> list[Run]:
+    """Every run below sweep_dir, complete or not, in directory order."""
+    return [load_run(d) for d in find_run_dirs(Path(sweep_dir))]
+
+
+# --------------------------------------------------------------------------- figures
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Override keys whose value differs between runs (a missing key counts as a value)."""
+    keys = {k for r in runs for k in r.overrides} - NOT_ROW_KEYS
+    varying = [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+    return sorted(varying, key=lambda k: (KEY_ORDER.index(k) if k in KEY_ORDER else len(KEY_ORDER), k))
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _baseline_key(label: dict[str, str]) -> tuple:
+    """A row's label without the gate's own keys: the setting its gate=none baseline shares."""
+    return tuple((k, v) for k, v in label.items() if k != "gate" and not k.startswith("gate."))
+
+
+def summarise(runs: list[Run]) -> list[Row]:
+    """Rows over the varying keys of the complete runs, with means, SDs and speedups.
+
+    speedup = mean train_time_s of the complete gate=none runs (by summary.json's gate) whose
+    varying overrides other than gate, gate.* and seed equal this row's, divided by this
+    row's mean train_time_s. None when the sweep has no such gate=none run.
+    """
+    complete = [r for r in runs if r.complete]
+    keys = varying_keys(complete)
+    rows: dict[tuple, Row] = {}
+    for run in complete:
+        label = {k: run.overrides.get(k, "(default)") for k in keys}
+        rows.setdefault(tuple(label.items()), Row(label, [])).runs.append(run)
+    for row in rows.values():
+        for key in ("val_acc", "train_time_s", "compute_savings", "sample_savings",
+                    "activation_rate", "target_rate"):
+            row.figures[key] = mean_sd([r.summary[key] for r in row.runs])
+    for row in rows.values():
+        baseline = [r.summary["train_time_s"] for other in rows.values()
+                    if _baseline_key(other.label) == _baseline_key(row.label)
+                    for r in other.runs if r.summary["gate"] == "none"]
+        if baseline:
+            row.speedup = statistics.fmean(baseline) / row.figures["train_time_s"][0]
+    return list(rows.values())
+
+
+def common_settings(runs: list[Run]) -> dict[str, Any]:
+    """What every complete run shares: run facts from summary.json, then fixed overrides."""
+    complete = [r for r in runs if r.complete]
+    facts = {}
+    for key in ("gate", "model", "attention", "dataset", "epochs", "device", "hardware", "num_threads"):
+        values = {json.dumps(r.summary.get(key)) for r in complete}
+        if len(values) == 1:
+            facts[key] = complete[0].summary.get(key)
+    for key, value in complete[0].overrides.items() if complete else ():
+        if key != "seed" and all(r.overrides.get(key) == value for r in complete):
+            facts.setdefault(key, value)
+    return facts
+
+
+# --------------------------------------------------------------------------- table
+
+def _pm(figure: tuple[float, float | None], scale: float = 1.0, digits: int = 2) -> str:
+    mean, sd = figure
+    return f"{scale * mean:.{digits}f}" + ("" if sd is None else f" ± {scale * sd:.{digits}f}")
+
+
+def table_markdown(rows: list[Row]) -> str:
+    keys = list(rows[0].label) if rows and rows[0].label else []
+    head = [*(keys or ["runs"]), "seeds", "val acc (%)", "train time (s)", "speedup vs none",
+            "compute savings (%)", "sample savings (%)", "activation rate achieved / target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        f = row.figures
+        cells = [*(row.label.values() if keys else ["all"]), str(len(row.runs)), _pm(f["val_acc"]),
+                 _pm(f["train_time_s"], digits=1),
+                 "–" if row.speedup is None else f"{row.speedup:.2f}x",
+                 _pm(f["compute_savings"], 100, 1), _pm(f["sample_savings"], 100, 1),
+                 f"{_pm(f['activation_rate'], digits=4)} / {f['target_rate'][0]:.4g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+
+def _cumulative(run: Run, key: str) -> list[float]:
+    """A per-epoch figure (epoch_time_s, flops_executed) summed up to each epoch."""
+    return list(itertools.accumulate(rec[key] for rec in run.epochs))
+
+
+def _curve(row: Row, x_key: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per epoch over the row's seeds: mean cumulative x, and mean, min, max val_acc."""
+    n = min(len(r.epochs) for r in row.runs)
+    xs, mean, low, high = [], [], [], []
+    for e in range(n):
+        xs.append(statistics.fmean(_cumulative(r, x_key)[e] for r in row.runs))
+        accs = [r.epochs[e]["val_acc"] for r in row.runs]
+        mean.append(statistics.fmean(accs))
+        low.append(min(accs))
+        high.append(max(accs))
+    return xs, mean, low, high
+
+
+def _plot_accuracy(rows: list[Row], x_key: str, x_label: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        xs, mean, low, high = _curve(row, x_key)
+        line, = ax.plot(xs, mean, marker="o", label=row.name)
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
+        for run in row.runs:  # each seed faintly, so one-epoch runs show their spread too
+            ax.plot(_cumulative(run, x_key), [rec["val_acc"] for rec in run.epochs], marker=".",
+                    color=line.get_color(), alpha=0.35, linewidth=0.8)
+    ax.set(xlabel=x_label, ylabel="validation accuracy (%)")
+    ax.set_title("mean over seeds, shaded min to max; faint: each seed", fontsize=9)
+    _finish(fig, ax, path)
+
+
+def _plot_rates(rows: list[Row], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rates = [r.summary[k] for row in rows for r in row.runs for k in ("target_rate", "activation_rate")]
+    lo, hi = min(rates) / 1.5, min(1.0, max(rates) * 1.5)
+    ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1, label="on target")
+    for row in rows:
+        ax.scatter([r.summary["target_rate"] for r in row.runs],
+                   [r.summary["activation_rate"] for r in row.runs], label=row.name)
+    ax.set(xscale="log", yscale="log", xlabel="target activation rate",
+           ylabel="achieved activation rate")
+    ax.set_title("one point per run", fontsize=9)
+    _finish(fig, ax, path)
+
+
+def _plot_threshold(rows: list[Row], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        for i, run in enumerate(row.runs):
+            points = [(rec["epoch"], rec["threshold"]) for rec in run.epochs if rec.get("threshold") is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", color=f"C{rows.index(row)}", alpha=0.8,
+                        label=row.name if i == 0 else None)
+    ax.set(xlabel="epoch", ylabel="threshold (standard deviations)")
+    ax.set_title("one line per run; gates without a threshold (none, random) absent", fontsize=9)
+    _finish(fig, ax, path)
+
+
+def _finish(fig, ax, path: Path) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_plots(rows: list[Row], out_dir: Path) -> list[Path]:
+    """The report's PNGs in out_dir; returns their paths."""
+    paths = {name: out_dir / f"{name}.png" for name in PLOTS}
+    _plot_accuracy(rows, "epoch_time_s", "training wall-clock (s, evaluation excluded)",
+                   paths["accuracy_vs_time"])
+    _plot_accuracy(rows, "flops_executed", "FLOPs executed (counted)", paths["accuracy_vs_flops"])
+    _plot_rates(rows, paths["activation_rate"])
+    _plot_threshold(rows, paths["threshold"])
+    return list(paths.values())
+
+
+# --------------------------------------------------------------------------- report
+
+def report_markdown(sweep_dir: Path, runs: list[Run], rows: list[Row], plots: list[Path]) -> str:
+    complete = [r for r in runs if r.complete]
+    incomplete = [r for r in runs if not r.complete]
+    settings = ", ".join(f"{k}={v}" for k, v in common_settings(runs).items())
+    parts = [f"# Sweep report: {sweep_group_name(sweep_dir)}", "",
+             f"{len(complete)} complete and {len(incomplete)} incomplete runs below `{sweep_dir}`; "
+             f"remake with `python scripts/report.py {sweep_dir}`.", ""]
+    if rows:
+        parts += [f"Common to all complete runs: {settings}.", "",
+                  "Rows group runs by the overrides that differ between them (seed aside); figures "
+                  "are mean ± sample standard deviation over the row's seeds.", "",
+                  table_markdown(rows), "",
+                  "Training time counts training only (data, scoring, selection, steps; no "
+                  "evaluation). Speedup vs none: the mean training time of the `gate=none` runs "
+                  "whose other differing overrides (all but `gate`, `gate.*` and `seed`) equal "
+                  "the row's, divided by the row's mean training time; – where the sweep has no "
+                  "such run. Compute savings: 1 - FLOPs executed / FLOPs of full training, counted "
+                  "with torch.utils.flop_counter; sample savings: 1 - activation rate.", "",
+                  "## Plots", ""]
+        parts += [f"![{PLOTS[p.stem]}]({p.name})  \n{PLOTS[p.stem]} (`{p.name}`)\n" for p in plots]
+    parts += ["## Incomplete runs", ""]
+    parts += [f"- `{r.path.relative_to(sweep_dir)}`: {r.problem}" for r in incomplete] or ["none"]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(sweep_dir: str | Path) -> tuple[Path, list[Row], list[Run]]:
+    """SWEEP_DIR/report.md and its plots; returns (report path, rows, all runs)."""
+    sweep_dir = Path(sweep_dir)
+    runs = collect_runs(sweep_dir)
+    rows = summarise(runs)
+    plots = write_plots(rows, sweep_dir) if rows else []
+    path = sweep_dir / "report.md"
+    path.write_text(report_markdown(sweep_dir, runs, rows, plots))
+    return path, rows, runs
+
+
+# --------------------------------------------------------------------------- W&B
+
+def wandb_target(sweep_dir: Path, runs: list[Run]) -> tuple[list[str], str, str]:
+    """(groups, project, entity) of the sweep's W&B runs, from what the runs recorded.
+
+    Groups come from summary.json's wandb_group; runs that recorded none (or a directory
+    without summaries) fall back to the name train.py gives a sweep's group.
+    """
+    groups = sorted({r.summary.get("wandb_group") for r in runs if r.complete} - {None}) \
+        or [sweep_group_name(sweep_dir)]
+    configs = [OmegaConf.load(r.path / ".hydra" / "config.yaml") for r in runs
+               if (r.path / ".hydra" / "config.yaml").exists()]
+    project = configs[0].wandb.project if configs else "adaptive-sparse-training"
+    entity = (configs[0].wandb.entity if configs else None) or ""
+    return groups, project, entity
+
+
+def build_wandb_report(groups: list[str], project: str, entity: str, rows: list[Row],
+                       title: str) -> Any:
+    """A W&B Report with the local report's panels, one run set per W&B group. Needs no network."""
+    import wandb_workspaces.reports.v2 as wr
+
+    group_by = [f"summary.{k}" if k in ("gate", "model", "attention") else f"config.{k}"
+                for k in (rows[0].label if rows else {})]
+    runsets = [wr.Runset(entity=entity, project=project, name=g, filters=f"Group = '{g}'",
+                         groupby=group_by) for g in groups]
+    panels = [
+        wr.LinePlot(title=PLOTS["accuracy_vs_time"], x="time/train_cumulative_s", y=["val/acc"]),
+        wr.LinePlot(title=PLOTS["accuracy_vs_flops"], x="flops/executed_cumulative", y=["val/acc"]),
+        wr.ScatterPlot(title=PLOTS["activation_rate"], x=wr.SummaryMetric("target_rate"),
+                       y=wr.SummaryMetric("activation_rate"), log_x=True, log_y=True),
+        wr.LinePlot(title="the gate's threshold", x="Step", y=["gate/threshold"]),
+    ]
+    return wr.Report(project=project, entity=entity, title=title,
+                     description=f"W&B group(s) {', '.join(groups)}; made by scripts/report.py",
+                     blocks=[wr.H1(text=title), wr.MarkdownBlock(text=table_markdown(rows) if rows else ""),
+                             wr.PanelGrid(runsets=runsets, panels=panels)])
+
+
+def network_reachable(host: str = "api.wandb.ai", port: int = 443, timeout_s: float = 5.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def publish(report: Any) -> str:
+    """Saves the Report to W&B; returns a line saying where it went or why it did not."""
+    if not network_reachable():
+        return "W&B Report not published: api.wandb.ai is unreachable (no network); the local report stands"
+    try:
+        report.save()
+        return f"W&B Report published: {report.url}"
+    except Exception as err:  # no API key, no permission, a service error
+        return f"W&B Report not published ({type(err).__name__}: {err}); the local report stands"
+
+
+# --------------------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--wandb", action="store_true", help="also publish a W&B Report for the sweep's group")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"{args.sweep_dir} is not a directory")
+    path, rows, runs = write_report(args.sweep_dir)
+    print(table_markdown(rows) if rows else "no complete runs")
+    for run in runs:
+        if not run.complete:
+            print(f"incomplete: {run.path}: {run.problem}")
+    print(f"wrote {path} and {len(PLOTS) if rows else 0} plots beside it")
+    if args.wandb:
+        groups, project, entity = wandb_target(args.sweep_dir, runs)
+        report = build_wandb_report(groups, project, entity, rows, f"Sweep {args.sweep_dir.name}")
+        print(publish(report))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

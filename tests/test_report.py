@@ -1,0 +1,140 @@
+"""scripts/report.py on fabricated run directories: figures by hand, incomplete runs, plots, W&B."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("sweep_report", ROOT / "scripts" / "report.py")
+report = sys.modules["sweep_report"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+spec.loader.exec_module(report)
+
+
+def fake_run(sweep: Path, name: str, overrides: list[str], *, gate: str, train_time: float | None,
+             val_acc: float = 50.0, rate: float = 1.0, target: float = 1.0, epochs: int = 2,
+             epochs_done: int | None = None, threshold: float | None = None) -> Path:
+    """A run directory as train.py leaves it; train_time=None: no summary.json (unfinished)."""
+    run = sweep / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"training": {"epochs": epochs}, "wandb": {"project": "proj", "entity": None}}))
+    done = epochs if epochs_done is None else epochs_done
+    per_epoch = (train_time or 10.0) / epochs
+    records = [{"epoch": e + 1, "val_acc": val_acc - 10 * (epochs - 1 - e), "epoch_time_s": per_epoch,
+                "flops_executed": 1e9 * rate * (e + 1), "threshold": threshold} for e in range(done)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if train_time is not None:
+        (run / "summary.json").write_text(json.dumps({
+            "val_acc": val_acc, "train_time_s": train_time, "activation_rate": rate, "target_rate": target,
+            "compute_savings": 1 - rate, "sample_savings": 1 - rate, "gate": gate, "model": "cnn",
+            "attention": "dense", "dataset": "synthetic", "epochs": epochs, "wandb_group": "2026_sweep"}))
+    return run
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """gate none and sundew, seeds 0 and 1, plus a sundew seed 2 that stopped after 1 of 2 epochs."""
+    root = ["dataset.root=/data/cifar10"]  # fixed for all runs, and a key that never makes rows
+    fake_run(tmp_path, "0_gate=none,seed=0", ["gate=none", "seed=0", *root], gate="none",
+             train_time=10.0, val_acc=50.0)
+    fake_run(tmp_path, "1_gate=none,seed=1", ["gate=none", "seed=1", *root], gate="none",
+             train_time=12.0, val_acc=54.0)
+    fake_run(tmp_path, "2_gate=sundew,seed=0", ["gate=sundew", "seed=0", *root], gate="sundew",
+             train_time=4.0, val_acc=40.0, rate=0.05, target=0.06, threshold=1.0)
+    fake_run(tmp_path, "3_gate=sundew,seed=1", ["gate=sundew", "seed=1", *root], gate="sundew",
+             train_time=6.0, val_acc=44.0, rate=0.07, target=0.06, threshold=1.5)
+    fake_run(tmp_path, "4_gate=sundew,seed=2", ["gate=sundew", "seed=2", *root], gate="sundew",
+             train_time=None, epochs_done=1)
+    return tmp_path
+
+
+def test_rows_by_hand(sweep: Path):
+    runs = report.collect_runs(sweep)
+    assert [r.complete for r in runs] == [True, True, True, True, False]
+    none, sundew = report.summarise(runs)
+    assert none.label == {"gate": "none"} and sundew.label == {"gate": "sundew"}
+    assert len(sundew.runs) == 2  # the unfinished seed 2 is not averaged in
+    # means and sample SDs over two seeds: sd(a, b) = |a - b| / sqrt(2)
+    assert sundew.figures["val_acc"] == pytest.approx((42.0, 4 / math.sqrt(2)))
+    assert sundew.figures["train_time_s"] == pytest.approx((5.0, 2 / math.sqrt(2)))
+    assert sundew.figures["activation_rate"] == pytest.approx((0.06, 0.02 / math.sqrt(2)))
+    assert sundew.figures["compute_savings"] == pytest.approx((0.94, 0.02 / math.sqrt(2)))
+    assert none.figures["train_time_s"] == pytest.approx((11.0, math.sqrt(2)))
+    # speedup: mean gate=none time 11 s / mean sundew time 5 s
+    assert sundew.speedup == pytest.approx(2.2) and none.speedup == pytest.approx(1.0)
+
+
+def test_table_and_report_list_the_incomplete_run(sweep: Path):
+    path, rows, _ = report.write_report(sweep)
+    table = report.table_markdown(rows)
+    assert "| sundew | 2 | 42.00 ± 2.83 | 5.0 ± 1.4 | 2.20x | 94.0 ± 1.4 | 94.0 ± 1.4 | 0.0600 ± 0.0141 / 0.06 |" in table
+    assert "| none | 2 | 52.00 ± 2.83 | 11.0 ± 1.4 | 1.00x | 0.0 ± 0.0 | 0.0 ± 0.0 | 1.0000 ± 0.0000 / 1 |" in table
+    text = path.read_text()
+    assert table in text
+    assert "- `4_gate=sundew,seed=2`: no summary.json: failed or still running (1 of 2 epochs" in text
+    assert "dataset.root=/data/cifar10" in text  # a fixed setting, reported once, not a row
+
+
+def test_plots_are_written_small(sweep: Path):
+    report.write_report(sweep)
+    for name in report.PLOTS:
+        png = sweep / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert 2_000 < png.stat().st_size < 100_000
+        assert f"]({name}.png)" in (sweep / "report.md").read_text()
+
+
+def test_speedup_is_matched_on_the_other_varying_keys(tmp_path: Path):
+    times = {("none", "dense"): 10.0, ("sundew", "dense"): 5.0,
+             ("none", "sparse"): 8.0, ("sundew", "sparse"): 2.0}
+    for i, ((gate, attention), t) in enumerate(times.items()):
+        fake_run(tmp_path, f"{i}", [f"gate={gate}", f"attention={attention}"], gate=gate, train_time=t)
+    rows = {tuple(r.label.values()): r for r in report.summarise(report.collect_runs(tmp_path))}
+    assert rows[("sundew", "dense")].speedup == pytest.approx(10 / 5)
+    assert rows[("sundew", "sparse")].speedup == pytest.approx(8 / 2)
+
+
+def test_no_speedup_without_a_gate_none_run(tmp_path: Path):
+    fake_run(tmp_path, "0", ["gate=random"], gate="random", train_time=3.0)
+    fake_run(tmp_path, "1", ["gate=sundew"], gate="sundew", train_time=4.0)
+    rows = report.summarise(report.collect_runs(tmp_path))
+    assert [r.speedup for r in rows] == [None, None]
+    assert "| – |" in report.table_markdown(rows)
+
+
+def test_wandb_report_is_built_for_the_sweep_group(sweep: Path):
+    import wandb_workspaces.reports.v2 as wr
+    from adaptive_sparse.tracking import CUMULATIVE_WANDB_KEYS, WANDB_KEYS
+
+    runs = report.collect_runs(sweep)
+    groups, project, entity = report.wandb_target(sweep, runs)
+    assert (groups, project, entity) == (["2026_sweep"], "proj", "")
+    built = report.build_wandb_report(groups, project, entity, report.summarise(runs), "Sweep x")
+    assert isinstance(built, wr.Report) and built.project == "proj"
+    grid = built.blocks[-1]
+    assert [rs.filters for rs in grid.runsets] == ["Group = '2026_sweep'"]
+    assert grid.runsets[0].groupby == ["summary.gate"]
+    lines = [panel for panel in grid.panels if isinstance(panel, wr.LinePlot)]
+    # the panels plot keys that train.py logs ("Step" is W&B's own)
+    assert {key for panel in lines for key in panel.y} <= set(WANDB_KEYS.values())
+    assert {panel.x for panel in lines} <= {*CUMULATIVE_WANDB_KEYS.values(), "Step"}
+    assert len(grid.panels) == len(report.PLOTS)
+    # serialisable offline, the string filter parsed into W&B's run-group filter
+    spec_json = built._to_model().spec.model_dump_json()
+    assert '{"key":{"section":"run","name":"group"},"op":"=","value":"2026_sweep"' in spec_json
+
+
+def test_wandb_flag_without_network_keeps_the_local_report(sweep: Path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "network_reachable", lambda *a, **k: False)
+    assert report.main([str(sweep), "--wandb"]) == 0
+    out = capsys.readouterr().out
+    assert "W&B Report not published: api.wandb.ai is unreachable" in out
+    assert "incomplete:" in out and (sweep / "report.md").exists()
