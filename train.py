@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from adaptive_sparse.attention import set_attention_epoch
 from adaptive_sparse.config import resolve_device, seed_everything, validate_config
 from adaptive_sparse.data import BatchLoader, load_dataset
 from adaptive_sparse.metering import FlopMeter, PhaseTimer, Tally
@@ -72,7 +73,8 @@ def main(cfg: DictConfig) -> float:
         log.info(TABLE_HEADER)
         for epoch in range(1, train_cfg.epochs + 1):
             model.train()
-            timer, tally = PhaseTimer(device), Tally()
+            set_attention_epoch(model, epoch)  # sparse attention: dense warm-up epochs train only the indexer
+            timer, tally, indexer_losses = PhaseTimer(device), Tally(), []
             epoch_start = timer.now()
             batches = tqdm(timer.timed(train_loader, "data"), total=len(train_loader),
                            desc=f"epoch {epoch}/{train_cfg.epochs}", leave=False,
@@ -88,7 +90,8 @@ def main(cfg: DictConfig) -> float:
                 losses = None
                 with timer.phase("train_step"):
                     if len(chosen):
-                        losses = train_on_subset(model, optimizer, images[chosen], labels[chosen], precision)
+                        losses = train_on_subset(model, optimizer, images[chosen], labels[chosen], precision,
+                                                 indexer_losses)
                         gate.observe(idx[chosen], losses)
                 tally.add(seen=len(idx), scored=len(idx) if scores is not None else 0, trained_losses=losses)
                 step += 1
@@ -124,6 +127,7 @@ def main(cfg: DictConfig) -> float:
                 "eval_time_s": timer.seconds["eval"],
                 "samples_per_s": tally.seen / epoch_time,
                 "lr": optimizer.param_groups[0]["lr"],
+                "indexer_loss": torch.stack(indexer_losses).mean().item() if indexer_losses else None,
             }
             history.append(record)
             run_log.log_epoch(record, step=step)

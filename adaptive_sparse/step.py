@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptive_sparse.attention import auxiliary_loss
 from adaptive_sparse.significance import BatchScores
 
 
@@ -37,13 +38,24 @@ def score_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                    labels: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """One optimiser step on exactly these samples; returns their detached per-sample losses."""
+                    labels: torch.Tensor, precision: str = "fp32",
+                    indexer_losses: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """One optimiser step on exactly these samples; returns their detached per-sample losses.
+
+    A sparse attention's indexer loss (see `auxiliary_loss`) joins the loss with its weight, and
+    its unweighted value is appended to `indexer_losses` when a list is given.
+    """
     optimizer.zero_grad(set_to_none=True)
     with autocast_context(images.device, precision):
         logits = model(images)  # [k, C]
     losses = F.cross_entropy(logits.float(), labels, reduction="none")  # [k]
-    losses.mean().backward()
+    loss = losses.mean()
+    aux = auxiliary_loss(model)
+    if aux is not None:
+        loss = loss + aux.weighted
+        if indexer_losses is not None:
+            indexer_losses.append(aux.mean_kl)
+    loss.backward()
     optimizer.step()
     return losses.detach()
 

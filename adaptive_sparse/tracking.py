@@ -43,6 +43,7 @@ WANDB_KEYS = {
     "flops_training": "flops/training",
     "flops_full": "flops/full",
     "compute_savings": "flops/compute_savings",
+    "indexer_loss": "train/indexer_loss",
 }
 
 TABLE_HEADER = ("| Epoch | Loss   | Val Acc | Activation Rate | Compute Savings (FLOPs) "

@@ -13,7 +13,7 @@ from adaptive_sparse.attention import (DenseAttention, IndexerFeatures, SparseAt
                                        attend_to_selected_keys, auxiliary_loss, forced_keys, index_scores,
                                        indexer_kl, select_keys, set_attention_epoch)
 
-from conftest import compose_config
+from conftest import TINY, compose_config, read_run, run_train
 
 DIM, HEADS = 24, 3
 
@@ -200,3 +200,12 @@ def test_vit_with_sparse_attention_composes_from_config():
     assert attns[0].top_k == 24 and attns[0].granularity == "token"
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
+
+def test_vit_with_sparse_attention_trains_and_logs_the_indexer_loss(tmp_path):
+    result = run_train(tmp_path, *TINY, "model=vit", "attention=sparse", "gate=none",
+                       "training.limit_train_batches=3", "training.batch_size=32", "dataset.num_test=64",
+                       env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records, summary = read_run(tmp_path)
+    assert summary["attention"] == "sparse" and summary["samples_trained"] == 96
+    assert 0 < records[0]["indexer_loss"] < 10 and math.isfinite(records[0]["train_loss"])
