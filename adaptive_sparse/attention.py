@@ -131,52 +131,88 @@ def select_keys(features: IndexerFeatures, top_k: int, global_keys: int, local_r
     return torch.cat(picks, dim=1)  # [B, T, K]
 
 
+def gather_per_head(t: torch.Tensor, idx: torch.Tensor, rows_per_item: int) -> torch.Tensor:
+    """Rows of each head of t [B, H, N, D] picked by idx [B, R, K] (the same for every head).
+
+    t is cut into R' rows of `rows_per_item` tokens per head ([B*H, N / rows_per_item,
+    rows_per_item*D]); returns [B*H, R, K, rows_per_item*D], contiguous and head-major, so the
+    matmuls that follow read it without another copy.
+    """
+    b, h, n, d = t.shape
+    r, k = idx.shape[1:]
+    idx = idx.unsqueeze(1).expand(b, h, r, k).reshape(b * h, r, k)  # [B*H, R, K]
+    return gather_rows(t.reshape(b * h, n // rows_per_item, rows_per_item * d), idx)
+
+
 def attend_to_selected_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token granularity: query t attends to keys idx[b, t] only, the same keys for every head.
 
     q, k, v: [B, H, N, D]; idx: [B, N, K]. Returns the output [B, H, N, D] and the attention
-    weights [B, N, H, K] over the selected keys. Costs O(N * K * H * D): the selected keys and
+    weights [B, H, N, K] over the selected keys. Costs O(N * K * H * D): the selected keys and
     values are gathered, and no N x N score matrix is ever formed.
     """
     b, h, n, d = q.shape
-    top_k = idx.shape[-1]
-    k_sel = gather_rows(k.transpose(1, 2).reshape(b, n, h * d), idx).view(b, n, top_k, h, d)  # [B, N, K, H, D]
-    v_sel = gather_rows(v.transpose(1, 2).reshape(b, n, h * d), idx).view(b, n, top_k, h, d)  # [B, N, K, H, D]
-    scores = torch.einsum("bnhd,bnkhd->bnhk", q.transpose(1, 2), k_sel) * d ** -0.5  # [B, N, H, K]
+    k_sel, v_sel = gather_per_head(k, idx, 1), gather_per_head(v, idx, 1)  # [B*H, N, K, D] each
+    scores = torch.matmul(q.reshape(b * h, n, 1, d), k_sel.transpose(-1, -2)) * d ** -0.5  # [B*H, N, 1, K]
     weights = scores.softmax(dim=-1)
-    out = torch.einsum("bnhk,bnkhd->bnhd", weights, v_sel)  # [B, N, H, D]
-    return out.transpose(1, 2), weights
+    out = torch.matmul(weights, v_sel)  # [B*H, N, 1, D]
+    return out.view(b, h, n, d), weights.view(b, h, n, -1)
+
+
+def pad_to_blocks(t: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Zero-pad the token dimension (-2) of t up to a multiple of block_size (no copy when it is one)."""
+    pad = -t.shape[-2] % block_size
+    return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
 def attend_to_selected_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
-                              block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                              block_size: int) -> torch.Tensor:
     """Block granularity: the queries of a block share its selected key blocks.
 
-    q, k, v: [B, H, N, D]; block_idx: [B, NB, KB] key blocks for each of the NB query blocks.
-    Keys and values move as contiguous blocks (one gathered row per block), and each query block
-    runs one dense [bs x KB*bs] attention: O(N * KB*bs * H * D). N is zero-padded to NB*bs and
-    padded keys are masked out. Returns the output [B, H, N, D] and the attention weights
-    [B, NB, H, bs, KB*bs].
+    q, k, v: [B, H, N, D]; block_idx: [B, NB, KB], the key blocks of each of the NB query blocks.
+    Keys and values move as contiguous blocks (one gathered row per block and head), and each
+    query block runs the fused `scaled_dot_product_attention` over its KB*bs keys:
+    O(N * KB*bs * H * D). N is zero-padded to NB*bs and padded keys are masked out.
+    Returns the output [B, H, N, D].
     """
     b, h, n, d = q.shape
     nb, kb = block_idx.shape[1:]
-    q, k, v = (F.pad(t, (0, 0, 0, nb * block_size - n)) for t in (q, k, v))  # [B, H, NB*bs, D]
+    q, k, v = (pad_to_blocks(t, block_size) for t in (q, k, v))  # [B, H, NB*bs, D]
+    k_sel, v_sel = (gather_per_head(t, block_idx, block_size).view(b * h * nb, 1, kb * block_size, d)
+                    for t in (k, v))  # [B*H*NB, 1, KB*bs, D]
+    q_blocks = q.reshape(b * h * nb, 1, block_size, d)  # [B*H*NB, 1, bs, D]
+    keep = None
+    if n % block_size:  # only the last block is short; mask the padding wherever it was selected
+        keep = block_key_positions(block_idx, block_size) < n  # [B, NB, KB*bs]
+        keep = keep.unsqueeze(1).expand(b, h, nb, kb * block_size).reshape(b * h * nb, 1, 1, -1)
+    out = F.scaled_dot_product_attention(q_blocks, k_sel, v_sel, attn_mask=keep)  # [B*H*NB, 1, bs, D]
+    return out.view(b, h, nb * block_size, d)[:, :, :n]
 
-    def key_rows(t: torch.Tensor) -> torch.Tensor:  # one row per block of bs tokens, all heads
-        return t.transpose(1, 2).reshape(b, nb, block_size * h * d)  # [B, NB, bs*H*D]
 
-    def selected(t: torch.Tensor) -> torch.Tensor:  # [B, NB, H, KB*bs, D]
-        rows = gather_rows(key_rows(t), block_idx)  # [B, NB, KB, bs*H*D]
-        return rows.view(b, nb, kb * block_size, h, d).transpose(2, 3)
+def block_key_positions(block_idx: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Token positions of the selected key blocks: [B, NB, KB] -> [B, NB, KB*bs]."""
+    offsets = torch.arange(block_size, device=block_idx.device)  # [bs]
+    return (block_idx.unsqueeze(-1) * block_size + offsets).flatten(-2)
 
-    q_blocks = q.view(b, h, nb, block_size, d).transpose(1, 2)  # [B, NB, H, bs, D]
-    scores = torch.matmul(q_blocks, selected(k).transpose(-1, -2)) * d ** -0.5  # [B, NB, H, bs, KB*bs]
-    key_pos = block_idx.unsqueeze(-1) * block_size + torch.arange(block_size, device=q.device)  # [B, NB, KB, bs]
-    padded = (key_pos >= n).view(b, nb, 1, 1, kb * block_size)
-    weights = scores.masked_fill(padded, float("-inf")).softmax(dim=-1)
-    out = torch.matmul(weights, selected(v))  # [B, NB, H, bs, D]
-    return out.transpose(1, 2).reshape(b, h, nb * block_size, d)[:, :, :n], weights
+
+@torch.no_grad()
+def selected_block_mass(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The indexer's target in block granularity: the main attention's mass on each selected key
+    block, averaged over heads and over the query block's real queries. [B, NB, KB], rows sum to 1.
+
+    The fused kernel returns no weights, so they are recomputed here without grad (training only).
+    """
+    b, h, n, d = q.shape
+    nb, kb = block_idx.shape[1:]
+    q, k = pad_to_blocks(q, block_size), pad_to_blocks(k, block_size)
+    k_sel = gather_per_head(k, block_idx, block_size).view(b * h, nb, kb * block_size, d)
+    scores = torch.matmul(q.reshape(b * h, nb, block_size, d), k_sel.transpose(-1, -2)) * d ** -0.5
+    padded = (block_key_positions(block_idx, block_size) >= n).unsqueeze(1).unsqueeze(-2)  # [B, 1, NB, 1, KB*bs]
+    weights = scores.view(b, h, nb, block_size, -1).masked_fill(padded, float("-inf")).softmax(-1)
+    mass = weights.view(b, h, nb, block_size, kb, block_size).sum(-1).mean(1)  # [B, NB, bs, KB]
+    real = (torch.arange(nb * block_size, device=q.device) < n).view(1, nb, block_size, 1).to(mass.dtype)
+    return (mass * real).sum(2) / real.sum(2)
 
 
 def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -263,24 +299,15 @@ class SparseAttention(DenseAttention):
             idx = self.select(x, features)  # [B, N, K]
             out, weights = attend_to_selected_keys(q, k, v, idx)
             if train_indexer:  # target: head-averaged weights (DSA sums over heads, then normalises)
-                target, logits = weights.detach().mean(2), index_scores_at(features, idx)  # [B, N, K] each
+                target, logits = weights.detach().mean(1), index_scores_at(features, idx)  # [B, N, K] each
         else:
             idx = self.select(x, features)  # [B, NB, KB]
-            out, weights = attend_to_selected_blocks(q, k, v, idx, self.block_size)
+            out = attend_to_selected_blocks(q, k, v, idx, self.block_size)
             if train_indexer:
-                target, logits = self._block_mass(weights.detach(), x.shape[1]), index_scores_at(features, idx)
+                target = selected_block_mass(q, k, idx, self.block_size)  # [B, NB, KB]
+                logits = index_scores_at(features, idx)
         self.indexer_loss = indexer_kl(target, logits) if train_indexer else None
         return self.merge_heads(out)
-
-    def _block_mass(self, weights: torch.Tensor, n: int) -> torch.Tensor:
-        """Attention mass on each selected key block, averaged over heads and the block's real queries.
-
-        weights [B, NB, H, bs, KB*bs] -> [B, NB, KB]; rows sum to 1.
-        """
-        b, nb, h, bs, _ = weights.shape
-        per_block = weights.view(b, nb, h, bs, -1, bs).sum(-1).mean(2)  # [B, NB, bs, KB]
-        real = (torch.arange(nb * bs, device=weights.device) < n).view(1, nb, bs, 1).to(weights.dtype)
-        return (per_block * real).sum(2) / real.sum(2)
 
     def _dense_warmup(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: IndexerFeatures,
                       train_indexer: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

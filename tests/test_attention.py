@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_sparse.attention import (DenseAttention, IndexerFeatures, SparseAttention, attend_to_selected_blocks,
                                        attend_to_selected_keys, auxiliary_loss, forced_keys, index_scores,
-                                       indexer_kl, select_keys, set_attention_epoch)
+                                       indexer_kl, select_keys, selected_block_mass, set_attention_epoch)
 
 from conftest import TINY, compose_config, read_run, run_train
 
@@ -80,6 +80,14 @@ def test_indexer_kl_by_hand():
     assert kl.item() == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
 
 
+def test_block_target_is_the_attention_mass_per_selected_block():
+    # 6 tokens in blocks of 4 ({0-3}, {4, 5} + 2 padding); zero queries attend uniformly to the
+    # 6 real keys: block 0 holds 4/6 of the mass, block 1 2/6, whichever order they were picked in
+    q, k = torch.zeros(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    mass = selected_block_mass(q, k, torch.tensor([[[0, 1], [1, 0]]]), block_size=4)
+    torch.testing.assert_close(mass, torch.tensor([[[4 / 6, 2 / 6], [2 / 6, 4 / 6]]]))
+
+
 def test_top_k_below_the_always_kept_keys_is_refused():
     with pytest.raises(ValueError, match="attention.top_k=8"):
         SparseAttention(DIM, HEADS, top_k=8, local_window=4, global_tokens=1)  # needs 1 + 9 keys
@@ -91,7 +99,7 @@ def test_unselected_keys_get_exactly_zero_weight():
     q, k, v = (torch.randn(1, HEADS, 10, 8) for _ in range(3))
     idx = torch.stack([torch.randperm(10)[:3] for _ in range(10)]).unsqueeze(0)  # [1, 10, 3]
     out, weights = attend_to_selected_keys(q, k, v, idx)
-    assert weights.shape == (1, 10, HEADS, 3)
+    assert weights.shape == (1, HEADS, 10, 3)
     t = 5
     unselected = [s for s in range(10) if s not in idx[0, t].tolist()]
     k2, v2 = k.clone(), v.clone()
@@ -104,11 +112,11 @@ def test_unselected_key_blocks_get_exactly_zero_weight():
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, HEADS, 10, 8) for _ in range(3))  # blocks of 4: {0-3}, {4-7}, {8, 9}
     block_idx = torch.tensor([[[0, 2], [1, 0], [2, 1]]])  # [1, 3 query blocks, 2 key blocks]
-    out, _ = attend_to_selected_blocks(q, k, v, block_idx, block_size=4)
+    out = attend_to_selected_blocks(q, k, v, block_idx, block_size=4)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 4:8] += 100.0  # key block 1: not selected by query block 0 (tokens 0-3)
     v2[:, :, 4:8] += 100.0
-    out2, _ = attend_to_selected_blocks(q, k2, v2, block_idx, block_size=4)
+    out2 = attend_to_selected_blocks(q, k2, v2, block_idx, block_size=4)
     assert torch.equal(out2[:, :, :4], out[:, :, :4])
     assert not torch.allclose(out2[:, :, 4:8], out[:, :, 4:8])  # block 1 itself sees the change
 
