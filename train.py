@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from adaptive_sparse.attention import set_attention_epoch
 from adaptive_sparse.checkpointing import Checkpointer, ResumePoint, locate_checkpoint
 from adaptive_sparse.config import resolve_device, seed_everything, threads_per_job, validate_config
 from adaptive_sparse.data import BatchLoader, load_dataset
@@ -94,7 +95,8 @@ def main(cfg: DictConfig) -> float:
         for epoch in range(start.epoch + 1, train_cfg.epochs + 1):
             model.train()
             gate.start_epoch(epoch)
-            timer, tally = PhaseTimer(device), Tally()
+            set_attention_epoch(model, epoch)  # sparse attention: dense warm-up epochs train only the indexer
+            timer, tally, indexer_losses = PhaseTimer(device), Tally(), []
             memory_at_start = dist.snapshot_gate_memory(gate)  # torchrun: merged across ranks at epoch end
             batches = tqdm(timer.timed(train_loader, "data"), total=len(train_loader),
                            desc=f"epoch {epoch}/{train_cfg.epochs}", leave=False,
@@ -112,7 +114,7 @@ def main(cfg: DictConfig) -> float:
                     with timer.phase("train_step"):
                         if len(chosen) or dist.active:  # torchrun: every rank joins every gradient all-reduce
                             trained = train_step(model, optimizer, images[chosen], labels[chosen], precision,
-                                                 epoch=epoch, step=step + 1)
+                                                 epoch=epoch, step=step + 1, indexer_losses=indexer_losses)
                             gate.observe(idx[chosen], trained)
                     tally.add(seen=len(idx), scored=len(idx) if scores is not None else 0,
                               trained_losses=trained.loss if trained is not None else None)
@@ -151,6 +153,7 @@ def main(cfg: DictConfig) -> float:
                 "samples_per_s": tally.seen / epoch_time,
                 "energy_kwh": energy_meter.kwh,  # cumulative, training phases only
                 "lr": optimizer.param_groups[0]["lr"],
+                "indexer_loss": torch.stack(indexer_losses).mean().item() if indexer_losses else None,
                 **gate.epoch_metrics(),
             }
             history.append(record)

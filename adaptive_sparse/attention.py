@@ -5,6 +5,8 @@ Each takes (dim, num_heads, qkv_bias) and is called as timm's Block calls its at
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,3 +37,358 @@ class DenseAttention(nn.Module):
         q, k, v = self.split_heads(x)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.merge_heads(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse attention after DeepSeek Sparse Attention (DSA, DeepSeek-V3.2-Exp): a lightning indexer
+# picks each query's top-k keys, and the main attention's softmax runs over those keys only.
+# ---------------------------------------------------------------------------------------------
+
+class IndexerFeatures(NamedTuple):
+    """What the lightning indexer computes from its (detached) input tokens."""
+    query: torch.Tensor   # [B, T, HI, dI]  one small query per indexer head
+    weight: torch.Tensor  # [B, T, HI]      per-head weights w(t, j), computed from the query token
+    key: torch.Tensor     # [B, S, dI]      one small key, shared by the indexer heads
+
+
+class LightningIndexer(nn.Module):
+    """I(t, s) = sum_j w(t, j) * ReLU(q_I(t, j) . k_I(s)), with few heads HI of small width dI.
+
+    Its scores over all n keys cost n^2 * HI * dI multiply-adds, against n^2 * 2C for dense
+    attention's QK^T and AV; with HI * dI well below C that is the cheap part.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.query = nn.Linear(dim, heads * head_dim)
+        self.key = nn.Linear(dim, head_dim)
+        self.head_weight = nn.Linear(dim, heads)
+
+    def forward(self, x: torch.Tensor) -> IndexerFeatures:
+        b, n, _ = x.shape
+        query = self.query(x).view(b, n, self.heads, self.head_dim)  # [B, N, HI, dI]
+        # ReLU is positively homogeneous, so the 1/sqrt(dI) dot-product scale and DSA's
+        # 1/sqrt(HI) head scale both fold into the weights: one multiply instead of n^2.
+        weight = self.head_weight(x) * (self.heads * self.head_dim) ** -0.5  # [B, N, HI]
+        return IndexerFeatures(query, weight, self.key(x))
+
+
+def index_scores(query: torch.Tensor, weight: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Indexer scores of queries [B, T, HI, dI] (weights [B, T, HI]) against all keys [B, S, dI]."""
+    b, t, heads, width = query.shape
+    dots = torch.matmul(query.reshape(b, t * heads, width), key.transpose(1, 2)).relu()  # [B, T*HI, S]
+    weighted = torch.matmul(weight.reshape(b * t, 1, heads), dots.view(b * t, heads, -1))  # [B*T, 1, S]
+    return weighted.view(b, t, -1)  # [B, T, S]
+
+
+def index_scores_at(features: IndexerFeatures, idx: torch.Tensor) -> torch.Tensor:
+    """Indexer scores of each query at its own keys idx [B, T, K] only: [B, T, K], O(T*K*HI*dI)."""
+    key = gather_rows(features.key, idx)  # [B, T, K, dI]
+    dots = torch.matmul(features.query, key.transpose(-1, -2)).relu()  # [B, T, HI, K]
+    return torch.matmul(features.weight.unsqueeze(-2), dots).squeeze(-2)  # [B, T, K]
+
+
+def gather_rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """rows [B, S, F], idx [B, T, K] -> [B, T, K, F], row idx[b, t, j] of batch b.
+
+    One F.embedding over the flattened rows: on CPU a row gather is several times faster than
+    torch.gather with an index broadcast over the feature dimension.
+    """
+    b, s, f = rows.shape
+    offsets = torch.arange(b, device=idx.device).view(b, 1, 1) * s  # [B, 1, 1]
+    return F.embedding(idx + offsets, rows.reshape(b * s, f))
+
+
+def forced_keys(query_pos: torch.Tensor, num_keys: int, global_keys: int, local_radius: int) -> torch.Tensor:
+    """[T, S] True where key s is always kept for query t: s < global_keys or |s - t| <= local_radius."""
+    key_pos = torch.arange(num_keys, device=query_pos.device)  # [S]
+    local = (key_pos.view(1, -1) - query_pos.view(-1, 1)).abs() <= local_radius  # [T, S]
+    return local | (key_pos < global_keys).view(1, -1)
+
+
+@torch.no_grad()
+def select_keys(features: IndexerFeatures, top_k: int, global_keys: int, local_radius: int,
+                query_chunk: int) -> torch.Tensor:
+    """Each query's top_k keys [B, T, K] by indexer score, forced keys first.
+
+    Forced keys (global tokens, local window) score +inf so they always make the cut and take
+    their share of the budget; the indexer's best keys fill the rest. The n x n scores are made
+    one chunk of queries at a time, so at most [B, query_chunk, S] of them exist at once.
+    """
+    b, t = features.query.shape[:2]
+    s = features.key.shape[1]
+    if top_k >= s:  # everything fits: no scoring needed
+        return torch.arange(s, device=features.key.device).expand(b, t, s)
+    picks = []
+    for start in range(0, t, query_chunk):
+        stop = min(start + query_chunk, t)
+        scores = index_scores(features.query[:, start:stop], features.weight[:, start:stop],
+                              features.key)  # [B, c, S]
+        query_pos = torch.arange(start, stop, device=scores.device)
+        scores = scores.masked_fill(forced_keys(query_pos, s, global_keys, local_radius), float("inf"))
+        picks.append(scores.topk(top_k, dim=-1, sorted=False).indices)  # [B, c, K]
+    return torch.cat(picks, dim=1)  # [B, T, K]
+
+
+def gather_per_head(t: torch.Tensor, idx: torch.Tensor, rows_per_item: int) -> torch.Tensor:
+    """Rows of each head of t [B, H, N, D] picked by idx [B, R, K] (the same for every head).
+
+    t is cut into R' rows of `rows_per_item` tokens per head ([B*H, N / rows_per_item,
+    rows_per_item*D]); returns [B*H, R, K, rows_per_item*D], contiguous and head-major, so the
+    matmuls that follow read it without another copy.
+    """
+    b, h, n, d = t.shape
+    r, k = idx.shape[1:]
+    idx = idx.unsqueeze(1).expand(b, h, r, k).reshape(b * h, r, k)  # [B*H, R, K]
+    return gather_rows(t.reshape(b * h, n // rows_per_item, rows_per_item * d), idx)
+
+
+def attend_to_selected_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token granularity: query t attends to keys idx[b, t] only, the same keys for every head.
+
+    q, k, v: [B, H, N, D]; idx: [B, N, K]. Returns the output [B, H, N, D] and the attention
+    weights [B, H, N, K] over the selected keys. Costs O(N * K * H * D): the selected keys and
+    values are gathered, and no N x N score matrix is ever formed.
+    """
+    b, h, n, d = q.shape
+    k_sel, v_sel = gather_per_head(k, idx, 1), gather_per_head(v, idx, 1)  # [B*H, N, K, D] each
+    scores = torch.matmul(q.reshape(b * h, n, 1, d), k_sel.transpose(-1, -2)) * d ** -0.5  # [B*H, N, 1, K]
+    weights = scores.softmax(dim=-1)
+    out = torch.matmul(weights, v_sel)  # [B*H, N, 1, D]
+    return out.view(b, h, n, d), weights.view(b, h, n, -1)
+
+
+def pad_to_blocks(t: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Zero-pad the token dimension (-2) of t up to a multiple of block_size (no copy when it is one)."""
+    pad = -t.shape[-2] % block_size
+    return F.pad(t, (0, 0, 0, pad)) if pad else t
+
+
+def attend_to_selected_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+                              block_size: int) -> torch.Tensor:
+    """Block granularity: the queries of a block share its selected key blocks.
+
+    q, k, v: [B, H, N, D]; block_idx: [B, NB, KB], the key blocks of each of the NB query blocks.
+    Keys and values move as contiguous blocks (one gathered row per block and head), and each
+    query block runs the fused `scaled_dot_product_attention` over its KB*bs keys:
+    O(N * KB*bs * H * D). N is zero-padded to NB*bs and padded keys are masked out.
+    Returns the output [B, H, N, D].
+    """
+    b, h, n, d = q.shape
+    nb, kb = block_idx.shape[1:]
+    q, k, v = (pad_to_blocks(t, block_size) for t in (q, k, v))  # [B, H, NB*bs, D]
+    k_sel, v_sel = (gather_per_head(t, block_idx, block_size).view(b * h * nb, 1, kb * block_size, d)
+                    for t in (k, v))  # [B*H*NB, 1, KB*bs, D]
+    q_blocks = q.reshape(b * h * nb, 1, block_size, d)  # [B*H*NB, 1, bs, D]
+    keep = None
+    if n % block_size:  # only the last block is short; mask the padding wherever it was selected
+        keep = block_key_positions(block_idx, block_size) < n  # [B, NB, KB*bs]
+        keep = keep.unsqueeze(1).expand(b, h, nb, kb * block_size).reshape(b * h * nb, 1, 1, -1)
+    out = F.scaled_dot_product_attention(q_blocks, k_sel, v_sel, attn_mask=keep)  # [B*H*NB, 1, bs, D]
+    return out.view(b, h, nb * block_size, d)[:, :, :n]
+
+
+def block_key_positions(block_idx: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Token positions of the selected key blocks: [B, NB, KB] -> [B, NB, KB*bs]."""
+    offsets = torch.arange(block_size, device=block_idx.device)  # [bs]
+    return (block_idx.unsqueeze(-1) * block_size + offsets).flatten(-2)
+
+
+@torch.no_grad()
+def selected_block_mass(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The indexer's target in block granularity: the main attention's mass on each selected key
+    block, averaged over heads and over the query block's real queries. [B, NB, KB], rows sum to 1.
+
+    The fused kernel returns no weights, so they are recomputed here without grad (training only).
+    """
+    b, h, n, d = q.shape
+    nb, kb = block_idx.shape[1:]
+    q, k = pad_to_blocks(q, block_size), pad_to_blocks(k, block_size)
+    k_sel = gather_per_head(k, block_idx, block_size).view(b * h, nb, kb * block_size, d)
+    scores = torch.matmul(q.reshape(b * h, nb, block_size, d), k_sel.transpose(-1, -2)) * d ** -0.5
+    padded = (block_key_positions(block_idx, block_size) >= n).unsqueeze(1).unsqueeze(-2)  # [B, 1, NB, 1, KB*bs]
+    weights = scores.view(b, h, nb, block_size, -1).masked_fill(padded, float("-inf")).softmax(-1)
+    mass = weights.view(b, h, nb, block_size, kb, block_size).sum(-1).mean(1)  # [B, NB, bs, KB]
+    real = (torch.arange(nb * block_size, device=q.device) < n).view(1, nb, block_size, 1).to(mass.dtype)
+    return (mass * real).sum(2) / real.sum(2)
+
+
+def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of each block of bs consecutive tokens: [B, N, C] -> [B, NB, C] (a short last block averages its own tokens)."""
+    b, n, c = x.shape
+    nb = -(-n // block_size)
+    sums = F.pad(x, (0, 0, 0, nb * block_size - n)).view(b, nb, block_size, c).sum(2)  # [B, NB, C]
+    counts = (n - torch.arange(nb, device=x.device) * block_size).clamp(max=block_size)  # [NB]
+    return sums / counts.view(1, nb, 1).to(x.dtype)
+
+
+def indexer_kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of KL(target || softmax(logits)); target rows [..., K] sum to 1."""
+    log_q = logits.float().log_softmax(dim=-1)
+    return (torch.xlogy(target, target) - target * log_q).sum(-1).mean()
+
+
+class SparseAttention(DenseAttention):
+    """Multi-head attention whose softmax runs over each query's top_k keys only (DSA-style).
+
+    A lightning indexer on the detached input picks the keys, one selection shared by all
+    heads; the `global_tokens` first tokens and a local window of `local_window` positions on
+    either side of the query (in sequence order) are always kept and count against the `top_k`
+    budget.
+
+    granularity="token" is DSA's per-query selection. granularity="block" selects for query
+    blocks of `block_size`: the indexer scores block-pooled queries against block-pooled keys
+    and each query block keeps its top_k / block_size key blocks, gathered contiguously (the
+    form that turns sparsity into wall-clock on a CPU; see README, "Sparse attention"). There
+    the always-kept keys are the blocks holding the global tokens, the query's own block and
+    local_window // block_size whole blocks on either side.
+
+    In training with grad enabled, each forward leaves `indexer_loss`: the KL divergence from
+    the main attention's (detached, head-averaged) distribution over the selected keys to the
+    indexer's. The indexer sees x.detach(), so the main loss never reaches it and this loss
+    reaches nothing else. `dense_warmup` (set by `set_attention_epoch`) swaps in dense attention
+    and fits the indexer to the full distribution.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, *, top_k: int = 32,
+                 local_window: int = 4, global_tokens: int = 1, indexer_heads: int = 4,
+                 indexer_dim: int = 16, granularity: str = "token", block_size: int = 64,
+                 query_chunk: int = 1024, indexer_loss_weight: float = 1.0, warmup_epochs: int = 0):
+        super().__init__(dim, num_heads, qkv_bias)
+        check_sparse_settings(top_k=top_k, local_window=local_window, global_tokens=global_tokens,
+                              indexer_heads=indexer_heads, indexer_dim=indexer_dim, granularity=granularity,
+                              block_size=block_size, query_chunk=query_chunk,
+                              indexer_loss_weight=indexer_loss_weight, warmup_epochs=warmup_epochs)
+        self.top_k, self.local_window, self.global_tokens = top_k, local_window, global_tokens
+        self.granularity, self.block_size, self.query_chunk = granularity, block_size, query_chunk
+        self.indexer_loss_weight, self.warmup_epochs = indexer_loss_weight, warmup_epochs
+        self.indexer = LightningIndexer(dim, indexer_heads, indexer_dim)
+        self.dense_warmup = False
+        self.indexer_loss: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ selection
+    def indexer_features(self, x: torch.Tensor) -> IndexerFeatures:
+        """Indexer features of tokens (token granularity) or of block means (block granularity)."""
+        x = x.detach()  # DSA: the main loss must not train the indexer
+        return self.indexer(pool_blocks(x, self.block_size) if self.granularity == "block" else x)
+
+    def select(self, x: torch.Tensor, features: IndexerFeatures | None = None) -> torch.Tensor:
+        """Selected keys [B, N, K] (token) or key blocks [B, NB, KB] (block) for input x [B, N, C]."""
+        features = self.indexer_features(x) if features is None else features
+        if self.granularity == "token":
+            return select_keys(features, self.top_k, self.global_tokens, self.local_window, self.query_chunk)
+        # in blocks: the blocks holding the global tokens, the query's own block and the
+        # local_window // block_size whole blocks on either side of it
+        bs = self.block_size
+        return select_keys(features, -(-self.top_k // bs), -(-self.global_tokens // bs),
+                           self.local_window // bs, self.query_chunk)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("SparseAttention takes no attn_mask or is_causal (ViT encoders pass none)")
+        q, k, v = self.split_heads(x)  # 3 x [B, H, N, D]
+        features = self.indexer_features(x)
+        train_indexer = self.training and torch.is_grad_enabled() and self.indexer_loss_weight > 0
+        if self.dense_warmup:
+            out, target, logits = self._dense_warmup(q, k, v, features, train_indexer)
+        elif self.granularity == "token":
+            idx = self.select(x, features)  # [B, N, K]
+            out, weights = attend_to_selected_keys(q, k, v, idx)
+            if train_indexer:  # target: head-averaged weights (DSA sums over heads, then normalises)
+                target, logits = weights.detach().mean(1), index_scores_at(features, idx)  # [B, N, K] each
+        else:
+            idx = self.select(x, features)  # [B, NB, KB]
+            out = attend_to_selected_blocks(q, k, v, idx, self.block_size)
+            if train_indexer:
+                target = selected_block_mass(q, k, idx, self.block_size)  # [B, NB, KB]
+                logits = index_scores_at(features, idx)
+        self.indexer_loss = indexer_kl(target, logits) if train_indexer else None
+        return self.merge_heads(out)
+
+    def _dense_warmup(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: IndexerFeatures,
+                      train_indexer: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """DSA's warm-up: dense attention, and the indexer fitted to the full distribution (O(N^2))."""
+        out = F.scaled_dot_product_attention(q, k, v)
+        if not train_indexer:
+            return out, None, None
+        n = q.shape[2]
+        with torch.no_grad():
+            target = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1).mean(1)  # [B, N, N]
+            if self.granularity == "block":
+                bs, nb = self.block_size, -(-n // self.block_size)
+                target = pool_blocks(target, bs)  # [B, NB, N]: mean over each block's queries
+                target = F.pad(target, (0, nb * bs - n)).view(*target.shape[:2], nb, bs).sum(-1)  # [B, NB, NB]
+        logits = index_scores(features.query, features.weight, features.key)  # [B, N or NB, N or NB]
+        return out, target, logits
+
+
+def check_sparse_settings(*, top_k: int, local_window: int, global_tokens: int, indexer_heads: int,
+                          indexer_dim: int, granularity: str, block_size: int, query_chunk: int,
+                          indexer_loss_weight: float, warmup_epochs: int) -> None:
+    """Refuse settings that cannot work, naming the config key (attention.KEY)."""
+    def require(ok: bool, key: str, value, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"attention.{key}={value!r} is not allowed: {allowed}")
+
+    for key, value in (("top_k", top_k), ("indexer_heads", indexer_heads), ("indexer_dim", indexer_dim),
+                       ("block_size", block_size), ("query_chunk", query_chunk)):
+        require(isinstance(value, int) and value >= 1, key, value, "an integer >= 1")
+    for key, value in (("local_window", local_window), ("global_tokens", global_tokens),
+                       ("warmup_epochs", warmup_epochs)):
+        require(isinstance(value, int) and value >= 0, key, value, "an integer >= 0")
+    require(granularity in ("token", "block"), "granularity", granularity, "token or block")
+    require(indexer_loss_weight >= 0, "indexer_loss_weight", indexer_loss_weight, "a number >= 0")
+    require(warmup_epochs == 0 or indexer_loss_weight > 0, "warmup_epochs", warmup_epochs,
+            "0 unless indexer_loss_weight > 0 (the warm-up trains only the indexer)")
+    unit = 1 if granularity == "token" else block_size
+    forced = -(-global_tokens // unit) + 2 * (local_window // unit) + 1
+    budget = -(-top_k // unit)
+    require(forced <= budget, "top_k", top_k,
+            f"at least the {forced * unit} always-kept keys (global_tokens + both sides of local_window "
+            f"+ the query's own {'token' if unit == 1 else 'block'})")
+
+
+class IndexerLoss(NamedTuple):
+    weighted: torch.Tensor  # sum over layers of indexer_loss_weight * KL: add it to the training loss
+    mean_kl: torch.Tensor   # the layers' mean KL, detached: what gets logged as indexer_loss
+
+
+def auxiliary_loss(model: nn.Module) -> IndexerLoss | None:
+    """Collect (and clear) the indexer losses the last forward left; None if there were none.
+
+    Clearing means no graph outlives its step, and a loss is never counted twice.
+    """
+    losses = []
+    for module in model.modules():
+        if isinstance(module, SparseAttention) and module.indexer_loss is not None:
+            losses.append((module.indexer_loss_weight, module.indexer_loss))
+            module.indexer_loss = None
+    if not losses:
+        return None
+    weighted = sum(weight * loss for weight, loss in losses)
+    return IndexerLoss(weighted, torch.stack([loss.detach() for _, loss in losses]).mean())
+
+
+def set_attention_epoch(model: nn.Module, epoch: int) -> None:
+    """Start epoch `epoch` (1-based): epochs 1..warmup_epochs of a sparse attention are dense warm-up.
+
+    While any layer warms up, every parameter outside the indexers is frozen (requires_grad
+    False), so only the indexers train, and the frozen weights cost no backward pass and get no
+    optimiser update (Adam skips parameters without a gradient; zeroing their gradients instead
+    would still let weight decay and momentum move them). Afterwards every parameter is
+    trainable again. A model without SparseAttention is left untouched.
+    """
+    sparse = [m for m in model.modules() if isinstance(m, SparseAttention)]
+    if not sparse:
+        return
+    for module in sparse:
+        module.dense_warmup = epoch <= module.warmup_epochs
+    warming_up = any(m.dense_warmup for m in sparse)
+    indexer_params = {id(p) for m in sparse for p in m.indexer.parameters()}
+    for param in model.parameters():
+        if id(param) not in indexer_params:
+            param.requires_grad_(not warming_up)

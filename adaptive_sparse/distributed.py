@@ -30,7 +30,7 @@ from torch import nn
 
 from adaptive_sparse.metering import Tally
 from adaptive_sparse.significance import BatchScores
-from adaptive_sparse.step import NonFiniteLossError, forward_scores
+from adaptive_sparse.step import NonFiniteLossError, add_indexer_loss, forward_scores
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Distributed:
     # ------------------------------------------------------------------ training step
     def train_on_subset(self, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                         labels: torch.Tensor, precision: str = "fp32", *, epoch: int = 0,
-                        step: int = 0) -> BatchScores:
+                        step: int = 0, indexer_losses: list[torch.Tensor] | None = None) -> BatchScores:
         """One optimiser step on the samples selected on all ranks; returns this rank's
         detached per-sample losses and entropies (possibly empty)."""
         optimizer.zero_grad(set_to_none=True)
@@ -168,8 +168,8 @@ class Distributed:
         global_count, non_finite_ranks = self.all_reduce([len(labels), 0.0 if finite else 1.0])
         if non_finite_ranks:
             raise NonFiniteLossError(epoch, step, scores.loss if not finite else None)
-        if len(labels):
-            scores.loss.sum().backward()
+        if len(labels):  # summed here, divided by the global count after the all-reduce
+            add_indexer_loss(scores.loss.sum(), model, indexer_losses, scale=len(labels)).backward()
         if global_count:
             self._average_gradients(model, global_count)
             optimizer.step()

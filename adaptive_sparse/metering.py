@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from adaptive_sparse.attention import auxiliary_loss
+
 
 class FlopMeter:
     """Per-sample FLOPs of a scoring forward and of a training forward+backward.
@@ -36,8 +38,10 @@ class FlopMeter:
         labels = torch.zeros(batch, dtype=torch.long, device="meta")
         model.train(backward)
         with FlopCounterMode(display=False) as counter:
-            if backward:
-                F.cross_entropy(model(images), labels).backward()
+            if backward:  # the training loss, with a sparse attention's indexer loss when there is one
+                loss = F.cross_entropy(model(images), labels)
+                aux = auxiliary_loss(model)
+                (loss if aux is None else loss + aux.weighted).backward()
             else:
                 with torch.no_grad():
                     model(images)

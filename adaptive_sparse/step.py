@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptive_sparse.attention import auxiliary_loss
 from adaptive_sparse.significance import BatchScores
 
 
@@ -59,9 +60,21 @@ def forward_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return BatchScores.from_logits(logits, labels)
 
 
+def add_indexer_loss(loss: torch.Tensor, model: nn.Module, indexer_losses: list[torch.Tensor] | None,
+                     scale: float = 1.0) -> torch.Tensor:
+    """A sparse attention's indexer loss (see `auxiliary_loss`) joins `loss` with its weight
+    (times `scale`); its unweighted value is appended to `indexer_losses` when a list is given."""
+    aux = auxiliary_loss(model)
+    if aux is None:
+        return loss
+    if indexer_losses is not None:
+        indexer_losses.append(aux.mean_kl)
+    return loss + scale * aux.weighted
+
+
 def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                    labels: torch.Tensor, precision: str = "fp32", *, epoch: int = 0,
-                    step: int = 0) -> BatchScores:
+                    labels: torch.Tensor, precision: str = "fp32", *, epoch: int = 0, step: int = 0,
+                    indexer_losses: list[torch.Tensor] | None = None) -> BatchScores:
     """One optimiser step on exactly these samples; returns their detached per-sample loss and
     entropy (what memory scoring remembers, at no extra cost). A non-finite loss raises
     NonFiniteLossError (naming epoch and step) before any update."""
@@ -69,7 +82,7 @@ def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
     scores = forward_scores(model, images, labels, precision)
     if not bool(torch.isfinite(scores.loss).all()):
         raise NonFiniteLossError(epoch, step, scores.loss)
-    scores.loss.mean().backward()
+    add_indexer_loss(scores.loss.mean(), model, indexer_losses).backward()
     optimizer.step()
     return scores.detach()
 

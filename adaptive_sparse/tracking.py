@@ -45,6 +45,7 @@ WANDB_KEYS = {
     "flops_training": "flops/training",
     "flops_full": "flops/full",
     "compute_savings": "flops/compute_savings",
+    "indexer_loss": "train/indexer_loss",
 }
 
 # running totals logged to W&B each epoch: the x-axes of scripts/report.py's W&B panels

@@ -1,0 +1,219 @@
+"""Sparse attention (attention=sparse): exactness when nothing is dropped, zero weight and zero
+gradient outside the selection, cost that follows the selection, and the indexer's training."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch.utils.flop_counter import FlopCounterMode
+
+from adaptive_sparse.attention import (DenseAttention, IndexerFeatures, SparseAttention, attend_to_selected_blocks,
+                                       attend_to_selected_keys, auxiliary_loss, forced_keys, index_scores,
+                                       indexer_kl, select_keys, selected_block_mass, set_attention_epoch)
+
+from conftest import TINY, compose_config, read_run, run_train
+
+DIM, HEADS = 24, 3
+
+
+def sparse_and_dense(**settings) -> tuple[SparseAttention, DenseAttention]:
+    """A SparseAttention and a DenseAttention sharing their qkv and proj weights."""
+    torch.manual_seed(0)
+    sparse = SparseAttention(DIM, HEADS, **settings)
+    dense = DenseAttention(DIM, HEADS)
+    dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if not k.startswith("indexer.")})
+    return sparse, dense
+
+
+def grads_of(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = x.clone().requires_grad_(True)
+    out = module(x)
+    out.square().sum().backward()
+    return out.detach(), [x.grad] + [module.get_parameter(n).grad for n in ("qkv.weight", "qkv.bias", "proj.weight")]
+
+
+# ------------------------------------------------------------------ nothing dropped: equals dense
+@pytest.mark.parametrize("granularity", ["token", "block"])
+@pytest.mark.parametrize("batch,n", [(2, 65), (1, 37), (1, 1), (3, 16)])
+def test_sparse_equals_dense_when_top_k_covers_every_key(granularity, batch, n):
+    sparse, dense = sparse_and_dense(top_k=128, granularity=granularity, block_size=16)
+    x = torch.randn(batch, n, DIM)
+    out_s, grads_s = grads_of(sparse, x)
+    out_d, grads_d = grads_of(dense, x)
+    torch.testing.assert_close(out_s, out_d, rtol=1e-5, atol=1e-6)
+    for g_s, g_d in zip(grads_s, grads_d):
+        torch.testing.assert_close(g_s, g_d, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the selection, by hand
+def test_forced_keys_are_global_tokens_and_the_local_window():
+    mask = forced_keys(torch.tensor([0, 4, 7]), num_keys=8, global_keys=1, local_radius=1)
+    assert mask.int().tolist() == [[1, 1, 0, 0, 0, 0, 0, 0],
+                                   [1, 0, 0, 1, 1, 1, 0, 0],
+                                   [1, 0, 0, 0, 0, 0, 1, 1]]
+
+
+def test_indexer_score_is_weighted_relu_of_dot_products():
+    # two indexer heads of width 1: q = (1, -1), w = (2, 3), key 2 -> 2 * relu(2) + 3 * relu(-2) = 4
+    query = torch.tensor([1.0, -1.0]).view(1, 1, 2, 1)
+    weight = torch.tensor([2.0, 3.0]).view(1, 1, 2)
+    key = torch.tensor([2.0, -1.0]).view(1, 2, 1)  # second key: 2 * relu(-1) + 3 * relu(1) = 3
+    assert index_scores(query, weight, key).tolist() == [[[4.0, 3.0]]]
+
+
+def test_select_keys_keeps_forced_keys_then_the_best_scored():
+    # one indexer head of width 1 with q = w = 1: the score of key s is relu(k_s)
+    key = torch.tensor([0.0, 5.0, 1.0, 2.0, 9.0, 3.0, 0.0, 7.0]).view(1, 8, 1)
+    features = IndexerFeatures(torch.ones(1, 8, 1, 1), torch.ones(1, 8, 1), key)
+    idx = select_keys(features, top_k=4, global_keys=1, local_radius=0, query_chunk=3)  # [1, 8, 4]
+    # query 3: forced {0 (global), 3 (itself)}, then the two best others: 4 (9.0) and 7 (7.0)
+    assert sorted(idx[0, 3].tolist()) == [0, 3, 4, 7]
+    # query 4 is itself the best key: forced {0, 4}, then 7 (7.0) and 1 (5.0)
+    assert sorted(idx[0, 4].tolist()) == [0, 1, 4, 7]
+
+
+def test_indexer_kl_by_hand():
+    # target (1/2, 1/2), indexer softmax(0, ln 3) = (1/4, 3/4): KL = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3)
+    kl = indexer_kl(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.0, math.log(3.0)]]))
+    assert kl.item() == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
+
+
+def test_block_target_is_the_attention_mass_per_selected_block():
+    # 6 tokens in blocks of 4 ({0-3}, {4, 5} + 2 padding); zero queries attend uniformly to the
+    # 6 real keys: block 0 holds 4/6 of the mass, block 1 2/6, whichever order they were picked in
+    q, k = torch.zeros(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    mass = selected_block_mass(q, k, torch.tensor([[[0, 1], [1, 0]]]), block_size=4)
+    torch.testing.assert_close(mass, torch.tensor([[[4 / 6, 2 / 6], [2 / 6, 4 / 6]]]))
+
+
+def test_top_k_below_the_always_kept_keys_is_refused():
+    with pytest.raises(ValueError, match="attention.top_k=8"):
+        SparseAttention(DIM, HEADS, top_k=8, local_window=4, global_tokens=1)  # needs 1 + 9 keys
+
+
+# ------------------------------------------------------------------ outside the selection: nothing
+def test_unselected_keys_get_exactly_zero_weight():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, HEADS, 10, 8) for _ in range(3))
+    idx = torch.stack([torch.randperm(10)[:3] for _ in range(10)]).unsqueeze(0)  # [1, 10, 3]
+    out, weights = attend_to_selected_keys(q, k, v, idx)
+    assert weights.shape == (1, HEADS, 10, 3)
+    t = 5
+    unselected = [s for s in range(10) if s not in idx[0, t].tolist()]
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, unselected] = 1e3 * torch.randn(1, HEADS, len(unselected), 8)
+    v2[:, :, unselected] = 1e3 * torch.randn(1, HEADS, len(unselected), 8)
+    assert torch.equal(attend_to_selected_keys(q, k2, v2, idx)[0][:, :, t], out[:, :, t])
+
+
+def test_unselected_key_blocks_get_exactly_zero_weight():
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, HEADS, 10, 8) for _ in range(3))  # blocks of 4: {0-3}, {4-7}, {8, 9}
+    block_idx = torch.tensor([[[0, 2], [1, 0], [2, 1]]])  # [1, 3 query blocks, 2 key blocks]
+    out = attend_to_selected_blocks(q, k, v, block_idx, block_size=4)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 4:8] += 100.0  # key block 1: not selected by query block 0 (tokens 0-3)
+    v2[:, :, 4:8] += 100.0
+    out2 = attend_to_selected_blocks(q, k2, v2, block_idx, block_size=4)
+    assert torch.equal(out2[:, :, :4], out[:, :, :4])
+    assert not torch.allclose(out2[:, :, 4:8], out[:, :, 4:8])  # block 1 itself sees the change
+
+
+@pytest.mark.parametrize("granularity,top_k", [("token", 8), ("block", 12)])
+def test_unselected_keys_get_exactly_zero_gradient_from_a_query(granularity, top_k):
+    # block: 3 key blocks of 4 for each query block, the class token's block, its own, one picked
+    sparse, _ = sparse_and_dense(top_k=top_k, local_window=1, global_tokens=1, granularity=granularity,
+                                 block_size=4)
+    x = torch.randn(1, 29, DIM, requires_grad=True)
+    t = 17
+    idx = sparse.select(x)[0]  # [N, K] or [NB, KB]
+    if granularity == "token":
+        selected = set(idx[t].tolist())
+    else:
+        selected = {blk * 4 + i for blk in idx[t // 4].tolist() for i in range(4)}
+    assert len(selected) == top_k
+    sparse(x)[0, t].sum().backward()  # x_s reaches query t only through key s and value s
+    touched = {s for s in range(29) if x.grad[0, s].abs().sum() > 0}
+    assert touched == selected | {t}
+
+
+# ------------------------------------------------------------------ cost follows the selection
+def test_flops_count_only_the_selected_keys():
+    n, k, hi, di = 256, 16, 4, 16
+    sparse = SparseAttention(DIM, HEADS, top_k=k, indexer_heads=hi, indexer_dim=di).to("meta").eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        sparse(torch.empty(2, n, DIM, device="meta"))
+    per_sample = (2 * n * DIM * 3 * DIM + 2 * n * DIM * DIM            # qkv, proj
+                  + 2 * n * DIM * (hi * di + di + hi)                  # indexer projections
+                  + 2 * n * n * hi * di + 2 * n * n * hi               # indexer scores, head weighting
+                  + 2 * 2 * n * k * DIM)                               # QK^T and AV over k keys
+    assert counter.get_total_flops() == 2 * per_sample
+
+
+# ------------------------------------------------------------------ training the indexer
+@pytest.mark.parametrize("granularity", ["token", "block"])
+@pytest.mark.parametrize("warmup", [False, True])
+def test_main_loss_gives_the_indexer_no_gradient_and_its_kl_loss_trains_only_it(granularity, warmup):
+    sparse, _ = sparse_and_dense(top_k=8, local_window=1, granularity=granularity, block_size=4)
+    sparse.dense_warmup = warmup
+    out = sparse(torch.randn(2, 23, DIM))
+    kl = sparse.indexer_loss
+    out.square().sum().backward(retain_graph=True)
+    assert all(p.grad is None for p in sparse.indexer.parameters())
+    assert sparse.qkv.weight.grad is not None
+    sparse.zero_grad(set_to_none=True)
+    kl.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sparse.indexer.parameters())
+    assert all(p.grad is None for name, p in sparse.named_parameters() if not name.startswith("indexer."))
+
+
+def test_indexer_loss_only_in_training_forwards_and_collected_once():
+    sparse, _ = sparse_and_dense(top_k=8, local_window=1, indexer_loss_weight=0.5)
+    model = torch.nn.Sequential(sparse)
+    x = torch.randn(2, 23, DIM)
+    model(x)
+    aux = auxiliary_loss(model)
+    assert aux.weighted.item() == pytest.approx(0.5 * aux.mean_kl.item()) and aux.mean_kl.item() > 0
+    assert auxiliary_loss(model) is None  # collected and cleared
+    with torch.inference_mode():  # a gate's scoring forward
+        model(x)
+    assert auxiliary_loss(model) is None
+    model.eval()
+    model(x)
+    assert auxiliary_loss(model) is None
+
+
+def test_warmup_epochs_run_dense_attention_and_train_only_the_indexer():
+    sparse, dense = sparse_and_dense(top_k=8, local_window=1, warmup_epochs=1)
+    model = torch.nn.Sequential(torch.nn.Linear(DIM, DIM), sparse)
+    x = torch.randn(2, 23, DIM)
+    set_attention_epoch(model, 1)
+    assert sparse.dense_warmup
+    torch.testing.assert_close(sparse(x), dense(x))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"1.indexer.{name}" for name, _ in sparse.indexer.named_parameters()}
+    set_attention_epoch(model, 2)
+    assert not sparse.dense_warmup and all(p.requires_grad for p in model.parameters())
+    assert not torch.allclose(sparse(x), dense(x))  # 8 of 23 keys: no longer dense
+
+
+# ------------------------------------------------------------------ through train.py
+def test_vit_with_sparse_attention_composes_from_config():
+    cfg = compose_config(["model=vit", "attention=sparse", "attention.top_k=24"])
+    model = instantiate(cfg.model, num_classes=10)
+    attns = [block.attn for block in model.blocks]
+    assert all(isinstance(a, SparseAttention) for a in attns) and len(attns) == 6
+    assert attns[0].top_k == 24 and attns[0].granularity == "token"
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_vit_with_sparse_attention_trains_and_logs_the_indexer_loss(tmp_path):
+    result = run_train(tmp_path, *TINY, "model=vit", "attention=sparse", "gate=none",
+                       "training.limit_train_batches=3", "training.batch_size=32", "dataset.num_test=64",
+                       env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records, summary = read_run(tmp_path)
+    assert summary["attention"] == "sparse" and summary["samples_trained"] == 96
+    assert 0 < records[0]["indexer_loss"] < 10 and math.isfinite(records[0]["train_loss"])
