@@ -57,13 +57,16 @@ def main(cfg: DictConfig) -> float:
     train_loader = BatchLoader(data.train, train_cfg.batch_size, device, shuffle=True,
                                augment=cfg.dataset.augment, crop_padding=cfg.dataset.crop_padding,
                                limit_batches=train_cfg.limit_train_batches, seed=cfg.seed,
-                               shard=dist.train_shard)  # torchrun: this rank's slice of each epoch
+                               shard=dist.train_shard,  # torchrun: this rank's slice of each epoch
+                               channels_last=train_cfg.channels_last)
     val_loader = BatchLoader(data.test, train_cfg.eval_batch_size, device, shuffle=False,
-                             indices=dist.shard(len(data.test)))
+                             indices=dist.shard(len(data.test)), channels_last=train_cfg.channels_last)
     log.info("data: %s (%d train, %d test)", data.source, len(data.train), len(data.test))
 
     # ------------------------------------------------------------------ model
     model = instantiate(cfg.model, num_classes=data.num_classes).to(device)
+    if train_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = instantiate(train_cfg.optimizer)(model.parameters())
     scheduler = instantiate(train_cfg.scheduler)(optimizer) if train_cfg.scheduler else None
     flop_meter = FlopMeter(model, tuple(data.train.images.shape[1:]), data.num_classes)

@@ -220,7 +220,8 @@ class BatchLoader:
     def __init__(self, split: Split, batch_size: int, device: torch.device, *, shuffle: bool,
                  augment: bool = False, crop_padding: int = 4, limit_batches: int | None = None,
                  seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                 indices: torch.Tensor | None = None, shard: tuple[int, int] | None = None):
+                 indices: torch.Tensor | None = None, shard: tuple[int, int] | None = None,
+                 channels_last: bool = False):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.indices = indices if indices is not None else torch.arange(len(split))
@@ -231,6 +232,7 @@ class BatchLoader:
         # own slice; the last len % world samples of each permutation are dropped so every
         # rank runs the same number of equal batches and the collectives line up
         self.shard = shard
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator().manual_seed(seed)  # CPU generator: same stream on any device
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
@@ -254,7 +256,7 @@ class BatchLoader:
             images = self.images[idx]  # [B, 3, H, W] uint8
             if self.augment:
                 images = self._augment(images)
-            x = (images.float() - self.mean) / self.std
+            x = ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
             yield x, self.labels[idx], idx
 
     def _augment(self, images: torch.Tensor) -> torch.Tensor:

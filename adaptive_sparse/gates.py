@@ -105,7 +105,7 @@ class SundewGate(Gate):
     def __init__(self, target_rate: float = 0.06, num_samples: int = 0, num_classes: int = 10,
                  weights: dict[str, float] | None = None, controller: dict | None = None,
                  scoring: str = "forward", exploration: float = 0.1, refresh_every_epochs: int = 0,
-                 temperature: float = 0.0, min_selected: int = 1, norm_momentum: float = 0.05,
+                 temperature: float = 1.0, min_selected: int = 1, norm_momentum: float = 0.05,
                  seed: int = 0):
         super().__init__(target_rate, num_samples, num_classes, seed)
         if scoring not in ("forward", "memory"):
@@ -116,8 +116,8 @@ class SundewGate(Gate):
         self.refresh_every_epochs = int(refresh_every_epochs)
         self.significance = SignificanceModel(weights or {"loss": 1.0}, num_classes)
         self.memory = SampleMemory(num_samples)
-        self.controller = self._make_controller(dict(controller or {}))
         self.temperature, self.min_selected = float(temperature), int(min_selected)
+        self.controller = self._make_controller(dict(controller or {}))
         self.norm_momentum = float(norm_momentum)
         self.score_mean: float | None = None
         self.score_var = 1.0
@@ -125,7 +125,7 @@ class SundewGate(Gate):
 
     def _make_controller(self, gains: dict) -> PIController:
         if self.scoring == "forward":  # output: a z-score threshold, fed forward from a normal guess
-            start = statistics.NormalDist().inv_cdf(1.0 - self.target_rate) if self.target_rate < 1 else -6.0
+            start = normal_threshold(self.target_rate, self.temperature)
             return PIController(self.target_rate, init_threshold=start, **gains)
         # output: the batch budget. Too many trained lowers it, hence the negative gains; its
         # only job is to offset the min_selected floor, so it is integral-only and slow.
@@ -208,6 +208,25 @@ class SundewGate(Gate):
         self.controller.load_state_dict(state["controller"])
         self.memory.load_state_dict(state["memory"])
         self.score_mean, self.score_var = state["score_norm"]
+
+
+def normal_threshold(rate: float, temperature: float) -> float:
+    """The threshold that keeps `rate` of standard-normal scores: hard, z > threshold; soft,
+    kept with probability sigmoid((z - threshold) / temperature). Solved by bisection over a
+    quadrature of the normal density; only the controller's starting point depends on it."""
+    if rate >= 1.0:
+        return -6.0
+    if temperature <= 0:
+        return statistics.NormalDist().inv_cdf(1.0 - rate)
+    z = torch.linspace(-8, 8, 4001, dtype=torch.float64)
+    density = torch.exp(-0.5 * z * z)
+    density /= density.sum()
+    low, high = -20.0, 20.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        kept = float((torch.sigmoid((z - mid) / temperature) * density).sum())
+        low, high = (mid, high) if kept > rate else (low, mid)
+    return (low + high) / 2
 
 
 def stochastic_round(x: float, generator: torch.Generator) -> int:

@@ -51,9 +51,11 @@ def test_two_rank_run_with_ranks_selecting_nothing_finishes_and_counts_globally(
 def test_two_rank_sundew_shares_one_threshold_and_tracks_the_target(tmp_path):
     run_dir = tmp_path / "ddp_sundew"
     # 16 steps a rank: faster controller gains than the defaults, which need more steps than
-    # this (one process at the same global batch of 128 behaves the same; see README)
+    # this (one process at the same global batch of 128 behaves the same; see README), and a
+    # hard threshold, whose rate answers a threshold move faster than soft gating's sigmoid
+    # (the default, which does not settle in 16 steps)
     result = _torchrun(run_dir, *TINY, "dataset.num_train=2048", "gate=sundew", "gate.target_rate=0.25",
-                       "gate.controller.kp=4", "gate.controller.ki=2")
+                       "gate.controller.kp=4", "gate.controller.ki=2", "gate.temperature=0")
     assert result.returncode == 0, result.stderr[-3000:]
     records, summary = read_run(run_dir)
     assert abs(summary["activation_rate"] - 0.25) < 0.05, summary["activation_rate"]

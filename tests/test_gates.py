@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adaptive_sparse.controller import PIController
-from adaptive_sparse.gates import NoGate, RandomGate, SundewGate
+from adaptive_sparse.gates import NoGate, RandomGate, SundewGate, normal_threshold
 from adaptive_sparse.significance import BatchScores, SampleMemory, SignificanceModel
 
 BATCH = 64
@@ -33,10 +33,11 @@ def test_random_gate_hits_its_target(rate):
     assert all(len(c.unique()) == len(c) for c in chosen)  # a subset, no repeats
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])  # hard and soft gating
 @pytest.mark.parametrize("target", [0.02, 0.06, 0.1, 0.25, 0.5])
-def test_sundew_tracks_target_on_drifting_scores(target):
+def test_sundew_tracks_target_on_drifting_scores(target, temperature):
     steps = 2000
-    gate = SundewGate(target_rate=target, num_samples=BATCH * steps,
+    gate = SundewGate(target_rate=target, num_samples=BATCH * steps, temperature=temperature,
                       controller={"kp": 2.0, "ki": 0.5, "ema": 0.1}, seed=0)
     g = torch.Generator().manual_seed(0)
     rates = []
@@ -54,7 +55,8 @@ def test_sundew_tracks_target_on_drifting_scores(target):
 
 
 def test_sundew_prefers_high_loss_samples():
-    gate = SundewGate(target_rate=0.25, num_samples=BATCH * 50, weights={"loss": 1.0}, seed=0)
+    gate = SundewGate(target_rate=0.25, num_samples=BATCH * 50, weights={"loss": 1.0}, temperature=0.0,
+                      seed=0)
     g = torch.Generator().manual_seed(0)
     for step in range(50):
         loss = torch.rand(BATCH, generator=g) * 3
@@ -71,6 +73,16 @@ def test_sundew_floor_trains_the_top_sample_when_nothing_passes():
     loss = torch.linspace(0, 1, BATCH)
     chosen = gate.select(torch.arange(BATCH), BatchScores(loss, torch.zeros(BATCH))).index
     assert chosen.tolist() == [BATCH - 1]
+
+
+@pytest.mark.parametrize("rate", [0.02, 0.06, 0.25, 0.5])
+def test_soft_feed_forward_threshold_keeps_the_rate_of_normal_scores(rate):
+    n = 400_000
+    z = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    tolerance = 5 * math.sqrt(rate * (1 - rate) / n)  # 5 binomial standard deviations
+    kept = torch.sigmoid(z - normal_threshold(rate, 1.0)).mean().item()
+    assert kept == pytest.approx(rate, abs=tolerance)
+    assert (z > normal_threshold(rate, 0.0)).float().mean().item() == pytest.approx(rate, abs=tolerance)
 
 
 def test_pi_controller_anti_windup_stops_integrating_at_the_bound():

@@ -1,0 +1,179 @@
+"""What gating really saves: none, random, sundew (forward scoring) and sundew (memory scoring)
+side by side, through train.py itself, on one machine, in one invocation.
+
+    python scripts/bench_gates.py --dataset-root ../shared/data/cifar10 \
+        --target-rate 0.1 --epochs 2 --limit-train-batches 150 --json bench_gates.json
+
+Each configuration is a `python train.py ...` subprocess (the project's own training loop, no
+second one). Runs are interleaved round-robin over `--repeats`, so machine drift hits every
+configuration alike; per configuration the median over repeats is reported. Speedups are
+wall-clock ratios against `gate=none` measured in this invocation, on the epoch given by
+`--compare-epoch` (default: the last; epoch 1 includes warm-up). The FLOPs columns come from
+torch's flop counter (summary.json); MFU is the training step's counted FLOPs over its wall-clock,
+against this machine's fp32 matmul peak measured here first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "none": ["gate=none"],
+    "random": ["gate=random"],
+    "sundew-forward": ["gate=sundew", "gate.scoring=forward"],
+    "sundew-memory": ["gate=sundew", "gate.scoring=memory"],
+}
+
+
+def measure_matmul_peak(device: str, size: int = 2048, reps: int = 5) -> float:
+    """Best fp32 matmul FLOP/s of `reps` timed [size x size] products (after one warm-up)."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    best = float("inf")
+    for _ in range(reps + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def run_config(name: str, overrides: list[str], run_dir: Path) -> dict:
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides]
+    print("$", " ".join(cmd), flush=True)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"records": records, "summary": json.loads((run_dir / "summary.json").read_text())}
+
+
+def time_to_accuracy(records: list[dict], accuracy: float) -> float | None:
+    """Training wall-clock (evaluation excluded) until the first epoch at or above `accuracy`."""
+    elapsed = 0.0
+    for record in records:
+        elapsed += record["epoch_time_s"]
+        if record["val_acc"] >= accuracy:
+            return elapsed
+    return None
+
+
+def row_for(name: str, runs: list[dict], epoch: int, accuracies: list[float], peak: float) -> dict:
+    """Medians over repeats of one configuration's figures on the compared epoch."""
+    epoch_records = [run["records"][epoch - 1] for run in runs]
+    median = lambda key: statistics.median(r[key] for r in epoch_records)
+    summaries = [run["summary"] for run in runs]
+    step_flops_per_s = median("flops_training") / max(median("train_step_time_s"), 1e-12)
+    return {
+        "config": name,
+        "epoch_time_s": median("epoch_time_s"),
+        "data_time_s": median("data_time_s"),
+        "scoring_time_s": median("scoring_time_s"),
+        "train_step_time_s": median("train_step_time_s"),
+        "data_share": median("data_time_s") / median("epoch_time_s"),
+        "activation_rate": median("activation_rate"),
+        "flops_executed": median("flops_executed"),
+        "compute_savings": median("compute_savings"),
+        "sample_savings": median("sample_savings"),
+        "val_acc": statistics.median(s["val_acc"] for s in summaries),
+        "mfu_train_step": step_flops_per_s / peak,
+        "time_to_acc_s": {f"{a:g}": _median_or_none([time_to_accuracy(r["records"], a) for r in runs])
+                          for a in accuracies},
+        "epoch_times_s": [run["records"][epoch - 1]["epoch_time_s"] for run in runs],
+        "flops_per_sample_forward": summaries[0]["flops_per_sample_forward"],
+        "flops_per_sample_train": summaries[0]["flops_per_sample_train"],
+    }
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def add_ratios(rows: list[dict], target_rate: float) -> None:
+    """Speedup and FLOPs ratio against gate=none of this invocation, and the ideal the FLOPs imply."""
+    base = next(r for r in rows if r["config"] == "none")
+    for row in rows:
+        row["speedup_vs_none"] = base["epoch_time_s"] / row["epoch_time_s"]
+        row["flops_ratio_vs_none"] = row["flops_executed"] / base["flops_executed"]
+        row["ideal_speedup_from_flops"] = 1.0 / row["flops_ratio_vs_none"]
+    forward_share = base["flops_per_sample_forward"] / base["flops_per_sample_train"]
+    for row in rows:  # the FLOP model of the README: forward scoring ~ f + r, memory ~ r
+        row["ideal_cost_model"] = {"none": 1.0, "random": target_rate,
+                                   "sundew-forward": forward_share + target_rate,
+                                   "sundew-memory": target_rate}[row["config"]]
+
+
+def markdown_table(rows: list[dict], accuracies: list[float], epoch: int) -> str:
+    acc_cols = "".join(f" time to {a:g}% (s) |" for a in accuracies)
+    lines = [f"| gate | epoch {epoch} time (s) | speedup vs none | ideal (1 / FLOPs ratio) | FLOPs ratio "
+             f"| compute savings | sample savings | activation rate | data share | MFU (train step) "
+             f"| val acc (%) |{acc_cols}",
+             "|" + "---|" * (11 + len(accuracies))]
+    for r in rows:
+        reached = [r["time_to_acc_s"][f"{a:g}"] for a in accuracies]
+        accs = "".join(f" {t:.1f} |" if t is not None else " - |" for t in reached)
+        lines.append(
+            f"| {r['config']} | {r['epoch_time_s']:.1f} | {r['speedup_vs_none']:.2f}x "
+            f"| {r['ideal_speedup_from_flops']:.2f}x | {r['flops_ratio_vs_none']:.3f} "
+            f"| {100 * r['compute_savings']:.1f}% | {100 * r['sample_savings']:.1f}% "
+            f"| {r['activation_rate']:.3f} | {100 * r['data_share']:.1f}% | {100 * r['mfu_train_step']:.1f}% "
+            f"| {r['val_acc']:.2f} |{accs}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset-root", default=None, help="dataset.root (default: the config's search)")
+    parser.add_argument("--target-rate", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--limit-train-batches", type=int, default=150)
+    parser.add_argument("--compare-epoch", type=int, default=None, help="default: the last epoch")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--accuracies", default="20,30", help="comma-separated val_acc levels (percent)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="outputs/bench_gates", help="folder for the runs")
+    parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("overrides", nargs="*", help="extra train.py overrides for every run")
+    args = parser.parse_args()
+
+    epoch = args.compare_epoch or args.epochs
+    accuracies = [float(a) for a in args.accuracies.split(",") if a]
+    peak = measure_matmul_peak(args.device)
+    print(f"fp32 matmul peak on {args.device}: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    common = [f"gate.target_rate={args.target_rate}", f"training.epochs={args.epochs}",
+              f"training.limit_train_batches={args.limit_train_batches}", f"device={args.device}",
+              "wandb.mode=disabled", "progress=false", *args.overrides]
+    if args.dataset_root:
+        common.append(f"dataset.root={args.dataset_root}")
+    out = ROOT / args.out / time.strftime("%Y-%m-%d_%H-%M-%S")
+    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    for repeat in range(args.repeats):  # round-robin: drift hits every configuration alike
+        for name, overrides in CONFIGS.items():
+            runs[name].append(run_config(name, overrides + common, out / f"{name}_r{repeat}"))
+
+    rows = [row_for(name, runs[name], epoch, accuracies, peak) for name in CONFIGS]
+    add_ratios(rows, args.target_rate)
+    table = markdown_table(rows, accuracies, epoch)
+    print(table)
+    summary = {"command": " ".join(sys.argv), "peak_matmul_flops_per_s": peak, "compare_epoch": epoch,
+               "hardware": runs["none"][0]["summary"].get("hardware"),
+               "data_source": runs["none"][0]["summary"].get("data_source"),
+               "torch": torch.__version__, "rows": rows, "table": table, "runs_dir": str(out)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
