@@ -50,6 +50,7 @@ def main(cfg: DictConfig) -> float:
     if num_threads:
         torch.set_num_threads(num_threads)
     seed_everything(cfg.seed, cfg.deterministic)
+    torch.set_flush_denormal(cfg.training.flush_denormal)  # no-op where unsupported
     train_cfg, precision = cfg.training, cfg.training.precision
 
     # ------------------------------------------------------------------ data
