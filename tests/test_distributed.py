@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from adaptive_sparse.checkpointing import load_checkpoint
