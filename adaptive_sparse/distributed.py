@@ -151,10 +151,6 @@ class Distributed:
         torch_dist.all_gather_object(gathered, obj)
         return gathered
 
-    def barrier(self) -> None:
-        if self.active:
-            torch_dist.barrier()
-
     # ------------------------------------------------------------------ training step
     def train_on_subset(self, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                         labels: torch.Tensor, precision: str = "fp32", *, epoch: int = 0,

@@ -87,12 +87,6 @@ def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
     return scores.detach()
 
 
-def evaluate(model: nn.Module, loader, precision: str = "fp32") -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (percent) over every sample the loader yields."""
-    loss_sum, correct, count = evaluation_sums(model, loader, precision)
-    return loss_sum / count, 100.0 * correct / count
-
-
 @torch.inference_mode()
 def evaluation_sums(model: nn.Module, loader, precision: str = "fp32") -> tuple[float, int, int]:
     """(summed cross-entropy, correct predictions, samples) over what the loader yields; sums
