@@ -78,9 +78,9 @@ def main(cfg: DictConfig) -> float:
 
     # ------------------------------------------------------------------ gate
     gate = instantiate(cfg.gate, num_samples=len(data.train), num_classes=data.num_classes,
-                       seed=cfg.seed + dist.rank)
+                       seed=cfg.seed + dist.rank, total_epochs=train_cfg.epochs)
     dist.attach(gate)  # torchrun: the controller sees the global activation rate
-    log.info("gate: %s, target rate %.3f", choices.gate, gate.target_rate)
+    log.info("gate: %s, target rate %s", choices.gate, gate.target_rate)
     energy_meter = make_energy_meter(cfg.energy.kind, device, cfg.energy.get("country_iso_code", "USA"))
 
     # ------------------------------------------------------------------ checkpoint / resume
@@ -112,13 +112,15 @@ def main(cfg: DictConfig) -> float:
                         scores = score_batch(model, images, labels, precision) if gate.needs_scores else None
                     # 2. select: the gate picks the batch positions to train on
                     with timer.phase("select"):
-                        chosen = gate.select(idx, scores).index  # [k]
+                        selection = gate.select(idx, scores)
+                        chosen = selection.index  # [k]
                     # 3. train: forward and backward on the chosen samples only
                     trained = None
                     with timer.phase("train_step"):
                         if len(chosen) or dist.active:  # torchrun: every rank joins every gradient all-reduce
                             trained = train_step(model, optimizer, images[chosen], labels[chosen], precision,
-                                                 epoch=epoch, step=step + 1, indexer_losses=indexer_losses)
+                                                 weights=selection.weight, epoch=epoch, step=step + 1,
+                                                 indexer_losses=indexer_losses)
                             gate.observe(idx[chosen], trained)
                     tally.add(seen=len(idx), scored=len(idx) if scores is not None else 0,
                               trained_losses=trained.loss if trained is not None else None)
@@ -132,8 +134,10 @@ def main(cfg: DictConfig) -> float:
             dist.merge_epoch(tally, gate, memory_at_start)  # torchrun: global counts, one sample memory
 
             # -------------------------------------------------------------- evaluation
-            with timer.phase("eval"):  # torchrun: each rank a slice of the validation set, sums reduced
-                val_loss, val_acc = dist.evaluate(evaluation_sums(model, val_loader, precision))
+            val_loss = val_acc = None
+            if epoch % train_cfg.eval_every_epochs == 0 or epoch == train_cfg.epochs:
+                with timer.phase("eval"):  # torchrun: each rank a slice of the validation set, sums reduced
+                    val_loss, val_acc = dist.evaluate(evaluation_sums(model, val_loader, precision))
 
             # -------------------------------------------------------------- logging
             epoch_time = timer.seconds["epoch"]
@@ -175,7 +179,7 @@ def main(cfg: DictConfig) -> float:
                        params=count_parameters(model), **environment_facts(device))
         run_log.write_summary(summary)
     dist.close()
-    log.info("final val_acc %.2f%%, activation rate %.4f (target %.4f), compute savings %.1f%%, "
+    log.info("final val_acc %.2f%%, activation rate %.4f (target %s), compute savings %.1f%%, "
              "sample savings %.1f%%, training time %.1fs", summary["val_acc"], summary["activation_rate"],
              summary["target_rate"], 100 * summary["compute_savings"], 100 * summary["sample_savings"],
              summary["train_time_s"])

@@ -22,11 +22,11 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Refuse out-of-range values by key name before any data or model is built."""
-    rate = cfg.gate.target_rate
-    _require(isinstance(rate, (int, float)) and 0 < rate <= 1, "gate.target_rate", rate,
+    rate = cfg.gate.get("target_rate")  # null: a gate without a target (gate=infobatch)
+    _require(rate is None or (isinstance(rate, (int, float)) and 0 < rate <= 1), "gate.target_rate", rate,
              "a fraction in (0, 1]")
     t = cfg.training
-    for key in ("epochs", "batch_size", "eval_batch_size"):
+    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every_epochs"):
         _require(isinstance(t[key], int) and t[key] >= 1, f"training.{key}", t[key], "an integer >= 1")
     _require(t.limit_train_batches is None or (isinstance(t.limit_train_batches, int)
                                                and t.limit_train_batches >= 1),

@@ -107,3 +107,32 @@ class SignificanceModel:
         """Significance from memory alone (NaN for samples never seen)."""
         return self.combine(self.components(memory.last_loss[idx], memory.last_entropy[idx],
                                             memory.prev_loss[idx], memory.times_trained[idx]))
+
+
+class ScoreHistory:
+    """The latest `size` scores, to rank new ones by percentile (Selective-Backprop's loss
+    history): a score's percentile is the share of the history below it, ties counting half."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"gate.history_size={size} is not allowed: an integer >= 1")
+        self.size = int(size)
+        self.values = torch.empty(0)
+
+    def add(self, scores: torch.Tensor) -> None:
+        self.values = torch.cat([self.values.to(scores.device), scores.detach().float()])[-self.size:]
+
+    def percentile(self, scores: torch.Tensor) -> torch.Tensor:
+        """[B] in [0, 1]; 0.5 for all while the history is empty."""
+        if not len(self.values):
+            return torch.full_like(scores, 0.5, dtype=torch.float)
+        ranked = self.values.to(scores.device).sort().values
+        below = torch.searchsorted(ranked, scores.float(), right=False)
+        at_or_below = torch.searchsorted(ranked, scores.float(), right=True)
+        return (below + at_or_below).float() / (2 * len(ranked))
+
+    def state_dict(self) -> dict:
+        return {"values": self.values.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = state["values"].clone()

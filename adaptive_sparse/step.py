@@ -72,17 +72,25 @@ def add_indexer_loss(loss: torch.Tensor, model: nn.Module, indexer_losses: list[
     return loss + scale * aux.weighted
 
 
+def weighted_loss(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The training objective of the selected rows: their mean, or sum(weights * losses) when a
+    gate supplies weights (see `Selection.weight`)."""
+    return losses.mean() if weights is None else (weights.to(losses.dtype) * losses).sum()
+
+
 def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                    labels: torch.Tensor, precision: str = "fp32", *, epoch: int = 0, step: int = 0,
+                    labels: torch.Tensor, precision: str = "fp32", *, weights: torch.Tensor | None = None,
+                    epoch: int = 0, step: int = 0,
                     indexer_losses: list[torch.Tensor] | None = None) -> BatchScores:
-    """One optimiser step on exactly these samples; returns their detached per-sample loss and
-    entropy (what memory scoring remembers, at no extra cost). A non-finite loss raises
-    NonFiniteLossError (naming epoch and step) before any update."""
+    """One optimiser step on exactly these samples (losses weighted by `weights` if given);
+    returns their detached per-sample loss and entropy (what memory scoring remembers, at no
+    extra cost). A non-finite loss raises NonFiniteLossError (naming epoch and step) before any
+    update."""
     optimizer.zero_grad(set_to_none=True)
     scores = forward_scores(model, images, labels, precision)
     if not bool(torch.isfinite(scores.loss).all()):
         raise NonFiniteLossError(epoch, step, scores.loss)
-    add_indexer_loss(scores.loss.mean(), model, indexer_losses).backward()
+    add_indexer_loss(weighted_loss(scores.loss, weights), model, indexer_losses).backward()
     optimizer.step()
     return scores.detach()
 

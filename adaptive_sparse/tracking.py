@@ -58,7 +58,8 @@ TABLE_HEADER = ("| Epoch | Loss   | Val Acc | Activation Rate | Compute Savings 
 
 def table_row(record: dict[str, Any], epochs: int) -> str:
     """One line of the report's table; its 'Energy Savings' column is now measured FLOPs."""
-    return (f"| {record['epoch']}/{epochs:<3} | {record['train_loss']:.4f} | {record['val_acc']:6.2f}% "
+    val_acc = "     -  " if record["val_acc"] is None else f"{record['val_acc']:6.2f}% "
+    return (f"| {record['epoch']}/{epochs:<3} | {record['train_loss']:.4f} | {val_acc}"
             f"| {100 * record['activation_rate']:14.1f}% | {100 * record['compute_savings']:22.1f}% "
             f"| {100 * record['sample_savings']:13.1f}% | {record['epoch_time_s']:6.1f}s |")
 

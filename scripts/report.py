@@ -153,7 +153,8 @@ def summarise(runs: list[Run]) -> list[Row]:
     for row in rows.values():
         for key in ("val_acc", "train_time_s", "compute_savings", "sample_savings",
                     "activation_rate", "target_rate"):
-            row.figures[key] = mean_sd([r.summary[key] for r in row.runs])
+            values = [r.summary[key] for r in row.runs if r.summary[key] is not None]
+            row.figures[key] = mean_sd(values) if values else None  # target_rate: None for gate=infobatch
     for row in rows.values():
         baseline = [r.summary["train_time_s"] for other in rows.values()
                     if _baseline_key(other.label) == _baseline_key(row.label)
@@ -195,7 +196,8 @@ def table_markdown(rows: list[Row]) -> str:
                  _pm(f["train_time_s"], digits=1),
                  "–" if row.speedup is None else f"{row.speedup:.2f}x",
                  _pm(f["compute_savings"], 100, 1), _pm(f["sample_savings"], 100, 1),
-                 f"{_pm(f['activation_rate'], digits=4)} / {f['target_rate'][0]:.4g}"]
+                 f"{_pm(f['activation_rate'], digits=4)} / "
+                 + ("none" if f["target_rate"] is None else f"{f['target_rate'][0]:.4g}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -208,10 +210,12 @@ def _cumulative(run: Run, key: str) -> list[float]:
 
 
 def _curve(row: Row, x_key: str) -> tuple[list[float], list[float], list[float], list[float]]:
-    """Per epoch over the row's seeds: mean cumulative x, and mean, min, max val_acc."""
+    """Per evaluated epoch over the row's seeds: mean cumulative x, and mean, min, max val_acc."""
     n = min(len(r.epochs) for r in row.runs)
     xs, mean, low, high = [], [], [], []
     for e in range(n):
+        if any(r.epochs[e]["val_acc"] is None for r in row.runs):  # training.eval_every_epochs > 1
+            continue
         xs.append(statistics.fmean(_cumulative(r, x_key)[e] for r in row.runs))
         accs = [r.epochs[e]["val_acc"] for r in row.runs]
         mean.append(statistics.fmean(accs))
@@ -227,8 +231,9 @@ def _plot_accuracy(rows: list[Row], x_key: str, x_label: str, path: Path) -> Non
         line, = ax.plot(xs, mean, marker="o", label=row.name)
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
         for run in row.runs:  # each seed faintly, so one-epoch runs show their spread too
-            ax.plot(_cumulative(run, x_key), [rec["val_acc"] for rec in run.epochs], marker=".",
-                    color=line.get_color(), alpha=0.35, linewidth=0.8)
+            evaluated = [(x, rec["val_acc"]) for x, rec in zip(_cumulative(run, x_key), run.epochs)
+                         if rec["val_acc"] is not None]
+            ax.plot(*zip(*evaluated), marker=".", color=line.get_color(), alpha=0.35, linewidth=0.8)
     ax.set(xlabel=x_label, ylabel="validation accuracy (%)")
     ax.set_title("mean over seeds, shaded min to max; faint: each seed", fontsize=9)
     _finish(fig, ax, path)
@@ -236,7 +241,9 @@ def _plot_accuracy(rows: list[Row], x_key: str, x_label: str, path: Path) -> Non
 
 def _plot_rates(rows: list[Row], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
+    rows = [row for row in rows if row.figures["target_rate"] is not None]  # gates with a target
     rates = [r.summary[k] for row in rows for r in row.runs for k in ("target_rate", "activation_rate")]
+    rates = rates or [1.0]  # no gate with a target: an empty plot
     lo, hi = min(rates) / 1.5, min(1.0, max(rates) * 1.5)
     ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1, label="on target")
     for row in rows:

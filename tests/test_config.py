@@ -14,7 +14,7 @@ def group_options(group: str) -> list[str]:
 
 def test_expected_group_options_exist():
     assert {"cnn", "vit"} <= set(group_options("model"))
-    assert {"none", "random", "sundew"} <= set(group_options("gate"))
+    assert {"none", "random", "sundew", "infobatch", "selective_backprop"} <= set(group_options("gate"))
     assert "dense" in group_options("attention")
     assert "cifar10" in group_options("dataset")
 
@@ -25,7 +25,7 @@ def test_every_combination_composes_and_validates(model, gate, attention, datase
     cfg = compose_config([f"model={model}", f"gate={gate}", f"attention={attention}", f"dataset={dataset}"])
     OmegaConf.resolve(cfg)
     validate_config(cfg)
-    assert 0 < cfg.gate.target_rate <= 1
+    assert cfg.gate.target_rate is None if gate == "infobatch" else 0 < cfg.gate.target_rate <= 1
 
 
 def test_defaults_reproduce_the_report():

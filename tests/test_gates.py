@@ -38,7 +38,7 @@ def test_random_gate_hits_its_target(rate):
 def test_sundew_tracks_target_on_drifting_scores(target, temperature):
     steps = 2000
     gate = SundewGate(target_rate=target, num_samples=BATCH * steps, temperature=temperature,
-                      controller={"kp": 2.0, "ki": 0.5, "ema": 0.1}, seed=0)
+                      selection="threshold", controller={"kp": 2.0, "ki": 0.5, "ema": 0.1}, seed=0)
     g = torch.Generator().manual_seed(0)
     rates = []
     for step in range(steps):
@@ -56,7 +56,7 @@ def test_sundew_tracks_target_on_drifting_scores(target, temperature):
 
 def test_sundew_prefers_high_loss_samples():
     gate = SundewGate(target_rate=0.25, num_samples=BATCH * 50, weights={"loss": 1.0}, temperature=0.0,
-                      seed=0)
+                      selection="threshold", seed=0)
     g = torch.Generator().manual_seed(0)
     for step in range(50):
         loss = torch.rand(BATCH, generator=g) * 3
@@ -68,7 +68,7 @@ def test_sundew_prefers_high_loss_samples():
 
 
 def test_sundew_floor_trains_the_top_sample_when_nothing_passes():
-    gate = SundewGate(target_rate=0.06, num_samples=BATCH, min_selected=1,
+    gate = SundewGate(target_rate=0.06, num_samples=BATCH, min_selected=1, selection="threshold",
                       controller={"min_threshold": 6.0, "max_threshold": 6.0})
     loss = torch.linspace(0, 1, BATCH)
     chosen = gate.select(torch.arange(BATCH), BatchScores(loss, torch.zeros(BATCH))).index
@@ -116,15 +116,17 @@ def test_significance_components_by_hand():
     assert remembered[1].item() == pytest.approx(1 / log10 + 0.15 / log10 + 1 / math.sqrt(2))
 
 
-def memory_gate(target: float, n: int, exploration: float = 0.1, **kw) -> SundewGate:
+def memory_gate(target: float, n: int, exploration: float = 0.1, selection: str = "threshold",
+                **kw) -> SundewGate:
     return SundewGate(target_rate=target, num_samples=n, scoring="memory", exploration=exploration,
-                      weights={"loss": 1.0}, seed=0, **kw)
+                      selection=selection, weights={"loss": 1.0}, seed=0, **kw)
 
 
+@pytest.mark.parametrize("selection", ["threshold", "percentile"])
 @pytest.mark.parametrize("target", [0.06, 0.25])
-def test_memory_scoring_needs_no_scores_and_tracks_its_target(target):
+def test_memory_scoring_needs_no_scores_and_tracks_its_target(target, selection):
     n, epochs = BATCH * 100, 3
-    gate = memory_gate(target, n)
+    gate = memory_gate(target, n, selection=selection)
     g = torch.Generator().manual_seed(0)
     hardness = torch.rand(n, generator=g)  # a fixed loss per sample
     for epoch in range(1, epochs + 1):

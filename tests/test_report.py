@@ -138,3 +138,22 @@ def test_wandb_flag_without_network_keeps_the_local_report(sweep: Path, monkeypa
     out = capsys.readouterr().out
     assert "W&B Report not published: api.wandb.ai is unreachable" in out
     assert "incomplete:" in out and (sweep / "report.md").exists()
+
+
+def test_a_gate_without_target_and_runs_evaluated_only_at_the_end(tmp_path: Path):
+    """gate=infobatch has target_rate null; training.eval_every_epochs leaves val_acc null in
+    the epochs between: the table says 'none', the curves skip the unevaluated epochs."""
+    for seed in (0, 1):
+        run = fake_run(tmp_path, f"{seed}_gate=infobatch,seed={seed}", ["gate=infobatch", f"seed={seed}"],
+                       gate="infobatch", train_time=8.0, val_acc=50.0 + seed, rate=0.7, target=None)
+        records = report.read_metrics(run / "metrics.jsonl")
+        records[0]["val_acc"] = None
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fake_run(tmp_path, "2_gate=random,seed=0", ["gate=random", "seed=0"], gate="random",
+             train_time=5.0, rate=0.25, target=0.25)
+    path, rows, _ = report.write_report(tmp_path)
+    infobatch = next(row for row in rows if row.label["gate"] == "infobatch")
+    assert infobatch.figures["target_rate"] is None
+    assert infobatch.figures["val_acc"] == pytest.approx((50.5, math.sqrt(0.5)))
+    assert report._curve(infobatch, "epoch_time_s") == ([8.0], [50.5], [50.0], [51.0])  # epoch 2 only
+    assert "0.7000 ± 0.0000 / none" in path.read_text()

@@ -47,6 +47,21 @@ def test_gated_step_equals_a_plain_step_on_the_subset():
         assert torch.equal(gated, plain)
 
 
+def test_weighted_step_follows_the_gates_weights():
+    """With Selection.weight the step minimises sum(weight * loss): weights [0.5, 0.25, 0]
+    on three rows give the gradient of 0.5 * loss_0 + 0.25 * loss_1, and row 2 none."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    x, y = torch.randn(3, 6), torch.randint(0, 3, (3,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = copy.deepcopy(model)
+    train_on_subset(model, optimizer, x, y, weights=torch.tensor([0.5, 0.25, 0.0]))
+    per_row = F.cross_entropy(before(x), y, reduction="none")
+    expected = torch.autograd.grad(0.5 * per_row[0] + 0.25 * per_row[1], list(before.parameters()))
+    for new, old, grad in zip(model.parameters(), before.parameters(), expected):
+        assert torch.allclose(old - new, grad, atol=1e-6)  # SGD with lr 1: the step is the gradient
+
+
 def test_scoring_builds_no_graph_and_changes_nothing():
     model = SimpleCNN()
     before = [p.clone() for p in model.parameters()]

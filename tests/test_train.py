@@ -55,3 +55,28 @@ def test_memory_scoring_runs_no_scoring_forward(tmp_path, tiny):
     assert summary["compute_savings"] == pytest.approx(summary["sample_savings"])
     assert abs(summary["activation_rate"] - 0.25) < 0.03
     assert records[-1]["threshold"] is None and "budget" in records[-1]
+
+
+@pytest.mark.parametrize("gate", ["infobatch", "selective_backprop"])
+def test_reference_gates_train_end_to_end(tmp_path, tiny, gate):
+    result = run_train(tmp_path / "run", *tiny, f"gate={gate}", "training.epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records, summary = read_run(tmp_path / "run")
+    assert summary["gate"] == gate
+    if gate == "infobatch":  # epoch 1: nothing seen, nothing pruned; epoch 2 (> 0.875 * 2): annealing
+        assert summary["target_rate"] is None and summary["activation_rate"] == 1.0
+    else:  # Selective-Backprop scores every sample with a forward first
+        assert summary["flops_scoring"] > 0 and summary["target_rate"] == 0.25
+        assert summary["samples_trained"] < summary["samples_seen"]
+
+
+def test_annealed_sundew_spends_the_target_over_the_run_and_evaluates_when_asked(tmp_path, tiny):
+    result = run_train(tmp_path / "run", *tiny, "training.epochs=4", "gate.target_rate=0.5",
+                       "gate.anneal_epochs=1", "training.eval_every_epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records, summary = read_run(tmp_path / "run")
+    assert records[-1]["activation_rate"] == 1.0  # the annealing epoch
+    assert [r["activation_rate"] < 0.5 for r in records[:3]] == [True] * 3  # aim: (0.5*4 - 1)/3 = 1/3
+    assert abs(summary["activation_rate"] - 0.5) < 0.05
+    assert [r["val_acc"] is None for r in records] == [True, False, True, False]
+    assert [r["eval_time_s"] == 0.0 for r in records] == [True, False, True, False]
