@@ -54,7 +54,8 @@ def test_two_rank_sundew_shares_one_threshold_and_tracks_the_target(tmp_path):
     # hard threshold, whose rate answers a threshold move faster than soft gating's sigmoid
     # (the default, which does not settle in 16 steps)
     result = _torchrun(run_dir, *TINY, "dataset.num_train=2048", "gate=sundew", "gate.target_rate=0.25",
-                       "gate.controller.kp=4", "gate.controller.ki=2", "gate.temperature=0")
+                       "gate.selection=threshold", "gate.controller.kp=4", "gate.controller.ki=2",
+                       "gate.temperature=0")
     assert result.returncode == 0, result.stderr[-3000:]
     records, summary = read_run(run_dir)
     assert abs(summary["activation_rate"] - 0.25) < 0.05, summary["activation_rate"]
@@ -68,6 +69,17 @@ def test_two_rank_sundew_shares_one_threshold_and_tracks_the_target(tmp_path):
     assert torch.equal(memories[0]["last_loss"].isnan(), memories[1]["last_loss"].isnan())
     assert int(memories[0]["times_trained"].sum()) == summary["samples_trained"]
     assert int((~memories[0]["last_loss"].isnan()).sum()) == 2048  # every sample scored by some rank
+
+
+def test_two_rank_weighted_selection_trains_and_tracks_the_target(tmp_path):
+    """The default sundew rule weights each kept loss 1/(B p): under torchrun each rank's
+    weighted sum estimates its own batch mean, and the gradients are averaged over ranks."""
+    run_dir = tmp_path / "ddp_weighted"
+    result = _torchrun(run_dir, *TINY, "dataset.num_train=2048", "gate=sundew", "gate.target_rate=0.25")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, summary = read_run(run_dir)
+    assert abs(summary["activation_rate"] - 0.25) < 0.05, summary["activation_rate"]
+    assert summary["val_acc"] > 20.0  # it learns (10 classes: chance is 10%)
 
 
 def _average_gradients_worker(rank: int, port: int, out: str) -> None:

@@ -55,6 +55,16 @@ def test_next_step_presets_set_what_their_step_asks():
     assert [float(r) for r in rates.split(",")] == [0.02, 0.05, 0.1, 0.2, 0.5]
 
 
+def test_gate_ablation_covers_five_gates_rates_and_two_seeds_in_one_directory():
+    gated = compose_with_hydra(["+experiment=gate_ablation"]).hydra
+    baselines = compose_with_hydra(["+experiment=gate_ablation_baselines"]).hydra
+    assert gated.sweeper.params == {"gate": "random,sundew,selective_backprop",
+                                    "gate.target_rate": "0.1,0.25,0.5", "seed": "0,1"}
+    assert baselines.sweeper.params == {"gate": "none,infobatch", "seed": "0,1"}
+    # report.py reads both sweeps from their shared parent
+    assert Path(gated.sweep.dir).parent == Path(baselines.sweep.dir).parent
+
+
 def test_sparse_presets_ask_for_sparse_attention():
     # compose needs conf/attention/sparse.yaml (issue 4); the files themselves say what they ask
     vit = (CONF_DIR / "experiment" / "sparse_vit.yaml").read_text()
