@@ -76,7 +76,13 @@ class Gate:
 
 
 class NoGate(Gate):
-    """Full training: every sample of every batch."""
+    """Full training: every sample of every batch. Its rate is 1 whatever `target_rate` says,
+    so one sweep can set gate.target_rate for every gate (`gate=none,random,sundew
+    gate.target_rate=0.25`) and keep the full-training baseline."""
+
+    def __init__(self, target_rate: float = 1.0, num_samples: int = 0, num_classes: int = 10,
+                 seed: int = 0, total_epochs: int = 1):
+        super().__init__(1.0, num_samples, num_classes, seed, total_epochs)
 
 
 class RandomGate(Gate):

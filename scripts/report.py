@@ -36,6 +36,7 @@ from adaptive_sparse.sweeps import parse_overrides, sweep_group_name  # noqa: E4
 NOT_ROW_KEYS = {"seed", *OmegaConf.load(ROOT / "conf" / "config.yaml")
                 .hydra.job.config.override_dirname.exclude_keys}
 # Row keys come first in this order when they vary, then any other key alphabetically.
+LOSSLESS_MARGIN = 0.3  # accuracy points: "reaches full training's accuracy" means within this
 KEY_ORDER = ("experiment", "gate", "gate.target_rate", "attention", "model", "training.epochs")
 PLOTS = {"accuracy_vs_time": "validation accuracy against training wall-clock",
          "accuracy_vs_flops": "validation accuracy against FLOPs executed",
@@ -63,6 +64,9 @@ class Row:
     runs: list[Run]
     figures: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # (mean, sd)
     speedup: float | None = None
+    # seconds each run needed to come within LOSSLESS_MARGIN points of the gate=none runs'
+    # mean final accuracy, as a share of their mean training time (None: never came within)
+    time_to_baseline: list[float | None] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -156,12 +160,23 @@ def summarise(runs: list[Run]) -> list[Row]:
             values = [r.summary[key] for r in row.runs if r.summary[key] is not None]
             row.figures[key] = mean_sd(values) if values else None  # target_rate: None for gate=infobatch
     for row in rows.values():
-        baseline = [r.summary["train_time_s"] for other in rows.values()
-                    if _baseline_key(other.label) == _baseline_key(row.label)
+        baseline = [r for other in rows.values() if _baseline_key(other.label) == _baseline_key(row.label)
                     for r in other.runs if r.summary["gate"] == "none"]
         if baseline:
-            row.speedup = statistics.fmean(baseline) / row.figures["train_time_s"][0]
+            baseline_time = statistics.fmean(r.summary["train_time_s"] for r in baseline)
+            row.speedup = baseline_time / row.figures["train_time_s"][0]
+            goal = statistics.fmean(r.summary["val_acc"] for r in baseline) - LOSSLESS_MARGIN
+            row.time_to_baseline = [None if (t := time_to_accuracy(r, goal)) is None else t / baseline_time
+                                    for r in row.runs]
     return list(rows.values())
+
+
+def time_to_accuracy(run: Run, accuracy: float) -> float | None:
+    """Training seconds until the first evaluated epoch at or above `accuracy`; None if none is."""
+    for elapsed, record in zip(_cumulative(run, "epoch_time_s"), run.epochs):
+        if record["val_acc"] is not None and record["val_acc"] >= accuracy:
+            return elapsed
+    return None
 
 
 def common_settings(runs: list[Run]) -> dict[str, Any]:
@@ -188,18 +203,29 @@ def _pm(figure: tuple[float, float | None], scale: float = 1.0, digits: int = 2)
 def table_markdown(rows: list[Row]) -> str:
     keys = list(rows[0].label) if rows and rows[0].label else []
     head = [*(keys or ["runs"]), "seeds", "val acc (%)", "train time (s)", "speedup vs none",
+            f"time to none's acc - {LOSSLESS_MARGIN} pt (share of none's)",
             "compute savings (%)", "sample savings (%)", "activation rate achieved / target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         f = row.figures
         cells = [*(row.label.values() if keys else ["all"]), str(len(row.runs)), _pm(f["val_acc"]),
                  _pm(f["train_time_s"], digits=1),
-                 "–" if row.speedup is None else f"{row.speedup:.2f}x",
+                 "–" if row.speedup is None else f"{row.speedup:.2f}x", _time_to_baseline_cell(row),
                  _pm(f["compute_savings"], 100, 1), _pm(f["sample_savings"], 100, 1),
                  f"{_pm(f['activation_rate'], digits=4)} / "
                  + ("none" if f["target_rate"] is None else f"{f['target_rate'][0]:.4g}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _time_to_baseline_cell(row: Row) -> str:
+    if not row.time_to_baseline:
+        return "–"
+    reached = [t for t in row.time_to_baseline if t is not None]
+    n = len(row.time_to_baseline)
+    if len(reached) < n:
+        return f"not reached by {n - len(reached)} of {n}"
+    return _pm(mean_sd(reached))
 
 
 # --------------------------------------------------------------------------- plots
@@ -306,7 +332,10 @@ def report_markdown(sweep_dir: Path, runs: list[Run], rows: list[Row], plots: li
                   "evaluation). Speedup vs none: the mean training time of the `gate=none` runs "
                   "whose other differing overrides (all but `gate`, `gate.*` and `seed`) equal "
                   "the row's, divided by the row's mean training time; – where the sweep has no "
-                  "such run. Compute savings: 1 - FLOPs executed / FLOPs of full training, counted "
+                  "such run. Time to none's accuracy: the training seconds until a run's first "
+                  f"evaluated epoch within {LOSSLESS_MARGIN} points of the mean final accuracy of those "
+                  "`gate=none` runs, divided by their mean training time (lossless at half the "
+                  "wall-clock is 0.5 or less). Compute savings: 1 - FLOPs executed / FLOPs of full training, counted "
                   "with torch.utils.flop_counter; sample savings: 1 - activation rate.", "",
                   "## Plots", ""]
         parts += [f"![{PLOTS[p.stem]}]({p.name})  \n{PLOTS[p.stem]} (`{p.name}`)\n" for p in plots]

@@ -177,3 +177,9 @@ def test_refresh_epoch_scores_every_sample():
         gate.start_epoch(epoch)
         flags.append(gate.needs_scores)
     assert flags == [False, False, True, False, True]
+
+
+def test_none_ignores_a_swept_target_rate():
+    gate = NoGate(target_rate=0.25)
+    assert gate.target_rate == 1.0
+    assert len(gate.select(torch.arange(64), None).index) == 64

@@ -70,13 +70,29 @@ def test_rows_by_hand(sweep: Path):
     assert none.figures["train_time_s"] == pytest.approx((11.0, math.sqrt(2)))
     # speedup: mean gate=none time 11 s / mean sundew time 5 s
     assert sundew.speedup == pytest.approx(2.2) and none.speedup == pytest.approx(1.0)
+    # lossless goal: none's mean final accuracy 52 - 0.3 = 51.7; sundew's epochs (30, 40) and
+    # (34, 44) never reach it; none's seed 1 does (54) after its 12 s, of none's mean 11 s
+    assert sundew.time_to_baseline == [None, None]
+    assert none.time_to_baseline == [None, pytest.approx(12 / 11)]
+
+
+def test_time_to_full_training_accuracy_by_hand(sweep: Path):
+    fake_run(sweep, "5_gate=random,seed=0", ["gate=random", "seed=0", "dataset.root=/data/cifar10"],
+             gate="random", train_time=4.0, val_acc=62.0, rate=0.25, target=0.25)
+    path, rows, _ = report.write_report(sweep)
+    random_row = next(row for row in rows if row.label == {"gate": "random"})
+    # epochs at 52 and 62 %, 2 s each: 52 >= 51.7 after 2 s, of none's mean 11 s
+    assert random_row.time_to_baseline == [pytest.approx(2 / 11)]
+    assert "| random | 1 | 62.00 | 4.0 | 2.75x | 0.18 |" in path.read_text()
 
 
 def test_table_and_report_list_the_incomplete_run(sweep: Path):
     path, rows, _ = report.write_report(sweep)
     table = report.table_markdown(rows)
-    assert "| sundew | 2 | 42.00 ± 2.83 | 5.0 ± 1.4 | 2.20x | 94.0 ± 1.4 | 94.0 ± 1.4 | 0.0600 ± 0.0141 / 0.06 |" in table
-    assert "| none | 2 | 52.00 ± 2.83 | 11.0 ± 1.4 | 1.00x | 0.0 ± 0.0 | 0.0 ± 0.0 | 1.0000 ± 0.0000 / 1 |" in table
+    assert ("| sundew | 2 | 42.00 ± 2.83 | 5.0 ± 1.4 | 2.20x | not reached by 2 of 2 | 94.0 ± 1.4 | 94.0 ± 1.4 "
+            "| 0.0600 ± 0.0141 / 0.06 |") in table
+    assert ("| none | 2 | 52.00 ± 2.83 | 11.0 ± 1.4 | 1.00x | not reached by 1 of 2 | 0.0 ± 0.0 | 0.0 ± 0.0 "
+            "| 1.0000 ± 0.0000 / 1 |") in table
     text = path.read_text()
     assert table in text
     assert "- `4_gate=sundew,seed=2`: no summary.json: failed or still running (1 of 2 epochs" in text
