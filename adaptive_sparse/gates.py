@@ -131,7 +131,7 @@ class SundewGate(Gate):
     def __init__(self, target_rate: float = 0.06, num_samples: int = 0, num_classes: int = 10,
                  weights: dict[str, float] | None = None, controller: dict | None = None,
                  scoring: str = "forward", selection: str = "percentile", power: float = 1.0,
-                 unbiased: bool = True, history_size: int = 4096, exploration: float = 0.1,
+                 unbiased: bool = False, history_size: int = 4096, exploration: float = 0.1,
                  refresh_every_epochs: int = 0, anneal_epochs: int = 0, temperature: float = 1.0,
                  min_selected: int = 1, norm_momentum: float = 0.05, seed: int = 0,
                  total_epochs: int = 1):

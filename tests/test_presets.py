@@ -58,7 +58,7 @@ def test_next_step_presets_set_what_their_step_asks():
 def test_gate_ablation_covers_five_gates_rates_and_two_seeds_in_one_directory():
     gated = compose_with_hydra(["+experiment=gate_ablation"]).hydra
     baselines = compose_with_hydra(["+experiment=gate_ablation_baselines"]).hydra
-    assert gated.sweeper.params == {"gate": "random,sundew,selective_backprop",
+    assert gated.sweeper.params == {"gate": "random,sundew,sundew_memory,selective_backprop",
                                     "gate.target_rate": "0.1,0.25,0.5", "seed": "0,1"}
     assert baselines.sweeper.params == {"gate": "none,infobatch", "seed": "0,1"}
     # report.py reads both sweeps from their shared parent
