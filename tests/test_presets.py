@@ -42,6 +42,7 @@ def test_seed_report_is_the_reported_experiment():
     assert (choices.model, choices.gate, choices.dataset) == ("cnn", "sundew", "cifar10")
     assert (cfg.gate.target_rate, cfg.training.epochs, cfg.training.batch_size) == (0.06, 3, 64)
     assert (cfg.device, cfg.dataset.augment, cfg.training.precision) == ("cpu", False, "fp32")
+    assert (cfg.gate.scoring, cfg.gate.selection) == ("forward", "threshold")  # the report's gate
 
 
 def test_next_step_presets_set_what_their_step_asks():
