@@ -137,16 +137,19 @@ def mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 
 def _baseline_key(label: dict[str, str]) -> tuple:
-    """A row's label without the gate's own keys: the setting its gate=none baseline shares."""
-    return tuple((k, v) for k, v in label.items() if k != "gate" and not k.startswith("gate."))
+    """A row's label without the gate's own keys and the preset's name: the setting its gate=none
+    baseline shares. The preset is left out so that presets meant to sit side by side in one
+    directory (gate_ablation and gate_ablation_baselines) find each other's baseline."""
+    return tuple((k, v) for k, v in label.items()
+                 if k not in ("gate", "experiment") and not k.startswith("gate."))
 
 
 def summarise(runs: list[Run]) -> list[Row]:
     """Rows over the varying keys of the complete runs, with means, SDs and speedups.
 
     speedup = mean train_time_s of the complete gate=none runs (by summary.json's gate) whose
-    varying overrides other than gate, gate.* and seed equal this row's, divided by this
-    row's mean train_time_s. None when the sweep has no such gate=none run.
+    varying overrides other than gate, gate.*, experiment and seed equal this row's, divided
+    by this row's mean train_time_s. None when the sweep has no such gate=none run.
     """
     complete = [r for r in runs if r.complete]
     keys = varying_keys(complete)
@@ -330,7 +333,7 @@ def report_markdown(sweep_dir: Path, runs: list[Run], rows: list[Row], plots: li
                   table_markdown(rows), "",
                   "Training time counts training only (data, scoring, selection, steps; no "
                   "evaluation). Speedup vs none: the mean training time of the `gate=none` runs "
-                  "whose other differing overrides (all but `gate`, `gate.*` and `seed`) equal "
+                  "whose other differing overrides (all but `gate`, `gate.*`, `+experiment` and `seed`) equal "
                   "the row's, divided by the row's mean training time; – where the sweep has no "
                   "such run. Time to none's accuracy: the training seconds until a run's first "
                   f"evaluated epoch within {LOSSLESS_MARGIN} points of the mean final accuracy of those "

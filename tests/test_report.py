@@ -173,3 +173,15 @@ def test_a_gate_without_target_and_runs_evaluated_only_at_the_end(tmp_path: Path
     assert infobatch.figures["val_acc"] == pytest.approx((50.5, math.sqrt(0.5)))
     assert report._curve(infobatch, "epoch_time_s") == ([8.0], [50.5], [50.0], [51.0])  # epoch 2 only
     assert "0.7000 ± 0.0000 / none" in path.read_text()
+
+
+def test_presets_side_by_side_share_the_gate_none_baseline(tmp_path: Path):
+    """gate_ablation and gate_ablation_baselines sit in one directory: the gated rows' speedup
+    is measured against the baselines preset's gate=none runs."""
+    fake_run(tmp_path / "baselines", "0_gate=none", ["+experiment=gate_ablation_baselines", "gate=none"],
+             gate="none", train_time=12.0)
+    fake_run(tmp_path / "gated", "0_gate=random", ["+experiment=gate_ablation", "gate=random"],
+             gate="random", train_time=3.0, rate=0.25, target=0.25)
+    rows = report.summarise(report.collect_runs(tmp_path))
+    random_row = next(row for row in rows if row.label["gate"] == "random")
+    assert random_row.speedup == pytest.approx(4.0)
