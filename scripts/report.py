@@ -38,7 +38,8 @@ NOT_ROW_KEYS = {"seed", *OmegaConf.load(ROOT / "conf" / "config.yaml")
 # Row keys come first in this order when they vary, then any other key alphabetically.
 LOSSLESS_MARGIN = 0.3  # accuracy points: "reaches full training's accuracy" means within this
 KEY_ORDER = ("experiment", "gate", "gate.target_rate", "attention", "model", "training.epochs")
-PLOTS = {"accuracy_vs_time": "validation accuracy against training wall-clock",
+PLOTS = {"pareto": "final accuracy against training wall-clock, one line per gate through its target rates",
+         "accuracy_vs_time": "validation accuracy against training wall-clock",
          "accuracy_vs_flops": "validation accuracy against FLOPs executed",
          "activation_rate": "achieved against target activation rate",
          "threshold": "the gate's threshold at the end of each epoch"}
@@ -268,6 +269,29 @@ def _plot_accuracy(rows: list[Row], x_key: str, x_label: str, path: Path) -> Non
     _finish(fig, ax, path)
 
 
+def _plot_pareto(rows: list[Row], path: Path) -> None:
+    """Mean final accuracy (bars: min to max over seeds) against mean training time, one
+    colour per gate, its rows joined in order of time and labelled with their target rate."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_gate: dict[str, list[Row]] = {}
+    for row in rows:
+        by_gate.setdefault(row.runs[0].summary["gate"], []).append(row)
+    for colour, (gate, gate_rows) in enumerate(by_gate.items()):
+        gate_rows.sort(key=lambda row: row.figures["train_time_s"][0])
+        xs = [row.figures["train_time_s"][0] for row in gate_rows]
+        ys = [row.figures["val_acc"][0] for row in gate_rows]
+        spread = [[y - min(r.summary["val_acc"] for r in row.runs) for y, row in zip(ys, gate_rows)],
+                  [max(r.summary["val_acc"] for r in row.runs) - y for y, row in zip(ys, gate_rows)]]
+        ax.errorbar(xs, ys, yerr=spread, marker="o", capsize=3, color=f"C{colour}", label=gate)
+        for x, y, row in zip(xs, ys, gate_rows):
+            if row.figures["target_rate"] is not None and gate != "none":
+                ax.annotate(f"{row.figures['target_rate'][0]:g}", (x, y), textcoords="offset points",
+                            xytext=(4, -10), fontsize=7, color=f"C{colour}")
+    ax.set(xlabel="training wall-clock (s, evaluation excluded)", ylabel="final validation accuracy (%)")
+    ax.set_title("mean over seeds, bars min to max; labels: target rate", fontsize=9)
+    _finish(fig, ax, path)
+
+
 def _plot_rates(rows: list[Row], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = [row for row in rows if row.figures["target_rate"] is not None]  # gates with a target
@@ -309,6 +333,7 @@ def _finish(fig, ax, path: Path) -> None:
 def write_plots(rows: list[Row], out_dir: Path) -> list[Path]:
     """The report's PNGs in out_dir; returns their paths."""
     paths = {name: out_dir / f"{name}.png" for name in PLOTS}
+    _plot_pareto(rows, paths["pareto"])
     _plot_accuracy(rows, "epoch_time_s", "training wall-clock (s, evaluation excluded)",
                    paths["accuracy_vs_time"])
     _plot_accuracy(rows, "flops_executed", "FLOPs executed (counted)", paths["accuracy_vs_flops"])
@@ -385,6 +410,7 @@ def build_wandb_report(groups: list[str], project: str, entity: str, rows: list[
     runsets = [wr.Runset(entity=entity, project=project, name=g, filters=f"Group = '{g}'",
                          groupby=group_by) for g in groups]
     panels = [
+        wr.ScatterPlot(title=PLOTS["pareto"], x=wr.SummaryMetric("train_time_s"), y=wr.SummaryMetric("val_acc")),
         wr.LinePlot(title=PLOTS["accuracy_vs_time"], x="time/train_cumulative_s", y=["val/acc"]),
         wr.LinePlot(title=PLOTS["accuracy_vs_flops"], x="flops/executed_cumulative", y=["val/acc"]),
         wr.ScatterPlot(title=PLOTS["activation_rate"], x=wr.SummaryMetric("target_rate"),
