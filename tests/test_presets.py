@@ -66,6 +66,17 @@ def test_gate_ablation_covers_five_gates_rates_and_two_seeds_in_one_directory():
     assert Path(gated.sweep.dir).parent == Path(baselines.sweep.dir).parent
 
 
+def test_lossless_sweeps_two_gates_at_two_rates_beside_one_full_training_run():
+    gated = compose_with_hydra(["+experiment=lossless"])
+    baseline = compose_with_hydra(["+experiment=lossless_baseline"])
+    assert gated.hydra.sweeper.params == {"gate": "random,sundew_memory", "gate.target_rate": "0.45,0.5"}
+    assert baseline.hydra.sweeper.params == {"gate": "none"}  # once: gate=none ignores the rate
+    for cfg in (gated, baseline):  # the same training, so that only the gate differs
+        assert (cfg.training.epochs, cfg.dataset.augment) == (20, True)
+        assert cfg.training.scheduler._target_.endswith("CosineAnnealingLR") and cfg.training.scheduler.T_max == 20
+    assert Path(gated.hydra.sweep.dir).parent == Path(baseline.hydra.sweep.dir).parent
+
+
 def test_sparse_presets_ask_for_sparse_attention():
     # compose needs conf/attention/sparse.yaml (issue 4); the files themselves say what they ask
     vit = (CONF_DIR / "experiment" / "sparse_vit.yaml").read_text()
