@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adaptive_sparse.attention import DenseAttention, SparseAttention, auxiliary_loss  # noqa: E402
+from adaptive_sparse.tracking import hardware_description  # noqa: E402
 
 GRANULARITIES = ("token", "block")
 
@@ -182,7 +183,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -211,7 +212,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("attention alone, batch 1, dim 192 (3 heads x 64), top-k 64")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -248,10 +249,12 @@ def main(argv: list[str]) -> None:
         print(f"n={n} done", file=sys.stderr, flush=True)
     args.json.write_text(json.dumps(rows, indent=2) + "\n")
     png = args.png or args.json.with_suffix(".png")
-    plot(rows, png)
-    print(f"attention alone: batch {args.batch}, dim {args.dim} ({args.heads} heads), top-k {args.top_k}, "
-          f"block_size {args.block_size}, global_tokens {args.global_tokens}, local_window {args.local_window}; "
-          f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.reps}")
+    settings = (f"attention alone: batch {args.batch}, dim {args.dim} ({args.heads} heads), top-k {args.top_k}, "
+                f"block_size {args.block_size}, global_tokens {args.global_tokens}, local_window {args.local_window}")
+    where = (f"{hardware_description(torch.device(args.device))}, torch {torch.__version__}, "
+             f"median of {args.reps}")
+    plot(rows, png, f"{settings}\n{where}")
+    print(f"{settings}; {where}")
     print(f"memory: {rows[0]['memory_method']}")
     print(markdown_table(rows))
     for granularity in granularities:
