@@ -192,6 +192,10 @@ class Distributed:
 
     def close(self) -> None:
         if self.active and torch_dist.is_initialized():
+            # ranks arrive here at different times (rank 0 writes the summary); a rank that
+            # tears gloo down while its peer is still connected can abort the peer's teardown
+            # (SIGABRT, "terminate called without an active exception"), so leave together
+            torch_dist.barrier()
             torch_dist.destroy_process_group()
 
 

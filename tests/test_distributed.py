@@ -96,9 +96,10 @@ def _average_gradients_worker(rank: int, port: int, out: str) -> None:
     # rank 0 holds three samples of class 0, rank 1 holds none (it must not hang)
     images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]) if rank == 0 else torch.zeros(0, 2)
     labels = torch.zeros(len(images), dtype=torch.long)
-    trained = Distributed(True, rank, 2, torch.device("cpu")).train_on_subset(model, optimizer, images, labels)
+    distributed = Distributed(True, rank, 2, torch.device("cpu"))
+    trained = distributed.train_on_subset(model, optimizer, images, labels)
     torch.save({"weight": model.weight.detach(), "losses": trained.loss}, f"{out}/rank{rank}.pt")
-    torch_dist.destroy_process_group()
+    distributed.close()
 
 
 def test_gradient_is_the_global_mean_and_a_rank_with_no_samples_joins(tmp_path):
