@@ -37,6 +37,7 @@ NOT_ROW_KEYS = {"seed", *OmegaConf.load(ROOT / "conf" / "config.yaml")
                 .hydra.job.config.override_dirname.exclude_keys}
 # Row keys come first in this order when they vary, then any other key alphabetically.
 LOSSLESS_MARGIN = 0.3  # accuracy points: "reaches full training's accuracy" means within this
+DEFAULT = "(default)"  # the table's value for a varying key a run does not override
 KEY_ORDER = ("experiment", "gate", "gate.target_rate", "attention", "model", "training.epochs")
 PLOTS = {"pareto": "final accuracy against training wall-clock, one line per gate through its target rates",
          "accuracy_vs_time": "validation accuracy against training wall-clock",
@@ -71,7 +72,8 @@ class Row:
 
     @property
     def name(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.label.items()) or "all runs"
+        """The legend's label: only the keys this row sets (a "(default)" tells nothing)."""
+        return ", ".join(f"{k}={v}" for k, v in self.label.items() if v != DEFAULT) or "all runs"
 
 
 # --------------------------------------------------------------------------- reading
@@ -156,7 +158,7 @@ def summarise(runs: list[Run]) -> list[Row]:
     keys = varying_keys(complete)
     rows: dict[tuple, Row] = {}
     for run in complete:
-        label = {k: run.overrides.get(k, "(default)") for k in keys}
+        label = {k: run.overrides.get(k, DEFAULT) for k in keys}
         rows.setdefault(tuple(label.items()), Row(label, [])).runs.append(run)
     for row in rows.values():
         for key in ("val_acc", "train_time_s", "compute_savings", "sample_savings",
@@ -322,11 +324,15 @@ def _plot_threshold(rows: list[Row], path: Path) -> None:
 
 
 def _finish(fig, ax, path: Path) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    entries = len(ax.get_legend_handles_labels()[0])
+    if entries:
+        # below the axes, not over the curves (a sweep's labels are long); the figure grows by
+        # a line per entry so that the axes keep their height
+        fig.set_size_inches(6, 4 + 0.15 * entries)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
