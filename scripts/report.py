@@ -35,9 +35,9 @@ from adaptive_sparse.sweeps import parse_overrides, sweep_group_name  # noqa: E4
 # logging, not experiments (the same keys that sweep sub-directory names leave out).
 NOT_ROW_KEYS = {"seed", *OmegaConf.load(ROOT / "conf" / "config.yaml")
                 .hydra.job.config.override_dirname.exclude_keys}
-# Row keys come first in this order when they vary, then any other key alphabetically.
 LOSSLESS_MARGIN = 0.3  # accuracy points: "reaches full training's accuracy" means within this
 DEFAULT = "(default)"  # the table's value for a varying key a run does not override
+# Row keys come first in this order when they vary, then any other key alphabetically.
 KEY_ORDER = ("experiment", "gate", "gate.target_rate", "attention", "model", "training.epochs")
 PLOTS = {"pareto": "final accuracy against training wall-clock, one line per gate through its target rates",
          "accuracy_vs_time": "validation accuracy against training wall-clock",
