@@ -24,13 +24,16 @@ from tqdm import tqdm
 
 from adaptive_sparse.attention import set_attention_epoch
 from adaptive_sparse.checkpointing import Checkpointer, ResumePoint, locate_checkpoint
-from adaptive_sparse.config import resolve_device, seed_everything, threads_per_job, validate_config
+from adaptive_sparse.config import (resolve_device, resolve_precision, seed_everything, threads_per_job,
+                                    validate_config)
 from adaptive_sparse.data import BatchLoader, load_dataset
 from adaptive_sparse.distributed import agree_on_run_dir, setup_distributed
 from adaptive_sparse.energy import make_energy_meter
 from adaptive_sparse.metering import FlopMeter, PhaseTimer, Tally
 from adaptive_sparse.models import count_parameters
-from adaptive_sparse.step import evaluation_sums, inject_nan_at_step, score_batch, train_on_subset
+from adaptive_sparse.packing import SelectionPacker, TrainBatch
+from adaptive_sparse.scorers import ModelScorer
+from adaptive_sparse.step import evaluation_sums, inject_nan_at_step, train_on_subset
 from adaptive_sparse.tracking import TABLE_HEADER, RunLog, environment_facts, table_row
 
 log = logging.getLogger("train")
@@ -42,7 +45,8 @@ def main(cfg: DictConfig) -> float:
     validate_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     choices = HydraConfig.get().runtime.choices
-    checkpoint_path = locate_checkpoint(run_dir, cfg.resume)  # refuses a missing one, or overwriting one
+    # refuses a missing checkpoint (resume=true) or overwriting one (false); auto: whichever applies
+    checkpoint_path, resuming = locate_checkpoint(run_dir, cfg.resume)
     dist = setup_distributed(cfg.distributed.backend, cfg.device)  # inactive without torchrun
     device = dist.device or resolve_device(cfg.device)
     # parallel sweep jobs share the cores: training.num_threads, else the launcher's share
@@ -51,7 +55,8 @@ def main(cfg: DictConfig) -> float:
         torch.set_num_threads(num_threads)
     seed_everything(cfg.seed, cfg.deterministic)
     torch.set_flush_denormal(cfg.training.flush_denormal)  # no-op where unsupported
-    train_cfg, precision = cfg.training, cfg.training.precision
+    train_cfg = cfg.training
+    precision = resolve_precision(train_cfg.precision, device)  # auto: bf16 where the hardware has it
 
     # ------------------------------------------------------------------ data
     data = load_dataset(cfg.dataset)
@@ -62,7 +67,8 @@ def main(cfg: DictConfig) -> float:
                                channels_last=train_cfg.channels_last)
     val_loader = BatchLoader(data.test, train_cfg.eval_batch_size, device, shuffle=False,
                              indices=dist.shard(len(data.test)), channels_last=train_cfg.channels_last)
-    log.info("data: %s (%d train, %d test)", data.source, len(data.train), len(data.test))
+    log.info("data: %s (%d train, %d test); precision %s", data.source, len(data.train), len(data.test),
+             precision)
 
     # ------------------------------------------------------------------ model
     model = instantiate(cfg.model, num_classes=data.num_classes).to(device)
@@ -78,23 +84,25 @@ def main(cfg: DictConfig) -> float:
 
     # ------------------------------------------------------------------ gate
     gate = instantiate(cfg.gate, num_samples=len(data.train), num_classes=data.num_classes,
-                       seed=cfg.seed + dist.rank, total_epochs=train_cfg.epochs)
-    dist.attach(gate)  # torchrun: the controller sees the global activation rate
-    log.info("gate: %s, target rate %s", choices.gate, gate.target_rate)
+                       seed=cfg.seed + dist.rank, total_epochs=train_cfg.epochs, device=device)
+    scorer = gate.scorer or ModelScorer(model, flop_meter.forward_per_sample)  # proxy scoring: a small model
+    packer = SelectionPacker(train_cfg.batch_size, enabled=gate.pack)  # gate.pack: full training batches
+    dist.attach(gate, packer)  # torchrun: global activation rate; ranks step together
+    log.info("gate: %s, target rate %s%s", choices.gate, gate.target_rate, ", packed" if gate.pack else "")
     energy_meter = make_energy_meter(cfg.energy.kind, device, cfg.energy.get("country_iso_code", "USA"))
 
     # ------------------------------------------------------------------ checkpoint / resume
     checkpoints = Checkpointer(checkpoint_path, dist, model=model, optimizer=optimizer, scheduler=scheduler,
                                gate=gate, train_loader=train_loader, every_epochs=cfg.checkpoint.every_epochs)
-    start = checkpoints.restore() if cfg.resume else ResumePoint()
-    if cfg.resume:
+    start = checkpoints.restore() if resuming else ResumePoint()
+    if resuming:
         log.info("resumed from %s after epoch %d (step %d)", checkpoint_path, start.epoch, start.step)
     train_step = dist.train_on_subset if dist.active else train_on_subset
 
     # ------------------------------------------------------------------ loop
     history, step = start.history, start.step
     with RunLog(run_dir, cfg, enabled=dist.is_main, wandb_run_id=start.wandb_run_id,
-                resume_records=history if cfg.resume else None) as run_log:
+                resume_records=history if resuming else None) as run_log:
         log.info(TABLE_HEADER)
         for epoch in range(start.epoch + 1, train_cfg.epochs + 1):
             model.train()
@@ -102,6 +110,20 @@ def main(cfg: DictConfig) -> float:
             set_attention_epoch(model, epoch)  # sparse attention: dense warm-up epochs train only the indexer
             timer, tally, indexer_losses = PhaseTimer(device), Tally(), []
             memory_at_start = dist.snapshot_gate_memory(gate)  # torchrun: merged across ranks at epoch end
+
+            def train_selected(batch: TrainBatch) -> None:
+                """One optimiser step on exactly these samples; then the proxy scorer learns them."""
+                if not (len(batch) or dist.active):  # torchrun: every rank joins every all-reduce
+                    return
+                with timer.phase("train_step"):
+                    trained = train_step(model, optimizer, batch.images, batch.labels, precision,
+                                         weights=batch.weight, epoch=epoch, step=step + 1,
+                                         indexer_losses=indexer_losses)
+                    gate.observe(batch.idx, trained)
+                with timer.phase("scoring"):
+                    scorer.learn(batch.images, batch.labels, precision)
+                tally.add_step(trained.loss, scoring_flops=len(batch) * scorer.learn_flops)
+
             batches = tqdm(timer.timed(train_loader, "data"), total=len(train_loader),
                            desc=f"epoch {epoch}/{train_cfg.epochs}", leave=False,
                            disable=None if cfg.progress else True)
@@ -109,26 +131,24 @@ def main(cfg: DictConfig) -> float:
                 for images, labels, idx in batches:
                     # 1. score: one forward over the whole batch, no autograd (only if the gate asks)
                     with timer.phase("scoring"):
-                        scores = score_batch(model, images, labels, precision) if gate.needs_scores else None
+                        scores = scorer.score(images, labels, precision) if gate.needs_scores else None
+                    scored = len(idx) if scores is not None else 0
+                    tally.add_batch(len(idx), scored, scored * scorer.forward_flops)
                     # 2. select: the gate picks the batch positions to train on
                     with timer.phase("select"):
                         selection = gate.select(idx, scores)
-                        chosen = selection.index  # [k]
-                    # 3. train: forward and backward on the chosen samples only
-                    trained = None
-                    with timer.phase("train_step"):
-                        if len(chosen) or dist.active:  # torchrun: every rank joins every gradient all-reduce
-                            trained = train_step(model, optimizer, images[chosen], labels[chosen], precision,
-                                                 weights=selection.weight, epoch=epoch, step=step + 1,
-                                                 indexer_losses=indexer_losses)
-                            gate.observe(idx[chosen], trained)
-                    tally.add(seen=len(idx), scored=len(idx) if scores is not None else 0,
-                              trained_losses=trained.loss if trained is not None else None)
+                        packer.add(images, labels, idx, selection)
+                    # 3. train: forward and backward on the selected samples only (packed: once a
+                    #    full batch of them waits), then the proxy scorer, if any, learns from them
+                    for batch in packer.ready():
+                        train_selected(batch)
                     step += 1
                     if step % cfg.wandb.log_every_steps == 0:
-                        run_log.log_step(step, {"train/batch_rate": len(chosen) / len(idx),
+                        run_log.log_step(step, {"train/batch_rate": len(selection.index) / len(idx),
                                                 "gate/threshold": gate.threshold,
                                                 "train/batch_loss": tally.last_batch_loss})
+                for batch in packer.drain():  # packed: the epoch's remainder, so none waits past it
+                    train_selected(batch)
             if scheduler is not None:
                 scheduler.step()
             dist.merge_epoch(tally, gate, memory_at_start)  # torchrun: global counts, one sample memory
@@ -153,6 +173,7 @@ def main(cfg: DictConfig) -> float:
                 "sample_savings": 1.0 - tally.trained / tally.seen,
                 "samples_seen": tally.seen,
                 "samples_trained": tally.trained,
+                "optimizer_steps": tally.optimizer_steps,
                 "data_time_s": timer.seconds["data"],
                 "scoring_time_s": timer.seconds["scoring"],
                 "select_time_s": timer.seconds["select"],
@@ -174,7 +195,7 @@ def main(cfg: DictConfig) -> float:
         summary = summarise(history, gate.target_rate, flop_meter)
         summary.update(gate=choices.gate, model=choices.model, attention=choices.attention,
                        dataset=choices.dataset, data_source=data.source, seed=cfg.seed,
-                       scoring=cfg.gate.get("scoring"), energy_kwh=energy_meter.kwh,
+                       scoring=cfg.gate.get("scoring"), precision=precision, energy_kwh=energy_meter.kwh,
                        energy_source=energy_meter.source,
                        params=count_parameters(model), **environment_facts(device))
         run_log.write_summary(summary)

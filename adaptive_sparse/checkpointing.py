@@ -63,17 +63,21 @@ class ResumePoint:
     wandb_run_id: str | None = None
 
 
-def locate_checkpoint(run_dir: Path, resume: bool) -> Path:
-    """RUN_DIR/checkpoints/last.pt, checked against `resume` before any data loads: resuming
-    needs it, and a fresh run must not overwrite another run's checkpoint."""
+def locate_checkpoint(run_dir: Path, resume: bool | str) -> tuple[Path, bool]:
+    """RUN_DIR/checkpoints/last.pt and whether to continue from it, checked against `resume`
+    before any data loads: resume=true needs the file, a fresh run (false) must not overwrite
+    another run's checkpoint, and resume=auto continues if there is one and starts afresh
+    if not (what a queue of long runs re-launched after an interruption wants)."""
     path = Path(run_dir) / "checkpoints" / "last.pt"
+    if resume == "auto":
+        return path, path.is_file()
     if resume and not path.is_file():
         raise CheckpointError(f"resume=true but there is no checkpoint {path}; pass the run's "
                               "hydra.run.dir, or drop resume=true to start afresh")
     if not resume and path.exists():
         raise CheckpointError(f"{path} exists: pass resume=true to continue that run, or choose "
                               "another hydra.run.dir (nothing was overwritten)")
-    return path
+    return path, bool(resume)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

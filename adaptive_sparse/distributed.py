@@ -94,16 +94,22 @@ class Distributed:
         selected, total = self.all_reduce([int(keep.sum()), len(keep)])
         return selected / total
 
-    def attach(self, gate: Any) -> None:
-        """Make the gate's controller work on the global activation rate."""
+    def attach(self, gate: Any, packer: Any) -> None:
+        """Make the gate's controller work on the global activation rate, and the packer step
+        when enough samples wait on all ranks together."""
         if self.active:
             gate.rate_reducer = self.global_rate
+            packer.count_reducer = self.global_count
+
+    def global_count(self, n: int) -> int:
+        return int(self.all_reduce([n])[0])
 
     def reduce_tally(self, tally: Tally) -> Tally:
         """The epoch's counts and trained-loss sum over all ranks."""
-        seen, scored, trained, loss_sum = self.all_reduce(
-            [tally.seen, tally.scored, tally.trained, tally.loss_sum])
+        seen, scored, trained, loss_sum, scoring_flops = self.all_reduce(
+            [tally.seen, tally.scored, tally.trained, tally.loss_sum, tally.scoring_flops])
         tally.seen, tally.scored, tally.trained, tally.loss_sum = int(seen), int(scored), int(trained), loss_sum
+        tally.scoring_flops = scoring_flops  # optimizer_steps: the same on every rank already
         return tally
 
     def evaluate(self, sums: tuple[float, int, int]) -> tuple[float, float]:

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from adaptive_sparse.controller import PIController
+from adaptive_sparse.scorers import ProxyScorer
 from adaptive_sparse.significance import BatchScores, SampleMemory, ScoreHistory, SignificanceModel
 
 
@@ -35,17 +36,25 @@ class Selection:
 
 
 class Gate:
-    """Base gate: trains every sample. Subclasses override `select`."""
+    """Base gate: trains every sample. Subclasses override `select`.
+
+    `pack` (config `gate.pack`) is read by the training loop: selected samples accumulate into
+    full training batches (adaptive_sparse/packing.py). `device` is where per-sample state
+    lives, from construction on. `scorer` is None when scores come from the trained model.
+    """
 
     needs_scores = False
+    scorer: ProxyScorer | None = None
 
     def __init__(self, target_rate: float = 1.0, num_samples: int = 0, num_classes: int = 10,
-                 seed: int = 0, total_epochs: int = 1):
+                 seed: int = 0, total_epochs: int = 1, pack: bool = False,
+                 device: torch.device | str = "cpu"):
         if not 0.0 < target_rate <= 1.0:
             raise ValueError(f"gate.target_rate must be in (0, 1], got {target_rate}")
         self.target_rate = float(target_rate)
         self.num_samples = num_samples
         self.total_epochs = int(total_epochs)
+        self.pack, self.device = bool(pack), torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)  # CPU: same draws on any device
         # keep mask -> achieved rate fed to a controller; under torchrun it is all-reduced so
         # every rank's controller sees the global rate and holds the same threshold
@@ -81,8 +90,8 @@ class NoGate(Gate):
     gate.target_rate=0.25`) and keep the full-training baseline."""
 
     def __init__(self, target_rate: float = 1.0, num_samples: int = 0, num_classes: int = 10,
-                 seed: int = 0, total_epochs: int = 1):
-        super().__init__(1.0, num_samples, num_classes, seed, total_epochs)
+                 seed: int = 0, total_epochs: int = 1, pack: bool = False, device: torch.device | str = "cpu"):
+        super().__init__(1.0, num_samples, num_classes, seed, total_epochs, pack, device)
 
 
 class RandomGate(Gate):
@@ -134,9 +143,10 @@ class SundewGate(Gate):
                  unbiased: bool = False, history_size: int = 4096, exploration: float = 0.1,
                  refresh_every_epochs: int = 0, anneal_epochs: int = 0, temperature: float = 1.0,
                  min_selected: int = 1, norm_momentum: float = 0.05, seed: int = 0,
-                 total_epochs: int = 1):
-        super().__init__(target_rate, num_samples, num_classes, seed, total_epochs)
-        for key, value, allowed in (("scoring", scoring, ("forward", "memory")),
+                 total_epochs: int = 1, proxy: Callable[..., torch.nn.Module] | None = None,
+                 proxy_lr: float = 1e-3, pack: bool = False, device: torch.device | str = "cpu"):
+        super().__init__(target_rate, num_samples, num_classes, seed, total_epochs, pack, device)
+        for key, value, allowed in (("scoring", scoring, ("forward", "memory", "proxy")),
                                     ("selection", selection, ("percentile", "threshold"))):
             if value not in allowed:
                 raise ValueError(f"gate.{key}={value!r} is not allowed: one of {allowed}")
@@ -149,8 +159,12 @@ class SundewGate(Gate):
         self.refresh_every_epochs, self.anneal_epochs = int(refresh_every_epochs), int(anneal_epochs)
         self.pruning_rate = pruning_epoch_rate(self.target_rate, self.total_epochs, self.anneal_epochs)
         self.significance = SignificanceModel(weights or {"loss": 1.0}, num_classes)
-        self.memory = SampleMemory(num_samples)
+        self.memory = SampleMemory(num_samples, self.device)
         self.history = ScoreHistory(history_size)
+        if scoring == "proxy":
+            if proxy is None:
+                raise ValueError("gate.scoring=proxy needs gate.proxy: a model config with _partial_: true")
+            self.scorer = ProxyScorer(proxy(num_classes=num_classes), num_classes, lr=proxy_lr, device=self.device)
         self.temperature, self.min_selected = float(temperature), int(min_selected)
         self.controller = self._make_controller(dict(controller or {}))
         self.norm_momentum = float(norm_momentum)
@@ -161,7 +175,7 @@ class SundewGate(Gate):
     @property
     def uses_threshold(self) -> bool:
         """True for the z-score threshold rule; every other rule's controller sets a batch budget."""
-        return self.selection == "threshold" and self.scoring == "forward"
+        return self.selection == "threshold" and self.scoring != "memory"
 
     def _make_controller(self, gains: dict) -> PIController:
         rate = self.pruning_rate
@@ -174,7 +188,7 @@ class SundewGate(Gate):
 
     @property
     def needs_scores(self) -> bool:
-        return (self.scoring == "forward" or self.refreshing) and not self.annealing
+        return (self.scoring != "memory" or self.refreshing) and not self.annealing
 
     @property
     def threshold(self) -> float | None:
@@ -191,8 +205,8 @@ class SundewGate(Gate):
     def select(self, idx: torch.Tensor, scores: BatchScores | None) -> Selection:
         if self.annealing:  # the last epochs train on everything
             return Selection(torch.arange(len(idx), device=idx.device))
-        memory = self.memory.to(idx.device)
-        if self.scoring == "forward":
+        memory = self.memory
+        if self.scoring != "memory":  # forward or proxy: fresh scores of the whole batch
             significance = self.significance.fresh(idx, scores, memory)  # [B]
             memory.record(idx, scores)
         else:
@@ -202,7 +216,7 @@ class SundewGate(Gate):
         prob = None
         if self.selection == "percentile":
             keep, prob = self._keep_by_percentile(significance)
-        elif self.scoring == "forward":
+        elif self.uses_threshold:
             keep = self._keep_above_threshold(significance)
         else:
             keep = self._keep_by_priority(significance)
@@ -266,7 +280,8 @@ class SundewGate(Gate):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "controller": self.controller.state_dict(),
                 "memory": self.memory.state_dict(), "history": self.history.state_dict(),
-                "score_norm": (self.score_mean, self.score_var)}
+                "score_norm": (self.score_mean, self.score_var),
+                "proxy": self.scorer.state_dict() if self.scorer else None}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -274,6 +289,8 @@ class SundewGate(Gate):
         self.memory.load_state_dict(state["memory"])
         self.history.load_state_dict(state["history"])
         self.score_mean, self.score_var = state["score_norm"]
+        if self.scorer:
+            self.scorer.load_state_dict(state["proxy"])
 
 
 class InfoBatchGate(Gate):
@@ -293,8 +310,8 @@ class InfoBatchGate(Gate):
 
     def __init__(self, prune_ratio: float = 0.5, anneal_after: float = 0.875, num_samples: int = 0,
                  num_classes: int = 10, seed: int = 0, total_epochs: int = 1,
-                 target_rate: float | None = None):
-        super().__init__(1.0, num_samples, num_classes, seed, total_epochs)
+                 target_rate: float | None = None, pack: bool = False, device: torch.device | str = "cpu"):
+        super().__init__(1.0, num_samples, num_classes, seed, total_epochs, pack, device)
         if target_rate is not None:
             raise ValueError("gate=infobatch has no target_rate: set gate.prune_ratio "
                              "(its rate is about 1 - prune_ratio * the share of samples below the mean loss)")
@@ -304,7 +321,7 @@ class InfoBatchGate(Gate):
             raise ValueError(f"gate.anneal_after={anneal_after} is not allowed: a fraction in [0, 1]")
         self.target_rate = None  # type: ignore[assignment]  # reported as such in summary.json
         self.prune_ratio, self.anneal_after = float(prune_ratio), float(anneal_after)
-        self.memory = SampleMemory(num_samples)
+        self.memory = SampleMemory(num_samples, self.device)
         self.mean_loss = float("nan")
         self.annealing = False
 
@@ -321,7 +338,7 @@ class InfoBatchGate(Gate):
         everything = torch.arange(b, device=idx.device)
         if self.annealing:
             return Selection(everything)
-        loss = self.memory.to(idx.device).last_loss[idx]  # [B], NaN: never seen (never pruned)
+        loss = self.memory.last_loss[idx]  # [B], NaN: never seen (never pruned)
         well_learned = loss < self.mean_loss  # False for NaN
         pruned = well_learned & (torch.rand(b, generator=self.generator).to(idx.device) < self.prune_ratio)
         index = (~pruned).nonzero().squeeze(1)
@@ -353,8 +370,9 @@ class SelectiveBackpropGate(Gate):
     needs_scores = True
 
     def __init__(self, target_rate: float = 0.5, beta: float | None = None, history_size: int = 4096,
-                 num_samples: int = 0, num_classes: int = 10, seed: int = 0, total_epochs: int = 1):
-        super().__init__(target_rate, num_samples, num_classes, seed, total_epochs)
+                 num_samples: int = 0, num_classes: int = 10, seed: int = 0, total_epochs: int = 1,
+                 pack: bool = False, device: torch.device | str = "cpu"):
+        super().__init__(target_rate, num_samples, num_classes, seed, total_epochs, pack, device)
         self.beta = 1.0 / self.target_rate - 1.0 if beta is None else float(beta)
         if self.beta < 0:
             raise ValueError(f"gate.beta={beta} is not allowed: a number >= 0")

@@ -89,17 +89,26 @@ class PhaseTimer:
 
 
 class Tally:
-    """Counts for one epoch: samples seen, scored and trained, and the trained samples' loss."""
+    """Counts for one epoch: samples seen, scored and trained, the trained samples' loss, the
+    optimiser steps, and the FLOPs spent on scoring (a scoring forward per scored sample, and
+    a proxy scorer's own training)."""
 
     def __init__(self):
-        self.seen = self.scored = self.trained = 0
-        self.loss_sum = 0.0
+        self.seen = self.scored = self.trained = self.optimizer_steps = 0
+        self.loss_sum = self.scoring_flops = 0.0
         self.last_batch_loss: float | None = None
 
-    def add(self, seen: int, scored: int, trained_losses: torch.Tensor | None) -> None:
+    def add_batch(self, seen: int, scored: int = 0, scoring_flops: float = 0.0) -> None:
+        """A loader batch: `seen` samples, `scored` of them by a scoring forward."""
         self.seen += seen
         self.scored += scored
-        if trained_losses is not None and len(trained_losses):
+        self.scoring_flops += scoring_flops
+
+    def add_step(self, trained_losses: torch.Tensor, scoring_flops: float = 0.0) -> None:
+        """A training step on these samples' losses (none on this rank: still a step)."""
+        self.optimizer_steps += 1
+        self.scoring_flops += scoring_flops
+        if len(trained_losses):
             batch_sum = float(trained_losses.sum())
             self.trained += len(trained_losses)
             self.loss_sum += batch_sum
@@ -107,9 +116,9 @@ class Tally:
 
     def flops(self, meter: FlopMeter) -> dict[str, float]:
         """FLOPs executed (scoring + training) against a full step on every sample seen."""
-        scoring = self.scored * meter.forward_per_sample
         training = self.trained * meter.train_per_sample
         full = self.seen * meter.train_per_sample
-        return {"flops_scoring": scoring, "flops_training": training,
-                "flops_executed": scoring + training, "flops_full": full,
-                "compute_savings": 1.0 - (scoring + training) / full if full else 0.0}
+        executed = self.scoring_flops + training
+        return {"flops_scoring": self.scoring_flops, "flops_training": training,
+                "flops_executed": executed, "flops_full": full,
+                "compute_savings": 1.0 - executed / full if full else 0.0}

@@ -65,10 +65,12 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
 def test_resume_and_fresh_runs_refuse_the_wrong_checkpoint_state(tmp_path):
     with pytest.raises(CheckpointError, match=r"resume=true but there is no checkpoint .*last\.pt"):
         locate_checkpoint(tmp_path, resume=True)
+    assert locate_checkpoint(tmp_path, resume="auto") == (tmp_path / "checkpoints" / "last.pt", False)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="pass resume=true"):
         locate_checkpoint(tmp_path, resume=False)
+    assert locate_checkpoint(tmp_path, resume="auto") == (tmp_path / "checkpoints" / "last.pt", True)
 
 
 def _minimal_checkpoint() -> dict:

@@ -86,9 +86,11 @@ def test_compute_savings_of_a_tally_by_hand():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     meter = FlopMeter(model, (4,), num_classes=2)
     tally = Tally()
-    tally.add(seen=64, scored=64, trained_losses=torch.ones(6))
-    tally.add(seen=64, scored=64, trained_losses=torch.ones(10))
+    for trained in (6, 10):
+        tally.add_batch(seen=64, scored=64, scoring_flops=64 * meter.forward_per_sample)
+        tally.add_step(torch.ones(trained))
     flops = tally.flops(meter)
+    assert tally.optimizer_steps == 2 and tally.trained == 16
     # executed = 128 scored * 36 + 16 trained * 84 = 4608 + 1344 = 5952; full = 128 * 84 = 10752
     assert flops["flops_executed"] == 5952 and flops["flops_full"] == 10752
     assert flops["compute_savings"] == pytest.approx(1 - 5952 / 10752)
