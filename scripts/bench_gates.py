@@ -28,9 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "none": ["gate=none"],
     "random": ["gate=random"],
+    "random-packed": ["gate=random", "gate.pack=true"],
     "sundew-forward": ["gate=sundew", "gate.scoring=forward"],
     "sundew-memory": ["gate=sundew", "gate.scoring=memory"],
+    "sundew-memory-packed": ["gate=sundew", "gate.scoring=memory", "gate.pack=true"],
+    "sundew-proxy": ["gate=sundew", "gate.scoring=proxy"],
+    "sundew-proxy-packed": ["gate=sundew", "gate.scoring=proxy", "gate.pack=true"],
 }
+DEFAULT_CONFIGS = "none,random,sundew-forward,sundew-memory"
 
 
 def measure_matmul_peak(device: str, size: int = 2048, reps: int = 5) -> float:
@@ -82,6 +87,9 @@ def row_for(name: str, runs: list[dict], epoch: int, accuracies: list[float], pe
         "train_step_time_s": median("train_step_time_s"),
         "data_share": median("data_time_s") / median("epoch_time_s"),
         "activation_rate": median("activation_rate"),
+        "optimizer_steps": median("optimizer_steps"),
+        # FLOPs spent on scoring per sample seen (a forward, or a proxy's forward and training)
+        "scoring_flops_per_sample": median("flops_scoring") / median("samples_seen"),
         "flops_executed": median("flops_executed"),
         "compute_savings": median("compute_savings"),
         "sample_savings": median("sample_savings"),
@@ -109,23 +117,26 @@ def add_ratios(rows: list[dict], target_rate: float) -> None:
         row["ideal_speedup_from_flops"] = 1.0 / row["flops_ratio_vs_none"]
     forward_share = base["flops_per_sample_forward"] / base["flops_per_sample_train"]
     for row in rows:  # the FLOP model of the README: forward scoring ~ f + r, memory ~ r
-        row["ideal_cost_model"] = {"none": 1.0, "random": target_rate,
-                                   "sundew-forward": forward_share + target_rate,
-                                   "sundew-memory": target_rate}[row["config"]]
+        row["ideal_cost_model"] = (1.0 if row["config"] == "none"
+                                   else forward_share + target_rate if row["config"] == "sundew-forward"
+                                   else row["scoring_flops_per_sample"] / base["flops_per_sample_train"]
+                                   + target_rate)
 
 
 def markdown_table(rows: list[dict], accuracies: list[float], epoch: int) -> str:
     acc_cols = "".join(f" time to {a:g}% (s) |" for a in accuracies)
     lines = [f"| gate | epoch {epoch} time (s) | speedup vs none | ideal (1 / FLOPs ratio) | FLOPs ratio "
-             f"| compute savings | sample savings | activation rate | data share | MFU (train step) "
-             f"| val acc (%) |{acc_cols}",
-             "|" + "---|" * (11 + len(accuracies))]
+             f"| optimiser steps | scoring FLOPs / sample (share of a train step) | compute savings "
+             f"| sample savings | activation rate | data share | MFU (train step) | val acc (%) |{acc_cols}",
+             "|" + "---|" * (13 + len(accuracies))]
     for r in rows:
         reached = [r["time_to_acc_s"][f"{a:g}"] for a in accuracies]
         accs = "".join(f" {t:.1f} |" if t is not None else " - |" for t in reached)
         lines.append(
             f"| {r['config']} | {r['epoch_time_s']:.1f} | {r['speedup_vs_none']:.2f}x "
             f"| {r['ideal_speedup_from_flops']:.2f}x | {r['flops_ratio_vs_none']:.3f} "
+            f"| {r['optimizer_steps']:.0f} | {r['scoring_flops_per_sample'] / 1e6:.1f}M "
+            f"({r['scoring_flops_per_sample'] / r['flops_per_sample_train']:.3f}) "
             f"| {100 * r['compute_savings']:.1f}% | {100 * r['sample_savings']:.1f}% "
             f"| {r['activation_rate']:.3f} | {100 * r['data_share']:.1f}% | {100 * r['mfu_train_step']:.1f}% "
             f"| {r['val_acc']:.2f} |{accs}")
@@ -140,6 +151,8 @@ def main() -> None:
     parser.add_argument("--limit-train-batches", type=int, default=150)
     parser.add_argument("--compare-epoch", type=int, default=None, help="default: the last epoch")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS,
+                        help=f"comma-separated, from {', '.join(CONFIGS)} (none is always run first)")
     parser.add_argument("--accuracies", default="20,30", help="comma-separated val_acc levels (percent)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="outputs/bench_gates", help="folder for the runs")
@@ -156,13 +169,17 @@ def main() -> None:
               "wandb.mode=disabled", "progress=false", *args.overrides]
     if args.dataset_root:
         common.append(f"dataset.root={args.dataset_root}")
+    names = ["none", *(n for n in args.configs.split(",") if n and n != "none")]
+    unknown = set(names) - set(CONFIGS)
+    if unknown:
+        parser.error(f"--configs: unknown {sorted(unknown)}; known: {', '.join(CONFIGS)}")
     out = ROOT / args.out / time.strftime("%Y-%m-%d_%H-%M-%S")
-    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     for repeat in range(args.repeats):  # round-robin: drift hits every configuration alike
-        for name, overrides in CONFIGS.items():
-            runs[name].append(run_config(name, overrides + common, out / f"{name}_r{repeat}"))
+        for name in names:
+            runs[name].append(run_config(name, CONFIGS[name] + common, out / f"{name}_r{repeat}"))
 
-    rows = [row_for(name, runs[name], epoch, accuracies, peak) for name in CONFIGS]
+    rows = [row_for(name, runs[name], epoch, accuracies, peak) for name in names]
     add_ratios(rows, args.target_rate)
     table = markdown_table(rows, accuracies, epoch)
     print(table)

@@ -2,6 +2,8 @@
 
     python scripts/report.py SWEEP_DIR            # SWEEP_DIR/report.md and PNG plots beside it
     python scripts/report.py SWEEP_DIR --wandb    # also publishes a W&B Report for the sweep's group
+    python scripts/report.py SWEEP_DIR --export docs/results/NAME/runs.jsonl   # the compact record
+    python scripts/report.py docs/results/NAME/runs.jsonl   # the same report, from the record alone
 
 Every run below SWEEP_DIR (a directory with .hydra/overrides.yaml, summary.json or
 metrics.jsonl) is read. Runs are grouped into rows by the overrides whose values differ
@@ -120,9 +122,46 @@ def load_run(run_dir: Path) -> Run:
     return Run(run_dir, overrides, summary, epochs)
 
 
-def collect_runs(sweep_dir: str | Path) -> list[Run]:
-    """Every run below sweep_dir, complete or not, in directory order."""
-    return [load_run(d) for d in find_run_dirs(Path(sweep_dir))]
+def collect_runs(source: str | Path) -> list[Run]:
+    """Every run below a sweep directory, complete or not, in directory order; or every run
+    of a record file written by `export_records`."""
+    source = Path(source)
+    if source.is_file():
+        return read_records(source)
+    return [load_run(d) for d in find_run_dirs(source)]
+
+
+# per-epoch keys a record keeps: what the reports and the time-to-accuracy figures read
+RECORD_EPOCH_KEYS = ("epoch", "val_acc", "val_loss", "train_loss", "epoch_time_s", "scoring_time_s",
+                     "train_step_time_s", "activation_rate", "threshold", "budget", "samples_trained",
+                     "optimizer_steps", "flops_executed", "flops_scoring", "compute_savings", "lr")
+
+
+def export_records(runs: list[Run], root: Path, path: Path) -> int:
+    """One JSON line per complete run (its directory relative to `root`, overrides, summary
+    and trimmed per-epoch records): a few kB a run, committed in place of run directories."""
+    lines = []
+    for run in (r for r in runs if r.complete):
+        epochs = [{k: rec[k] for k in RECORD_EPOCH_KEYS if k in rec} for rec in run.epochs]
+        summary = {k: v for k, v in run.summary.items() if k != "epoch_times_s"}  # in the epochs already
+        if ":" in str(summary.get("data_source")):  # folder:/a/b/cifar10 -> folder:cifar10, no machine's paths
+            kind, place = summary["data_source"].split(":", 1)
+            summary["data_source"] = f"{kind}:{Path(place).name}"
+        lines.append(json.dumps({"run": str(run.path.relative_to(root)), "overrides": run.overrides,
+                                 "summary": summary, "epochs": epochs}, sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))  # directory order, as collect_runs reads them
+    return len(lines)
+
+
+def read_records(path: Path) -> list[Run]:
+    runs = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            runs.append(Run(path.parent / record["run"], record["overrides"], record["summary"],
+                            record["epochs"]))
+    return runs
 
 
 # --------------------------------------------------------------------------- figures
@@ -354,8 +393,8 @@ def report_markdown(sweep_dir: Path, runs: list[Run], rows: list[Row], plots: li
     complete = [r for r in runs if r.complete]
     incomplete = [r for r in runs if not r.complete]
     settings = ", ".join(f"{k}={v}" for k, v in common_settings(runs).items())
-    parts = [f"# Sweep report: {sweep_group_name(sweep_dir)}", "",
-             f"{len(complete)} complete and {len(incomplete)} incomplete runs below `{sweep_dir}`; "
+    parts = [f"# Sweep report: {sweep_group_name(sweep_dir.parent if sweep_dir.is_file() else sweep_dir)}", "",
+             f"{len(complete)} complete and {len(incomplete)} incomplete runs in `{sweep_dir}`; "
              f"remake with `python scripts/report.py {sweep_dir}`.", ""]
     if rows:
         parts += [f"Common to all complete runs: {settings}.", "",
@@ -374,18 +413,20 @@ def report_markdown(sweep_dir: Path, runs: list[Run], rows: list[Row], plots: li
                   "## Plots", ""]
         parts += [f"![{PLOTS[p.stem]}]({p.name})  \n{PLOTS[p.stem]} (`{p.name}`)\n" for p in plots]
     parts += ["## Incomplete runs", ""]
-    parts += [f"- `{r.path.relative_to(sweep_dir)}`: {r.problem}" for r in incomplete] or ["none"]
+    parts += [f"- `{r.path.name}`: {r.problem}" for r in incomplete] or ["none"]
     return "\n".join(parts) + "\n"
 
 
-def write_report(sweep_dir: str | Path) -> tuple[Path, list[Row], list[Run]]:
-    """SWEEP_DIR/report.md and its plots; returns (report path, rows, all runs)."""
-    sweep_dir = Path(sweep_dir)
-    runs = collect_runs(sweep_dir)
+def write_report(source: str | Path) -> tuple[Path, list[Row], list[Run]]:
+    """report.md and its plots in the sweep directory (or beside the record file); returns
+    (report path, rows, all runs)."""
+    source = Path(source)
+    out_dir = source.parent if source.is_file() else source
+    runs = collect_runs(source)
     rows = summarise(runs)
-    plots = write_plots(rows, sweep_dir) if rows else []
-    path = sweep_dir / "report.md"
-    path.write_text(report_markdown(sweep_dir, runs, rows, plots))
+    plots = write_plots(rows, out_dir) if rows else []
+    path = out_dir / "report.md"
+    path.write_text(report_markdown(source, runs, rows, plots))
     return path, rows, runs
 
 
@@ -452,11 +493,16 @@ def publish(report: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory, or a runs.jsonl record file")
     parser.add_argument("--wandb", action="store_true", help="also publish a W&B Report for the sweep's group")
+    parser.add_argument("--export", type=Path, metavar="RUNS_JSONL",
+                        help="write the complete runs' compact record to this file")
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        parser.error(f"{args.sweep_dir} is not a directory")
+    if not args.sweep_dir.exists():
+        parser.error(f"{args.sweep_dir} is neither a directory nor a record file")
+    if args.export:
+        count = export_records(collect_runs(args.sweep_dir), args.sweep_dir, args.export)
+        print(f"wrote {count} runs to {args.export}")
     path, rows, runs = write_report(args.sweep_dir)
     print(table_markdown(rows) if rows else "no complete runs")
     for run in runs:

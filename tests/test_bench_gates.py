@@ -14,7 +14,7 @@ def fake_run(epoch_times, accs, flops_executed, rate, scoring_time=0.0):
     records = [{"epoch": i + 1, "epoch_time_s": t, "val_acc": a, "data_time_s": 0.1 * t,
                 "scoring_time_s": scoring_time, "train_step_time_s": 0.5 * t, "activation_rate": rate,
                 "flops_executed": flops_executed, "flops_training": 100.0, "compute_savings": 0.0,
-                "sample_savings": 1 - rate} for i, (t, a) in enumerate(zip(epoch_times, accs))]
+                "sample_savings": 1 - rate, "optimizer_steps": 10, "flops_scoring": 0.0, "samples_seen": 64} for i, (t, a) in enumerate(zip(epoch_times, accs))]
     return {"records": records, "summary": {"val_acc": accs[-1], "flops_per_sample_forward": 1.0,
                                             "flops_per_sample_train": 3.0}}
 

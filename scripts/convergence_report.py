@@ -1,0 +1,336 @@
+"""The convergence study's page: does gating beat simply training less?
+
+    python scripts/report.py multirun/convergence --export docs/results/convergence/runs.jsonl
+    python scripts/convergence_report.py docs/results/convergence/runs.jsonl
+
+Reads the runs of `+experiment=convergence`, `convergence_baseline` and `convergence_infobatch`
+(a sweep directory or the compact record file) and writes report.md and its plots beside the
+record file (or into --out). Arms are (gate, target rate, packing, epochs); seeds are paired.
+
+- Full training: gate=none over the longest schedule (E epochs).
+- Time-matched full training at budget b: gate=none over b * E epochs, its cosine schedule
+  decayed over its own length ("No Train No Gain"'s fair baseline).
+- A gated arm at target rate b sees all E epochs and trains about b of the samples.
+
+Intervals are 95% Student-t intervals over seeds (none for one seed); paired differences take
+the same seed of both arms. Times are training wall-clock (evaluation excluded) as recorded by
+each run, as a share of full training's mean.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("sweep_report", HERE / "report.py")
+report = sys.modules.setdefault("sweep_report", importlib.util.module_from_spec(_spec))
+if not hasattr(report, "collect_runs"):
+    _spec.loader.exec_module(report)
+
+SEEDS = (0, 1, 2)
+BUDGETS = (0.5, 0.25)
+GATES = ("sundew_memory", "random", "sundew_proxy")
+MARGIN_TIME = 0.5   # "time to full training's final accuracy minus 0.5 points"
+MARGIN_LOSSLESS = 0.3  # the goal's "reaches full training's final accuracy (within 0.3 points)"
+GOAL_POINTS = 1.0   # the goal's "beats time-matched full training by at least 1.0 point"
+# two-sided 95% Student-t quantiles by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def interval(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% t-interval (None for a single value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def fmt(figure: tuple[float, float | None], digits: int = 2) -> str:
+    mean, half = figure
+    return f"{mean:.{digits}f}" + ("" if half is None else f" ± {half:.{digits}f}")
+
+
+@dataclass(frozen=True)
+class ArmKey:
+    gate: str
+    rate: float | None  # target rate; None for InfoBatch, 1.0 for none
+    packed: bool
+    epochs: int
+
+    @property
+    def label(self) -> str:
+        if self.gate == "none":
+            return f"none, {self.epochs} epochs"
+        rate = "" if self.rate is None else f" {self.rate:g}"
+        return f"{self.gate}{rate}{', packed' if self.packed else ''}"
+
+
+@dataclass
+class Arm:
+    key: ArmKey
+    runs: dict[int, report.Run] = field(default_factory=dict)  # by seed
+
+    def finals(self, seeds=None) -> dict[int, float]:
+        return {s: r.summary["val_acc"] for s, r in self.runs.items() if seeds is None or s in seeds}
+
+    def times(self) -> list[float]:
+        return [r.summary["train_time_s"] for r in self.runs.values()]
+
+
+def arm_key(run: report.Run) -> ArmKey:
+    s = run.summary
+    packed = str(run.overrides.get("gate.pack", "false")).lower() == "true"
+    return ArmKey(s["gate"], s["target_rate"], packed and s["gate"] != "none", s["epochs"])
+
+
+def group_arms(runs: list[report.Run]) -> dict[ArmKey, Arm]:
+    arms: dict[ArmKey, Arm] = {}
+    for run in (r for r in runs if r.complete):
+        arms.setdefault(arm_key(run), Arm(arm_key(run))).runs[run.summary["seed"]] = run
+    return dict(sorted(arms.items(), key=lambda kv: (kv[0].gate != "none", -kv[0].epochs, kv[0].gate,
+                                                     -(kv[0].rate or 0), not kv[0].packed)))
+
+
+@dataclass
+class Study:
+    arms: dict[ArmKey, Arm]
+    full: Arm
+    full_time: float  # mean training seconds of full training
+    full_acc: float   # its mean final accuracy
+
+    def matched(self, budget: float) -> Arm | None:
+        """Full training over budget * E epochs."""
+        return self.arms.get(ArmKey("none", 1.0, False, round(budget * self.full.key.epochs)))
+
+    def share(self, arm: Arm) -> float:
+        return statistics.fmean(arm.times()) / self.full_time
+
+
+def build_study(runs: list[report.Run]) -> Study:
+    arms = group_arms(runs)
+    nones = [a for k, a in arms.items() if k.gate == "none"]
+    if not nones:
+        raise SystemExit("no gate=none run: the study needs full training to compare with")
+    full = max(nones, key=lambda a: a.key.epochs)
+    return Study(arms, full, statistics.fmean(full.times()), statistics.fmean(full.finals().values()))
+
+
+def time_to(run: report.Run, accuracy: float) -> float | None:
+    return report.time_to_accuracy(run, accuracy)
+
+
+def paired(arm: Arm, other: Arm | None) -> tuple[tuple[float, float | None], int] | None:
+    """Mean (and 95% interval) of arm - other over their common seeds, and how many."""
+    if other is None:
+        return None
+    seeds = sorted(set(arm.runs) & set(other.runs))
+    if not seeds:
+        return None
+    a, b = arm.finals(seeds), other.finals(seeds)
+    return interval([a[s] - b[s] for s in seeds]), len(seeds)
+
+
+# --------------------------------------------------------------------------- tables
+
+def arms_table(study: Study) -> str:
+    goal = study.full_acc - MARGIN_TIME
+    head = ["arm", "seeds", "final val acc (%)", "train time (s)", "share of full's time",
+            "share of full's FLOPs", "optimiser steps / full's",
+            f"time to {goal:.2f}% (full - {MARGIN_TIME} pt), share of full's"]
+    full_flops = statistics.fmean(r.summary["flops_executed"] for r in study.full.runs.values())
+    full_steps = statistics.fmean(sum(e.get("optimizer_steps") or 0 for e in r.epochs)
+                                  or _batches(r) for r in study.full.runs.values())
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in study.arms.values():
+        flops = statistics.fmean(r.summary["flops_executed"] for r in arm.runs.values()) / full_flops
+        steps = statistics.fmean(sum(e.get("optimizer_steps") or 0 for e in r.epochs) or _batches(r)
+                                 for r in arm.runs.values()) / full_steps
+        reached = [time_to(r, goal) for r in arm.runs.values()]
+        done = [t / study.full_time for t in reached if t is not None]
+        cell = (fmt(interval(done)) if len(done) == len(reached)
+                else f"not reached by {len(reached) - len(done)} of {len(reached)}")
+        lines.append(f"| {arm.key.label} | {','.join(map(str, sorted(arm.runs)))} | "
+                     f"{fmt(interval(list(arm.finals().values())))} | {fmt(interval(arm.times()), 0)} | "
+                     f"{study.share(arm):.3f} | {flops:.3f} | {steps:.3f} | {cell} |")
+    return "\n".join(lines)
+
+
+def _batches(run: report.Run) -> float:
+    """Optimiser steps of a run that predates the optimizer_steps key: gate=none steps once per batch."""
+    return run.summary["samples_seen"] / 64
+
+
+def differences_table(study: Study) -> tuple[str, list[tuple[str, float, tuple[float, float | None], int]]]:
+    head = ["gated arm", "share of full's time", "vs time-matched none (points)", "seeds",
+            "vs random, same budget and packing (points)", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    forest = []
+    for arm in study.arms.values():
+        k = arm.key
+        if k.gate == "none" or k.rate is None:
+            continue
+        versus_none = paired(arm, study.matched(k.rate))
+        random = study.arms.get(ArmKey("random", k.rate, k.packed, k.epochs))
+        versus_random = paired(arm, random) if k.gate != "random" else None
+        cells = [k.label, f"{study.share(arm):.3f}"]
+        for result in (versus_none, versus_random):
+            cells += ["–", "–"] if result is None else [fmt(result[0]), str(result[1])]
+        lines.append("| " + " | ".join(cells) + " |")
+        if versus_none:
+            forest.append((k.label, k.rate, versus_none[0], versus_none[1]))
+    return "\n".join(lines), forest
+
+
+def goal_verdict(study: Study) -> str:
+    """The issue's goal at budget 0.5, met or missed, with the figures."""
+    lines = []
+    matched = study.matched(0.5)
+    for arm in study.arms.values():
+        k = arm.key
+        if k.gate == "none" or k.rate != 0.5:
+            continue
+        result = paired(arm, matched)
+        beat = (result is not None and result[0][1] is not None and result[0][0] >= GOAL_POINTS
+                and result[0][0] - result[0][1] > 0)
+        lossless = [time_to(r, study.full_acc - MARGIN_LOSSLESS) for r in arm.runs.values()]
+        half = all(t is not None and t <= 0.5 * study.full_time for t in lossless)
+        diff = "no paired time-matched run" if result is None else f"{fmt(result[0])} points over {result[1]} seed(s)"
+        lines.append(f"- {k.label}: vs time-matched none {diff}; within {MARGIN_LOSSLESS} points of full "
+                     f"training in at most half its time on {sum(t is not None and t <= 0.5 * study.full_time for t in lossless)} "
+                     f"of {len(lossless)} seeds: goal **{'met' if beat or half else 'missed'}**")
+    return "\n".join(lines) or "- no gated arm at budget 0.5 yet"
+
+
+def missing_runs(study: Study) -> list[str]:
+    """(arm, seed) pairs the three presets define that have no record yet."""
+    wanted = [ArmKey("none", 1.0, False, e) for e in (40, 20, 10)]
+    wanted += [ArmKey(g, b, p, 40) for b in BUDGETS for p in (True, False) for g in GATES]
+    wanted += [ArmKey("infobatch", None, p, 40) for p in (True, False)]
+    out = []
+    for key in wanted:
+        have = study.arms[key].runs if key in study.arms else {}
+        seeds = [s for s in SEEDS if s not in have]
+        if seeds:
+            out.append(f"{key.label}: seed {', '.join(map(str, seeds))}")
+    return out
+
+
+# --------------------------------------------------------------------------- plots
+
+def plot_frontier(study: Study, path: Path) -> None:
+    """Final accuracy (95% interval) against time share; gate=none's schedules joined as the
+    frontier a gate must beat."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    nones = sorted((a for a in study.arms.values() if a.key.gate == "none"), key=lambda a: a.key.epochs)
+    xs = [study.share(a) for a in nones]
+    ys = [interval(list(a.finals().values())) for a in nones]
+    ax.errorbar(xs, [m for m, _ in ys], yerr=[h or 0 for _, h in ys], color="black", marker="s",
+                capsize=3, label="none (10, 20, 40 epochs): train less")
+    colours = {g: f"C{i}" for i, g in enumerate((*GATES, "infobatch"))}
+    for arm in study.arms.values():
+        if arm.key.gate == "none":
+            continue
+        mean, half = interval(list(arm.finals().values()))
+        colour = colours.get(arm.key.gate, "grey")
+        ax.errorbar([study.share(arm)], [mean], yerr=[half or 0], marker="o", capsize=3, color=colour,
+                    markerfacecolor=colour if arm.key.packed else "white", linestyle="none",
+                    label=f"{arm.key.label} (n={len(arm.runs)})")
+    ax.set(xlabel="training wall-clock, share of full training's", ylabel="final validation accuracy (%)")
+    ax.set_title("mean over seeds, bars: 95% interval; filled: packed", fontsize=9)
+    report._finish(fig, ax, path)
+
+
+def plot_curves(study: Study, budget: float, path: Path) -> None:
+    """Validation accuracy against training wall-clock at one budget (mean over seeds)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    arms = [study.full, *(a for a in [study.matched(budget)] if a)]
+    arms += [a for a in study.arms.values() if a.key.gate != "none" and a.key.rate == budget]
+    for i, arm in enumerate(arms):
+        row = report.Row({}, list(arm.runs.values()))
+        xs, mean, _, _ = report._curve(row, "epoch_time_s")
+        ax.plot([x / study.full_time for x in xs], mean, marker=".", color="black" if i == 0 else f"C{i}",
+                linestyle="--" if arm.key.gate == "none" else "-", label=f"{arm.key.label} (n={len(arm.runs)})")
+    ax.axhline(study.full_acc - MARGIN_TIME, color="grey", linewidth=0.8, linestyle=":")
+    ax.set(xlabel="training wall-clock, share of full training's", ylabel="validation accuracy (%)",
+           ylim=(max(0, study.full_acc - 25), study.full_acc + 3))
+    ax.set_title(f"budget {budget}: mean over seeds; dotted: full training's final accuracy - {MARGIN_TIME}",
+                 fontsize=9)
+    report._finish(fig, ax, path)
+
+
+def plot_differences(forest: list, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.35 * max(1, len(forest))))
+    for i, (label, _, (mean, half), n) in enumerate(forest):
+        ax.errorbar([mean], [i], xerr=[half or 0], marker="o", capsize=3, color="C0" if half else "C1")
+    ax.set_yticks(range(len(forest)), [f"{label} (n={n})" for label, _, _, n in forest], fontsize=7)
+    ax.axvline(0, color="grey", linewidth=0.8)
+    ax.axvline(GOAL_POINTS, color="grey", linewidth=0.8, linestyle=":")
+    ax.set(xlabel="final accuracy minus time-matched none's, same seed (points)")
+    ax.set_title("paired difference, bars: 95% interval (orange: one seed, no interval); dotted: the goal",
+                 fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- page
+
+def write_page(source: Path, out_dir: Path) -> Path:
+    runs = report.collect_runs(source)
+    study = build_study(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_frontier(study, out_dir / "accuracy_vs_time.png")
+    for budget in BUDGETS:
+        plot_curves(study, budget, out_dir / f"curves_budget_{budget}.png")
+    differences, forest = differences_table(study)
+    plot_differences(forest, out_dir / "paired_differences.png")
+    facts = study.full.runs[min(study.full.runs)].summary
+    missing = missing_runs(study)
+    text = "\n".join([
+        "# Convergence study: does gating beat simply training less?", "",
+        f"Made by `python scripts/convergence_report.py {source}` from {sum(len(a.runs) for a in study.arms.values())} "
+        f"runs. Model {facts['model']}, dataset {facts['dataset']} ({facts.get('data_source', '?')}), "
+        f"precision {facts.get('precision', '?')}, {facts['hardware']}; full training: {study.full.key.epochs} "
+        f"epochs, {fmt(interval(list(study.full.finals().values())))}% in {study.full_time:.0f} s.", "",
+        "## The goal at budget 0.5", "", goal_verdict(study), "",
+        "## Every arm", "", arms_table(study), "",
+        "Intervals: 95% Student-t over seeds. Time: training wall-clock as each run recorded it "
+        "(evaluation excluded). FLOPs: counted with torch.utils.flop_counter (scoring included). "
+        "Optimiser steps of the gate=none runs: one per batch.", "",
+        "## Paired differences (same seed)", "", differences, "",
+        "## Plots", "",
+        "![accuracy against time](accuracy_vs_time.png)", "",
+        "![curves at budget 0.5](curves_budget_0.5.png)", "",
+        "![curves at budget 0.25](curves_budget_0.25.png)", "",
+        "![paired differences](paired_differences.png)", "",
+        "## Not yet run", "", *(f"- {m}" for m in missing), *(["- nothing: the study is complete"] if not missing else []),
+        ""])
+    path = out_dir / "report.md"
+    path.write_text(text)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="the study's sweep directory or its runs.jsonl")
+    parser.add_argument("--out", type=Path, help="where report.md and the plots go (default: beside the record file)")
+    args = parser.parse_args(argv)
+    out = args.out or (args.source.parent if args.source.is_file() else args.source)
+    path = write_page(args.source, out)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""scripts/convergence_report.py and report.py's record files, on fabricated runs: figures by hand."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import ROOT
+
+for name, file in (("sweep_report", "report.py"), ("convergence_report", "convergence_report.py")):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / file)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+report, convergence = sys.modules["sweep_report"], sys.modules["convergence_report"]
+
+
+def fake_run(root: Path, gate: str, seed: int, epochs: int, acc: float, time_s: float,
+             rate: float | None = 1.0, pack: bool = False) -> None:
+    """A finished run: accuracy rises linearly to `acc`, every epoch takes time_s / epochs."""
+    run = root / f"{gate}_{rate}_{pack}_{epochs}_{seed}"
+    (run / ".hydra").mkdir(parents=True)
+    overrides = [f"gate={gate}", f"seed={seed}", f"training.epochs={epochs}", f"gate.pack={str(pack).lower()}"]
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    records = [{"epoch": e, "val_acc": acc - 2 * (epochs - e), "epoch_time_s": time_s / epochs,
+                "optimizer_steps": 10, "flops_executed": 1e9, "val_loss": 1.0} for e in range(1, epochs + 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "summary.json").write_text(json.dumps({
+        "val_acc": acc, "train_time_s": time_s, "epoch_times_s": [time_s / epochs] * epochs,
+        "gate": gate, "target_rate": rate, "epochs": epochs, "seed": seed, "flops_executed": 1e9 * epochs,
+        "samples_seen": 640, "model": "cnn", "dataset": "cifar10", "data_source": "folder:/data/cifar10",
+        "hardware": "CPU, 1 threads", "precision": "bf16", "activation_rate": rate or 0.7}))
+
+
+def fabricate(root: Path) -> None:
+    for seed, (full, matched, gated, random) in enumerate([(80.0, 70.0, 73.0, 72.0), (82.0, 72.0, 76.0, 72.5)]):
+        fake_run(root, "none", seed, 4, full, 100.0)
+        fake_run(root, "none", seed, 2, matched, 50.0)
+        fake_run(root, "sundew_memory", seed, 4, gated, 52.0, rate=0.5, pack=True)
+        fake_run(root, "random", seed, 4, random, 48.0, rate=0.5, pack=True)
+
+
+def test_record_file_round_trips_the_runs_and_drops_absolute_paths(tmp_path):
+    fabricate(tmp_path / "sweep")
+    runs = report.collect_runs(tmp_path / "sweep")
+    assert report.export_records(runs, tmp_path / "sweep", tmp_path / "runs.jsonl") == 8
+    again = report.collect_runs(tmp_path / "runs.jsonl")
+    assert [(r.overrides, r.summary["val_acc"], len(r.epochs)) for r in again] == \
+        [(r.overrides, r.summary["val_acc"], len(r.epochs)) for r in runs]
+    assert "/data/" not in (tmp_path / "runs.jsonl").read_text()
+    assert again[0].summary["data_source"] == "folder:cifar10"
+
+
+def test_paired_differences_and_intervals_by_hand(tmp_path):
+    fabricate(tmp_path / "sweep")
+    study = convergence.build_study(report.collect_runs(tmp_path / "sweep"))
+    assert study.full_acc == 81.0 and study.full_time == 100.0
+    gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4)]
+    (mean, half), n = convergence.paired(gated, study.matched(0.5))
+    # differences 3 and 4: mean 3.5, sd 0.7071, half-width t(1) 12.706 * 0.7071 / sqrt(2) = 6.353
+    assert n == 2 and mean == 3.5 and round(half, 3) == 6.353
+    (mean, _), _ = convergence.paired(gated, study.arms[convergence.ArmKey("random", 0.5, True, 4)])
+    assert mean == 2.25  # (1 + 3.5) / 2
+    assert study.share(gated) == 0.52
+
+
+def test_page_states_the_goal_and_lists_what_is_missing(tmp_path):
+    fabricate(tmp_path / "sweep")
+    path = convergence.write_page(tmp_path / "sweep", tmp_path / "page")
+    text = path.read_text()
+    # +3.5 points but an interval of ± 6.35 reaches below zero: not met by the first criterion;
+    # within 0.3 of 81.0 needs 80.7, never reached by the gated runs (73, 76)
+    assert "sundew_memory 0.5, packed: vs time-matched none 3.50 ± 6.35 points over 2 seed(s)" in text
+    assert "goal **missed**" in text
+    assert "none, 40 epochs: seed 0, 1, 2" in text  # the real study's arms, not yet run
+    for plot in ("accuracy_vs_time.png", "curves_budget_0.5.png", "paired_differences.png"):
+        assert (tmp_path / "page" / plot).stat().st_size > 0
