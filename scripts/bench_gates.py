@@ -10,7 +10,8 @@ configuration alike; per configuration the median over repeats is reported. Spee
 wall-clock ratios against `gate=none` measured in this invocation, on the epoch given by
 `--compare-epoch` (default: the last; epoch 1 includes warm-up). The FLOPs columns come from
 torch's flop counter (summary.json); MFU is the training step's counted FLOPs over its wall-clock,
-against this machine's fp32 matmul peak measured here first.
+against this machine's matmul peak measured here first in the precision the runs used (fp32 or
+bf16: bf16 autocast runs its matmuls and convolutions in bf16).
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ CONFIGS = {
 DEFAULT_CONFIGS = "none,random,sundew-forward,sundew-memory"
 
 
-def measure_matmul_peak(device: str, size: int = 2048, reps: int = 5) -> float:
-    """Best fp32 matmul FLOP/s of `reps` timed [size x size] products (after one warm-up)."""
-    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+def measure_matmul_peak(device: str, dtype: torch.dtype = torch.float32, size: int = 2048, reps: int = 5) -> float:
+    """Best matmul FLOP/s of `reps` timed [size x size] products in `dtype` (after one warm-up)."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(reps + 1):
         if device.startswith("cuda"):
@@ -61,6 +62,14 @@ def run_config(name: str, overrides: list[str], run_dir: Path) -> dict:
         raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"records": records, "summary": json.loads((run_dir / "summary.json").read_text())}
+
+
+def short_source(source: str | None) -> str | None:
+    """folder:/any/path/cifar10 -> folder:cifar10: records name the data copy, not a machine's paths."""
+    if not source or ":" not in source:
+        return source
+    kind, place = source.split(":", 1)
+    return f"{kind}:{Path(place).name}"
 
 
 def time_to_accuracy(records: list[dict], accuracy: float) -> float | None:
@@ -162,8 +171,10 @@ def main() -> None:
 
     epoch = args.compare_epoch or args.epochs
     accuracies = [float(a) for a in args.accuracies.split(",") if a]
-    peak = measure_matmul_peak(args.device)
-    print(f"fp32 matmul peak on {args.device}: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peaks = {name: measure_matmul_peak(args.device, dtype) for name, dtype in
+             (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(", ".join(f"{k} matmul peak on {args.device}: {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()),
+          flush=True)
     common = [f"gate.target_rate={args.target_rate}", f"training.epochs={args.epochs}",
               f"training.limit_train_batches={args.limit_train_batches}", f"device={args.device}",
               "wandb.mode=disabled", "progress=false", *args.overrides]
@@ -179,14 +190,17 @@ def main() -> None:
         for name in names:
             runs[name].append(run_config(name, CONFIGS[name] + common, out / f"{name}_r{repeat}"))
 
+    precision = runs["none"][0]["summary"].get("precision", "fp32")
+    peak = peaks["bf16" if precision == "bf16" else "fp32"]  # fp16: no CPU peak measured; fp32's
     rows = [row_for(name, runs[name], epoch, accuracies, peak) for name in names]
     add_ratios(rows, args.target_rate)
     table = markdown_table(rows, accuracies, epoch)
     print(table)
-    summary = {"command": " ".join(sys.argv), "peak_matmul_flops_per_s": peak, "compare_epoch": epoch,
+    summary = {"command": " ".join(sys.argv), "precision": precision, "peak_matmul_flops_per_s": peak,
+               "peaks_matmul_flops_per_s": peaks, "compare_epoch": epoch,
                "hardware": runs["none"][0]["summary"].get("hardware"),
-               "data_source": runs["none"][0]["summary"].get("data_source"),
-               "torch": torch.__version__, "rows": rows, "table": table, "runs_dir": str(out)}
+               "data_source": short_source(runs["none"][0]["summary"].get("data_source")),
+               "torch": torch.__version__, "rows": rows, "table": table, "runs_dir": str(out.relative_to(ROOT))}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {args.json}")
