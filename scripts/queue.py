@@ -1,0 +1,113 @@
+"""Work through a study's queue of runs, in its order, with as many workers as there are cores.
+
+    python scripts/queue.py docs/results/convergence/queue.txt --out multirun/convergence/runs \\
+        -- dataset.root=../shared/data/cifar10 training.num_threads=1 wandb.mode=disabled
+
+Each non-empty line of the queue file (after `#` comments) is one run: train.py overrides.
+A run's directory is OUT/<its overrides as a short name>. A worker skips runs that finished
+(summary.json), claims the first free one (OUT/<name>.claim, holding its process id, made
+atomically), and runs `python train.py ... resume=auto`, so a run interrupted in an earlier
+session continues from its last checkpoint. Start one worker per core; stop them at any time
+(a run loses at most its unfinished epoch). A claim whose process is gone is taken over.
+Overrides after `--` go to every run and stay out of the directory names.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_queue(path: Path) -> list[list[str]]:
+    runs = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            runs.append(line.split())
+    return runs
+
+
+def run_name(overrides: list[str]) -> str:
+    """'+experiment=convergence gate=random gate.pack=true seed=0' -> 'convergence,gate.pack=true,gate=random,seed=0'."""
+    parts = sorted(o.lstrip("+").replace("experiment=", "") for o in overrides)
+    return re.sub(r"[^A-Za-z0-9=.,_-]", "_", ",".join(parts))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(claim_file: Path) -> bool:
+    """Create the claim atomically; take over one left by a process that is gone."""
+    try:
+        fd = os.open(claim_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            owner = int(claim_file.read_text().strip() or 0)
+        except (OSError, ValueError):
+            owner = 0
+        if owner and alive(owner):
+            return False
+        claim_file.unlink(missing_ok=True)  # stale: its worker died with the last session
+        return claim(claim_file)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    return True
+
+
+def next_run(queue: list[list[str]], out: Path) -> tuple[list[str], Path] | None:
+    for overrides in queue:
+        run_dir = out / run_name(overrides)
+        if (run_dir / "summary.json").exists():
+            continue
+        if claim(out / f"{run_dir.name}.claim"):
+            return overrides, run_dir
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    common = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("queue", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--list", action="store_true", help="print each run's state and exit")
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    queue = read_queue(args.queue)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.list:
+        for overrides in queue:
+            run_dir = args.out / run_name(overrides)
+            state = ("done" if (run_dir / "summary.json").exists() else
+                     "claimed" if (args.out / f"{run_dir.name}.claim").exists() else
+                     "started" if run_dir.exists() else "waiting")
+            print(f"{state:8s} {' '.join(overrides)}")
+        return 0
+    while (job := next_run(queue, args.out)) is not None:
+        overrides, run_dir = job
+        command = [sys.executable, "train.py", *overrides, *common, f"hydra.run.dir={run_dir}", "resume=auto"]
+        print("$", " ".join(command), flush=True)
+        try:
+            code = subprocess.call(command, cwd=ROOT)
+        finally:
+            (args.out / f"{run_dir.name}.claim").unlink(missing_ok=True)
+        if code != 0:
+            print(f"run failed with exit code {code}: {run_dir}", flush=True)
+            return code
+    print("queue done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""scripts/queue.py: a study's runs in order, claimed once, finished ones skipped, dead claims taken over."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("study_queue", ROOT / "scripts" / "queue.py")
+queue = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(queue)
+
+
+def test_run_names_are_short_sorted_and_safe():
+    name = queue.run_name(["+experiment=convergence", "seed=0", "gate=random", "gate.pack=true"])
+    assert name == "convergence,gate.pack=true,gate=random,seed=0"
+
+
+def test_workers_take_runs_in_order_skip_finished_and_take_over_dead_claims(tmp_path):
+    file = tmp_path / "queue.txt"
+    file.write_text("# comment\nseed=0\n\nseed=1  # trailing comment\nseed=2\n")
+    runs = queue.read_queue(file)
+    assert runs == [["seed=0"], ["seed=1"], ["seed=2"]]
+    out = tmp_path / "out"
+    (out / "seed=0").mkdir(parents=True)
+    (out / "seed=0" / "summary.json").write_text("{}")  # finished: skipped
+    first = queue.next_run(runs, out)
+    assert first == (["seed=1"], out / "seed=1")
+    assert (out / "seed=1.claim").read_text() == str(os.getpid())
+    assert queue.next_run(runs, out) == (["seed=2"], out / "seed=2")  # seed=1 is claimed by a live process
+    assert queue.next_run(runs, out) is None
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "seed=2.claim").write_text(dead.stdout.strip())  # its worker is gone
+    assert queue.next_run(runs, out) == (["seed=2"], out / "seed=2")
