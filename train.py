@@ -75,6 +75,8 @@ def main(cfg: DictConfig) -> float:
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = instantiate(train_cfg.optimizer)(model.parameters())
+    # fp16's narrow range needs its loss scaled (and overflowing steps skipped); bf16 does not
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     scheduler = instantiate(train_cfg.scheduler)(optimizer) if train_cfg.scheduler else None
     flop_meter = FlopMeter(model, tuple(data.train.images.shape[1:]), data.num_classes)
     log.info("model: %s, %.2fM parameters, %.1f MFLOP/sample forward, %.1f MFLOP/sample train step",
@@ -93,11 +95,11 @@ def main(cfg: DictConfig) -> float:
 
     # ------------------------------------------------------------------ checkpoint / resume
     checkpoints = Checkpointer(checkpoint_path, dist, model=model, optimizer=optimizer, scheduler=scheduler,
-                               gate=gate, train_loader=train_loader, every_epochs=cfg.checkpoint.every_epochs)
+                               gate=gate, train_loader=train_loader, every_epochs=cfg.checkpoint.every_epochs,
+                               scaler=scaler, config=cfg)
     start = checkpoints.restore() if resuming else ResumePoint()
     if resuming:
         log.info("resumed from %s after epoch %d (step %d)", checkpoint_path, start.epoch, start.step)
-    train_step = dist.train_on_subset if dist.active else train_on_subset
 
     # ------------------------------------------------------------------ loop
     history, step = start.history, start.step
@@ -116,9 +118,9 @@ def main(cfg: DictConfig) -> float:
                 if not (len(batch) or dist.active):  # torchrun: every rank joins every all-reduce
                     return
                 with timer.phase("train_step"):
-                    trained = train_step(model, optimizer, batch.images, batch.labels, precision,
-                                         weights=batch.weight, epoch=epoch, step=step + 1,
-                                         indexer_losses=indexer_losses)
+                    trained = train_on_subset(model, optimizer, batch.images, batch.labels, precision,
+                                              weights=batch.weight, epoch=epoch, step=step + 1,
+                                              indexer_losses=indexer_losses, ranks=dist, scaler=scaler)
                     gate.observe(batch.idx, trained)
                 with timer.phase("scoring"):
                     scorer.learn(batch.images, batch.labels, precision)

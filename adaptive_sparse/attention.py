@@ -254,7 +254,7 @@ class SparseAttention(DenseAttention):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, *, top_k: int = 32,
                  local_window: int = 4, global_tokens: int = 1, indexer_heads: int = 4,
-                 indexer_dim: int = 16, granularity: str = "token", block_size: int = 64,
+                 indexer_dim: int = 16, granularity: str = "token", block_size: int = 16,
                  query_chunk: int = 1024, indexer_loss_weight: float = 1.0, warmup_epochs: int = 0):
         super().__init__(dim, num_heads, qkv_bias)
         check_sparse_settings(top_k=top_k, local_window=local_window, global_tokens=global_tokens,

@@ -129,10 +129,11 @@ class Checkpointer:
     (the per-rank states are gathered to rank 0) and rank 0 alone writes the file."""
 
     def __init__(self, path: Path, dist, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler, gate, train_loader, every_epochs: int = 1):
+                 scheduler, gate, train_loader, every_epochs: int = 1, scaler=None, config=None):
         self.path, self.dist, self.every_epochs = Path(path), dist, every_epochs
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.gate, self.train_loader = gate, train_loader
+        self.config = flat_config(config) if config is not None else None
 
     def due(self, epoch: int, last_epoch: int) -> bool:
         """Every `every_epochs` epochs and after the last one (0 turns checkpoints off)."""
@@ -151,11 +152,14 @@ class Checkpointer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "history": list(history), "wandb_run_id": wandb_run_id, "ranks": ranks,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "config": self.config,
         }, self.path)
 
     def restore(self) -> ResumePoint:
         """Load last.pt into the live objects; returns where the loop continues."""
         state = load_checkpoint(self.path)
+        refuse_changed_config(self.path, state.get("config"), self.config)
         if state["world_size"] != self.dist.world_size:
             raise CheckpointError(f"checkpoint {self.path} was written by {state['world_size']} "
                                   f"rank(s); resume it with the same --nproc_per_node (now {self.dist.world_size})")
@@ -168,7 +172,43 @@ class Checkpointer:
             self.gate.load_state_dict(rank_state["gate"])
             self.train_loader.load_state_dict(rank_state["train_loader"])
             restore_rng(rank_state["rng"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {self.path} does not fit this run's model, optimiser "
                                   f"or gate ({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
         return ResumePoint(state["epoch"], state["step"], list(state["history"]), state["wandb_run_id"])
+
+
+# Keys that say where things go or how they are shown, not what is trained: a resumed run may
+# change them (a key matches itself and everything below it).
+RESUMABLE_CHANGES = ("resume", "progress", "device", "dataset.root", "dataset.search_roots", "dataset.download",
+                     "dataset.cache_dir", "training.num_threads", "training.eval_every_epochs",
+                     "training.eval_batch_size", "checkpoint", "distributed", "energy", "wandb", "debug")
+
+
+def flat_config(cfg) -> dict[str, Any]:
+    """The resolved config as {'training.lr': 0.001, ...}: plain values, fit for a weights-only checkpoint."""
+    from omegaconf import OmegaConf
+
+    def walk(node, prefix: str) -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, child in node.items() for k, v in walk(child, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    return walk(OmegaConf.to_container(cfg, resolve=True), "")
+
+
+def refuse_changed_config(path: Path, saved: dict[str, Any] | None, current: dict[str, Any] | None) -> None:
+    """A resume must continue the same run: any difference in a key that changes what is trained
+    (anything outside RESUMABLE_CHANGES) is refused, naming each key with both values."""
+    if saved is None or current is None:  # a checkpoint from before configs were saved: nothing to compare
+        return
+    free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
+    changed = sorted(k for k in saved.keys() | current.keys()
+                     if not free(k) and saved.get(k, "<absent>") != current.get(k, "<absent>"))
+    if changed:
+        listing = "; ".join(f"{k}: checkpoint {saved.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
+                            for k in changed)
+        raise CheckpointError(f"resuming {path} would change what the run trains ({listing}). Resume with the "
+                              "checkpoint's values, or start a new run in another hydra.run.dir")

@@ -3,10 +3,11 @@
     torchrun --standalone --nproc_per_node=2 train.py device=cpu ...
 
 Why no DDP wrapper: a gate selects a different number of samples on each rank, possibly
-none. Each rank backpropagates the *sum* of its selected samples' losses, the gradients
-are all-reduced in one flat buffer, and divided by the *global* number of selected
-samples: exactly the mean over every sample selected anywhere, and a rank with nothing
-selected contributes zeros but still joins every collective, so no rank waits forever.
+none. Each rank backpropagates the sum of its selected samples' losses divided by the
+*global* number of selected samples, and the gradients are summed over ranks in one flat
+buffer: exactly the mean over every sample selected anywhere (`step.train_on_subset`, the
+one training step). A rank with nothing selected contributes zeros but still joins every
+collective, so no rank waits forever.
 
 Every collective below is called the same number of times on every rank: equal batch
 counts per rank (the loader drops the remainder), one rate all-reduce per gate selection,
@@ -29,8 +30,6 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from adaptive_sparse.metering import Tally
-from adaptive_sparse.significance import BatchScores
-from adaptive_sparse.step import NonFiniteLossError, add_indexer_loss, forward_scores, weighted_loss
 
 log = logging.getLogger(__name__)
 
@@ -158,41 +157,15 @@ class Distributed:
         return gathered
 
     # ------------------------------------------------------------------ training step
-    def train_on_subset(self, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                        labels: torch.Tensor, precision: str = "fp32", *, weights: torch.Tensor | None = None,
-                        epoch: int = 0, step: int = 0,
-                        indexer_losses: list[torch.Tensor] | None = None) -> BatchScores:
-        """One optimiser step on the samples selected on all ranks; returns this rank's
-        detached per-sample losses and entropies (possibly empty).
-
-        Unweighted, the objective is the mean over all ranks' selected samples. With a gate's
-        weights, each rank's weighted sum estimates its own batch's mean loss, and the
-        objective is the mean of those estimates over ranks."""
-        optimizer.zero_grad(set_to_none=True)
-        scores = forward_scores(model, images, labels, precision)
-        # every rank learns the global count and whether any rank's loss went non-finite
-        finite = bool(torch.isfinite(scores.loss).all())
-        global_count, non_finite_ranks = self.all_reduce([len(labels), 0.0 if finite else 1.0])
-        if non_finite_ranks:
-            raise NonFiniteLossError(epoch, step, scores.loss if not finite else None)
-        # summed here, divided by the global count (or, weighted, the number of ranks) after the all-reduce
-        objective, scale, divisor = ((scores.loss.sum(), len(labels), global_count) if weights is None
-                                     else (weighted_loss(scores.loss, weights), 1.0, self.world_size))
-        if len(labels):
-            add_indexer_loss(objective, model, indexer_losses, scale=scale).backward()
-        if global_count:
-            self._average_gradients(model, divisor)
-            optimizer.step()
-        return scores.detach()
-
-    def _average_gradients(self, model: nn.Module, divisor: float) -> None:
-        """All-reduce every gradient in one flat buffer and divide by `divisor`.
-        A parameter without a gradient (nothing selected here) contributes zeros."""
+    def sum_gradients(self, model: nn.Module) -> None:
+        """Sum every gradient over ranks in one flat all-reduce (a no-op for one process). A
+        parameter without a gradient (nothing selected on this rank) contributes zeros."""
+        if not self.active:
+            return
         params = [p for p in model.parameters() if p.requires_grad]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in params])
         torch_dist.all_reduce(flat)
-        flat /= divisor
         for p, chunk in zip(params, flat.split([p.numel() for p in params])):
             p.grad = chunk.view_as(p).clone() if p.grad is None else p.grad.copy_(chunk.view_as(p))
 

@@ -4,7 +4,7 @@
    autograd graph, no activations kept), only for gates that need scores.
 2. `train_on_subset`: forward and backward on the selected rows only. Skipped samples
    never enter the graph, so they cost nothing in the backward pass; masking the loss of
-   a full-batch backward would pay for them all.
+   a full-batch backward would pay for them all. The same step serves torchrun's ranks.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_sparse.attention import auxiliary_loss
+from adaptive_sparse.distributed import Distributed
 from adaptive_sparse.significance import BatchScores
 
 
@@ -80,18 +81,40 @@ def weighted_loss(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.T
 
 def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                     labels: torch.Tensor, precision: str = "fp32", *, weights: torch.Tensor | None = None,
-                    epoch: int = 0, step: int = 0,
-                    indexer_losses: list[torch.Tensor] | None = None) -> BatchScores:
-    """One optimiser step on exactly these samples (losses weighted by `weights` if given);
-    returns their detached per-sample loss and entropy (what memory scoring remembers, at no
-    extra cost). A non-finite loss raises NonFiniteLossError (naming epoch and step) before any
-    update."""
+                    epoch: int = 0, step: int = 0, indexer_losses: list[torch.Tensor] | None = None,
+                    ranks: Distributed | None = None, scaler: torch.amp.GradScaler | None = None) -> BatchScores:
+    """One optimiser step on exactly these samples, for one process and for torchrun's ranks
+    alike (a single process is world size 1); returns their detached per-sample loss and
+    entropy (what memory scoring remembers, at no extra cost), possibly empty on a rank that
+    selected nothing.
+
+    Unweighted, the objective is the mean loss over every rank's selected samples: each rank
+    backpropagates its sum divided by the global count, and the gradients are summed over
+    ranks. With a gate's `weights`, each rank's weighted sum estimates its own batch's mean
+    loss, and the objective is their mean over ranks. A non-finite loss on any rank raises
+    NonFiniteLossError (naming epoch and step) on every rank before any update. `scaler`
+    (fp16) scales the loss and skips steps whose gradients overflow.
+    """
+    ranks = ranks or Distributed()
     optimizer.zero_grad(set_to_none=True)
     scores = forward_scores(model, images, labels, precision)
-    if not bool(torch.isfinite(scores.loss).all()):
-        raise NonFiniteLossError(epoch, step, scores.loss)
-    add_indexer_loss(weighted_loss(scores.loss, weights), model, indexer_losses).backward()
-    optimizer.step()
+    finite = bool(torch.isfinite(scores.loss).all())
+    global_count, non_finite_ranks = ranks.all_reduce([len(labels), 0.0 if finite else 1.0])
+    if non_finite_ranks:
+        raise NonFiniteLossError(epoch, step, scores.loss if not finite else None)
+    if not global_count:
+        return scores.detach()
+    objective, share, divisor = ((scores.loss.sum(), len(labels), global_count) if weights is None
+                                 else (weighted_loss(scores.loss, weights), 1.0, ranks.world_size))
+    if len(labels):
+        loss = add_indexer_loss(objective, model, indexer_losses, scale=share) / divisor
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    ranks.sum_gradients(model)  # torchrun: every rank joins, one that selected nothing with zeros
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return scores.detach()
 
 

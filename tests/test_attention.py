@@ -217,3 +217,15 @@ def test_vit_with_sparse_attention_trains_and_logs_the_indexer_loss(tmp_path):
     records, summary = read_run(tmp_path)
     assert summary["attention"] == "sparse" and summary["samples_trained"] == 96
     assert 0 < records[0]["indexer_loss"] < 10 and math.isfinite(records[0]["train_loss"])
+
+
+def test_block_granularity_runs_with_the_groups_own_defaults():
+    """`attention=sparse attention.granularity=block` at the ViT's 65 tokens: the group's
+    top_k and block_size must fit together (the issue found block_size 64 refused)."""
+    from hydra.utils import instantiate
+    from conftest import compose_config
+
+    cfg = compose_config(["model=vit", "attention=sparse", "attention.granularity=block"])
+    layer = instantiate(cfg.attention)(dim=192, num_heads=3, qkv_bias=True)
+    out = layer(torch.randn(2, 65, 192))
+    assert out.shape == (2, 65, 192) and layer.block_size * 2 == layer.top_k

@@ -88,10 +88,12 @@ def test_wandb_online_without_key_continues_offline_and_resume_keeps_the_run_id(
     home = {"HOME": str(tmp_path / "home"), "WANDB_MODE": "", "WANDB_CONFIG_DIR": str(tmp_path / "wbcfg")}
     small = [*TINY[:-1], "dataset.num_train=256", "dataset.num_test=128", "wandb.mode=online"]
     run_dir = tmp_path / "run"
-    first = run_train(run_dir, *small, env=home)
-    assert first.returncode == 0, first.stderr[-3000:]
+    # 4 batches an epoch: a NaN at the 6th training forward stops the run in epoch 2, after the
+    # checkpoint of epoch 1; the resume (same config but the test-only fault) finishes it
+    first = run_train(run_dir, *small, "training.epochs=2", "gate=none", "debug.inject_nan_at_step=6", env=home)
+    assert first.returncode == 1 and "non-finite training loss" in first.stderr, first.stderr[-3000:]
     assert "wandb.init(mode=online) failed" in first.stderr and "trying offline" in first.stderr
-    resumed = run_train(run_dir, *small, "resume=true", "training.epochs=2", env=home)
+    resumed = run_train(run_dir, *small, "training.epochs=2", "gate=none", "resume=true", env=home)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1]  # one W&B run id

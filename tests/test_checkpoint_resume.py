@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -122,3 +123,37 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_checkpoint(tmp_
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_resume_refuses_a_changed_training_key_naming_both_values(tmp_path):
+    from adaptive_sparse.checkpointing import flat_config, refuse_changed_config
+    from conftest import compose_config
+
+    saved = flat_config(compose_config(["gate.target_rate=0.06"]))
+    assert saved["gate.target_rate"] == 0.06 and saved["training.optimizer._target_"] == "torch.optim.Adam"
+    where = flat_config(compose_config(["gate.target_rate=0.06", "training.num_threads=2", "resume=auto",
+                                        "dataset.root=/elsewhere", "wandb.mode=disabled"]))
+    refuse_changed_config(tmp_path, saved, where)  # where things go and how they show may change
+    refuse_changed_config(tmp_path, None, where)   # a checkpoint that predates saved configs
+    changed = flat_config(compose_config(["gate.target_rate=0.2", "gate.pack=true"]))
+    with pytest.raises(CheckpointError, match=r"gate\.pack: checkpoint False, now True; "
+                                              r"gate\.target_rate: checkpoint 0\.06, now 0\.2"):
+        refuse_changed_config(tmp_path, saved, changed)
+
+
+def test_resume_with_another_target_rate_exits_1_with_the_keys(tmp_path, tiny):
+    run_dir = tmp_path / "run"
+    assert run_train(run_dir, *tiny, "gate.target_rate=0.06").returncode == 0
+    result = run_train(run_dir, *tiny, "resume=true", "gate.target_rate=0.2")
+    assert result.returncode == 1
+    assert "gate.target_rate: checkpoint 0.06, now 0.2" in result.stderr
+
+
+def test_fp16_trains_with_a_gradient_scaler_and_resumes_it(tmp_path, tiny):
+    run_dir = tmp_path / "run"
+    result = run_train(run_dir, *tiny, "training.precision=fp16", "gate=none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records, summary = read_run(run_dir)
+    assert summary["precision"] == "fp16" and math.isfinite(records[0]["train_loss"])
+    scaler = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] > 0 and scaler["growth_interval"] == 2000

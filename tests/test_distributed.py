@@ -86,6 +86,7 @@ def _average_gradients_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as torch_dist
 
     from adaptive_sparse.distributed import Distributed
+    from adaptive_sparse.step import train_on_subset
 
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -97,7 +98,7 @@ def _average_gradients_worker(rank: int, port: int, out: str) -> None:
     images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]) if rank == 0 else torch.zeros(0, 2)
     labels = torch.zeros(len(images), dtype=torch.long)
     distributed = Distributed(True, rank, 2, torch.device("cpu"))
-    trained = distributed.train_on_subset(model, optimizer, images, labels)
+    trained = train_on_subset(model, optimizer, images, labels, ranks=distributed)  # the one training step
     torch.save({"weight": model.weight.detach(), "losses": trained.loss}, f"{out}/rank{rank}.pt")
     distributed.close()
 
