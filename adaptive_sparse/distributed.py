@@ -118,29 +118,17 @@ class Distributed:
         return loss_sum / count, 100.0 * correct / count
 
     def sync_sample_memory(self, gate: Any, epoch_start: dict[str, torch.Tensor] | None) -> None:
-        """Merge the per-sample memory at epoch end. Each sample was served to at most one
-        rank this epoch, so that rank's last loss wins, and trained counts add up."""
+        """One per-sample memory on every rank at epoch end (SampleMemory.merge_ranks)."""
         memory = getattr(gate, "memory", None)
-        if not self.active or memory is None or epoch_start is None:
-            return
-        changed = memory.last_loss.ne(epoch_start["last_loss"]) & ~memory.last_loss.isnan()
-        changed_anywhere = changed.double()
-        torch_dist.all_reduce(changed_anywhere)
-        for name in ("last_loss", "prev_loss", "last_entropy"):  # the visiting rank's values win
-            tensor = getattr(memory, name)
-            part = torch.where(changed, tensor, torch.zeros_like(tensor)).double()
-            torch_dist.all_reduce(part)  # zeros elsewhere: the sum is the visiting rank's value
-            tensor.copy_(torch.where(changed_anywhere > 0, part.to(tensor.dtype), tensor))
-        trained = memory.times_trained - epoch_start["times_trained"]
-        torch_dist.all_reduce(trained)
-        memory.times_trained.copy_(epoch_start["times_trained"] + trained)
+        if self.active and memory is not None and epoch_start is not None:
+            memory.merge_ranks(epoch_start, torch_dist.all_reduce)
 
     def snapshot_gate_memory(self, gate: Any) -> dict[str, torch.Tensor] | None:
         """The gate's per-sample memory at epoch start (under torchrun; None otherwise)."""
         memory = getattr(gate, "memory", None)
         if not self.active or memory is None:
             return None
-        return {k: v.clone() for k, v in memory.state_dict().items()}
+        return memory.snapshot()
 
     def merge_epoch(self, tally: Tally, gate: Any, memory_at_start: dict[str, torch.Tensor] | None) -> None:
         """Epoch end under torchrun: global counts in `tally`, one per-sample memory on all ranks."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -67,6 +68,26 @@ class SampleMemory:
 
     def seen(self, idx: torch.Tensor) -> torch.Tensor:
         return ~self.last_loss[idx].isnan()
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of every tensor, to merge the ranks' changes against at epoch end."""
+        return {name: tensor.clone() for name, tensor in self.tensors().items()}
+
+    def merge_ranks(self, start: dict[str, torch.Tensor], all_reduce: Callable[[torch.Tensor], Any]) -> None:
+        """Under torchrun, make every rank's memory the same at epoch end. Each sample was served
+        to at most one rank this epoch, so that rank's losses and entropy win, and the trained
+        counts add up. `all_reduce` sums a tensor over ranks in place; every rank calls this."""
+        changed = self.last_loss.ne(start["last_loss"]) & ~self.last_loss.isnan()
+        changed_anywhere = changed.double()
+        all_reduce(changed_anywhere)
+        for name in ("last_loss", "prev_loss", "last_entropy"):
+            tensor = getattr(self, name)
+            part = torch.where(changed, tensor, torch.zeros_like(tensor)).double()
+            all_reduce(part)  # zeros elsewhere: the sum is the visiting rank's value
+            tensor.copy_(torch.where(changed_anywhere > 0, part.to(tensor.dtype), tensor))
+        trained = self.times_trained - start["times_trained"]
+        all_reduce(trained)
+        self.times_trained.copy_(start["times_trained"] + trained)
 
     def state_dict(self) -> dict:
         return dict(self.tensors())

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # adaptive_sparse, when run as `python scripts/bench_gates.py`
+from adaptive_sparse.records import time_to_accuracy  # noqa: E402
 CONFIGS = {
     "none": ["gate=none"],
     "random": ["gate=random"],
@@ -70,16 +72,6 @@ def short_source(source: str | None) -> str | None:
         return source
     kind, place = source.split(":", 1)
     return f"{kind}:{Path(place).name}"
-
-
-def time_to_accuracy(records: list[dict], accuracy: float) -> float | None:
-    """Training wall-clock (evaluation excluded) until the first epoch at or above `accuracy`."""
-    elapsed = 0.0
-    for record in records:
-        elapsed += record["epoch_time_s"]
-        if record["val_acc"] >= accuracy:
-            return elapsed
-    return None
 
 
 def row_for(name: str, runs: list[dict], epoch: int, accuracies: list[float], peak: float) -> dict:

@@ -31,6 +31,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # adaptive_sparse, when run as `python scripts/report.py`
+from adaptive_sparse import records  # noqa: E402
 from adaptive_sparse.sweeps import parse_overrides, sweep_group_name  # noqa: E402
 
 # Overrides that never tell rows apart: seeds are averaged over; the rest name places and
@@ -218,10 +219,7 @@ def summarise(runs: list[Run]) -> list[Row]:
 
 def time_to_accuracy(run: Run, accuracy: float) -> float | None:
     """Training seconds until the first evaluated epoch at or above `accuracy`; None if none is."""
-    for elapsed, record in zip(_cumulative(run, "epoch_time_s"), run.epochs):
-        if record["val_acc"] is not None and record["val_acc"] >= accuracy:
-            return elapsed
-    return None
+    return records.time_to_accuracy(run.epochs, accuracy)
 
 
 def common_settings(runs: list[Run]) -> dict[str, Any]:

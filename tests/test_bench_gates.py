@@ -23,6 +23,8 @@ def test_time_to_accuracy_sums_training_time_until_the_level_is_reached():
     records = fake_run([10, 20, 30], [15, 25, 35], 1, 1)["records"]
     assert bench.time_to_accuracy(records, 25) == 30
     assert bench.time_to_accuracy(records, 40) is None
+    records[1]["val_acc"] = None  # an epoch without evaluation counts its time, cannot reach the level
+    assert bench.time_to_accuracy(records, 25) == 60
 
 
 def test_rows_take_medians_over_repeats_and_ratios_against_none():

@@ -183,3 +183,43 @@ def test_none_ignores_a_swept_target_rate():
     gate = NoGate(target_rate=0.25)
     assert gate.target_rate == 1.0
     assert len(gate.select(torch.arange(64), None).index) == 64
+
+
+def test_sample_memory_merges_two_ranks_epoch_by_hand():
+    """Two ranks, four samples: rank 0 visited sample 0 this epoch, rank 1 sample 2 (twice).
+    After the merge both hold both visits, and trained counts add up."""
+    from adaptive_sparse.significance import BatchScores, SampleMemory
+
+    ranks = [SampleMemory(4), SampleMemory(4)]
+    for memory in ranks:
+        memory.record(torch.tensor([1]), BatchScores(torch.tensor([0.5]), torch.tensor([0.1])))
+        memory.record_trained(torch.tensor([1]))
+    starts = [memory.snapshot() for memory in ranks]
+    ranks[0].record(torch.tensor([0]), BatchScores(torch.tensor([2.0]), torch.tensor([0.3])))
+    ranks[0].record_trained(torch.tensor([0]))
+    ranks[1].record(torch.tensor([2]), BatchScores(torch.tensor([1.5]), torch.tensor([0.2])))
+    ranks[1].record_trained(torch.tensor([2]))
+    ranks[1].record_trained(torch.tensor([2]))  # twice this epoch
+    # two threads stand for two ranks; the fake all-reduce sums the pair of tensors in place
+    import threading
+    slots, barrier = [None, None], threading.Barrier(2)
+
+    def all_reduce_of(rank):
+        def all_reduce(tensor):
+            slots[rank] = tensor
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()  # both sums made before either rank overwrites its tensor
+            tensor.copy_(total)
+        return all_reduce
+
+    threads = [threading.Thread(target=m.merge_ranks, args=(s, all_reduce_of(r)))
+               for r, (m, s) in enumerate(zip(ranks, starts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for memory in ranks:
+        assert memory.last_loss[:3].tolist() == [2.0, 0.5, 1.5] and memory.last_loss[3].isnan()
+        assert memory.times_trained.tolist() == [1, 1, 2, 0]
+        assert memory.last_entropy.tolist() == pytest.approx([0.3, 0.1, 0.2, 0.0])
