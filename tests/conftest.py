@@ -42,3 +42,23 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict]:
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
+
+
+# Tests that start processes (train.py runs, torchrun, spawned ranks) take seconds each; they
+# are marked `slow` here, by what their code calls, so none can be forgotten:
+#     python -m pytest -q -m "not slow"    # the edit-test loop, well under a minute
+#     python -m pytest -q                  # everything (CI)
+SLOW_CALLS = ("run_train(", "run_multirun(", "spawn(", "subprocess.", "torchrun")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes (train.py, torchrun); deselect with -m 'not slow'")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and any(call in inspect.getsource(function) for call in SLOW_CALLS):
+            item.add_marker(pytest.mark.slow)
