@@ -14,7 +14,10 @@ import torch
 
 from adaptive_sparse.controller import PIController
 from adaptive_sparse.scorers import ProxyScorer
-from adaptive_sparse.significance import BatchScores, SampleMemory, ScoreHistory, SignificanceModel
+from adaptive_sparse.selection import (PercentileRule, PriorityRule, ThresholdRule, normal_threshold,  # noqa: F401
+                                       stochastic_round)
+from adaptive_sparse.significance import (BatchScores, FreshScoring, MemoryScoring, SampleMemory, ScoreHistory,
+                                          SignificanceModel)
 
 
 def local_rate(keep: torch.Tensor) -> float:
@@ -108,28 +111,25 @@ class RandomGate(Gate):
 
 
 class SundewGate(Gate):
-    """Significance gating, with the activation rate held on target by a controller.
+    """Significance gating, with the activation rate held on target by a controller: a
+    scoring source composed with a selection rule.
 
-    Where significance comes from (`scoring`):
-    - forward: one inference-mode forward scores every sample of the batch;
+    Where significance comes from (`scoring`, adaptive_sparse/significance.py):
+    - forward: one inference-mode forward of the trained model scores every batch;
+    - proxy: a small model (`proxy`, a model factory) scores every batch and learns from what
+      the model trains on (adaptive_sparse/scorers.py);
     - memory: no scoring forward; each sample's last training forward left its loss and
       entropy in the memory (never-seen samples count as most significant). With
       refresh_every_epochs=N, every N-th epoch scores all samples to renew the memory.
 
-    How significance becomes a selection (`selection`):
-    - percentile (default): a sample's significance is ranked against the last
-      `history_size` scores, and it is kept with probability
-      p proportional to (1 - exploration) * (power + 1) * percentile**power + exploration,
-      at most 1, scaled so that the batch's expected rate is the budget exactly; a slow
-      integral controller nudges the budget only to offset the min_selected floor. `exploration` is the share of the budget spread uniformly: every
-      sample keeps p >= exploration * budget. With unbiased=True each kept sample's loss is
-      weighted 1 / (B * p) (inverse-probability weighting), so the expected gradient is the
-      full batch's: high-loss samples are trained more often, not counted more.
-    - threshold: forward scoring keeps a sample with probability
-      sigmoid((z - threshold) / temperature) of its running z-score, with a PI controller on
-      the threshold (temperature 0: hard threshold); memory scoring fills the controller's
-      batch budget by priority (an exploration share uniformly, then unseen samples, then
-      the most significant). Neither corrects the gradient for the selection.
+    How significance becomes a selection (`selection`, adaptive_sparse/selection.py):
+    - percentile (default): keep probability grows with the significance's percentile among
+      recent scores, scaled so each batch's expected rate is the target. With unbiased=True
+      each kept loss is weighted 1 / (B * p) (inverse-probability weighting), so the expected
+      gradient is the full batch's.
+    - threshold: fresh scores, a PI-controlled threshold on running z-scores (soft with
+      `temperature`; gains in `controller`); memory scores, the controller's batch budget
+      filled by priority.
 
     With anneal_epochs=A > 0 the last A epochs train every sample (InfoBatch's annealing).
     target_rate stays the rate over the whole run: the other epochs aim at
@@ -152,143 +152,70 @@ class SundewGate(Gate):
                 raise ValueError(f"gate.{key}={value!r} is not allowed: one of {allowed}")
         if not 0.0 <= exploration <= 1.0:
             raise ValueError(f"gate.exploration={exploration} is not allowed: a fraction in [0, 1]")
-        if power < 0:
-            raise ValueError(f"gate.power={power} is not allowed: a number >= 0")
-        self.scoring, self.selection, self.exploration = scoring, selection, float(exploration)
-        self.power, self.unbiased = float(power), bool(unbiased)
-        self.refresh_every_epochs, self.anneal_epochs = int(refresh_every_epochs), int(anneal_epochs)
-        self.pruning_rate = pruning_epoch_rate(self.target_rate, self.total_epochs, self.anneal_epochs)
-        self.significance = SignificanceModel(weights or {"loss": 1.0}, num_classes)
+        self.scoring, self.selection, self.unbiased = scoring, selection, bool(unbiased)
+        self.anneal_epochs = int(anneal_epochs)
+        self.annealing = False
         self.memory = SampleMemory(num_samples, self.device)
-        self.history = ScoreHistory(history_size)
-        if scoring == "proxy":
-            if proxy is None:
-                raise ValueError("gate.scoring=proxy needs gate.proxy: a model config with _partial_: true")
-            self.scorer = ProxyScorer(proxy(num_classes=num_classes), num_classes, lr=proxy_lr, device=self.device)
-        self.temperature, self.min_selected = float(temperature), int(min_selected)
-        self.controller = self._make_controller(dict(controller or {}))
-        self.norm_momentum = float(norm_momentum)
-        self.score_mean: float | None = None
-        self.score_var = 1.0
-        self.refreshing = self.annealing = False
+        self.source = self._make_source(scoring, SignificanceModel(weights or {"loss": 1.0}, num_classes),
+                                        refresh_every_epochs, proxy, proxy_lr, num_classes)
+        self.scorer = self.source.scorer
+        rate = pruning_epoch_rate(self.target_rate, self.total_epochs, self.anneal_epochs)
+        gains = dict(controller or {})
+        self.rule = (PercentileRule(rate, power, exploration, history_size, min_selected, gains.get("ema", 0.1))
+                     if selection == "percentile" else
+                     ThresholdRule(rate, temperature, min_selected, norm_momentum, gains) if scoring != "memory"
+                     else PriorityRule(rate, exploration, min_selected, gains.get("ema", 0.1)))
+
+    def _make_source(self, scoring: str, model: SignificanceModel, refresh_every_epochs: int,
+                     proxy: Callable[..., torch.nn.Module] | None, proxy_lr: float, num_classes: int):
+        if scoring == "memory":
+            return MemoryScoring(model, self.memory, refresh_every_epochs)
+        if scoring == "proxy" and proxy is None:
+            raise ValueError("gate.scoring=proxy needs gate.proxy: a model config with _partial_: true")
+        scorer = (ProxyScorer(proxy(num_classes=num_classes), num_classes, lr=proxy_lr, device=self.device)
+                  if scoring == "proxy" else None)
+        return FreshScoring(model, self.memory, scorer)
 
     @property
-    def uses_threshold(self) -> bool:
-        """True for the z-score threshold rule; every other rule's controller sets a batch budget."""
-        return self.selection == "threshold" and self.scoring != "memory"
-
-    def _make_controller(self, gains: dict) -> PIController:
-        rate = self.pruning_rate
-        if self.uses_threshold:  # output: a z-score threshold, fed forward from a normal guess
-            return PIController(rate, init_threshold=normal_threshold(rate, self.temperature), **gains)
-        # output: the batch budget. Too many trained lowers it, hence the negative gain; its
-        # only job is to offset clipping and the min_selected floor, so it is integral-only and slow.
-        return PIController(rate, kp=0.0, ki=-0.01, ema=gains.get("ema", 0.1),
-                            init_threshold=rate, min_threshold=0.0, max_threshold=1.0)
+    def controller(self) -> PIController:
+        return self.rule.controller
 
     @property
     def needs_scores(self) -> bool:
-        return (self.scoring != "memory" or self.refreshing) and not self.annealing
+        return self.source.needs_scores and not self.annealing
 
     @property
     def threshold(self) -> float | None:
-        return self.controller.threshold if self.uses_threshold else None
+        return self.controller.threshold if isinstance(self.rule, ThresholdRule) else None
 
     def epoch_metrics(self) -> dict[str, float]:
-        return {} if self.uses_threshold else {"budget": self.controller.threshold}
+        return {} if isinstance(self.rule, ThresholdRule) else {"budget": self.controller.threshold}
 
     def start_epoch(self, epoch: int) -> None:
-        n = self.refresh_every_epochs
-        self.refreshing = self.scoring == "memory" and n > 0 and epoch > 1 and (epoch - 1) % n == 0
+        self.source.start_epoch(epoch)
         self.annealing = self.anneal_epochs > 0 and epoch > self.total_epochs - self.anneal_epochs
 
     def select(self, idx: torch.Tensor, scores: BatchScores | None) -> Selection:
         if self.annealing:  # the last epochs train on everything
             return Selection(torch.arange(len(idx), device=idx.device))
-        memory = self.memory
-        if self.scoring != "memory":  # forward or proxy: fresh scores of the whole batch
-            significance = self.significance.fresh(idx, scores, memory)  # [B]
-            memory.record(idx, scores)
-        else:
-            if scores is not None:  # a refresh epoch
-                memory.record(idx, scores)
-            significance = self.significance.remembered(idx, memory)  # [B], NaN: never seen
-        prob = None
-        if self.selection == "percentile":
-            keep, prob = self._keep_by_percentile(significance)
-        elif self.uses_threshold:
-            keep = self._keep_above_threshold(significance)
-        else:
-            keep = self._keep_by_priority(significance)
+        significance = self.source.significance(idx, scores)  # [B], NaN: never seen
+        keep, prob = self.rule.keep(significance, self.generator)
         self.controller.update(self.rate_reducer(keep))
         index = keep.nonzero().squeeze(1)
         weight = 1.0 / (len(idx) * prob[index]) if prob is not None and self.unbiased else None
         return Selection(index, weight)
 
-    def _keep_by_percentile(self, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep mask and keep probabilities [B] from significance ranked against recent history."""
-        seen = ~score.isnan()
-        self.history.add(score[seen])
-        pct = torch.where(seen, self.history.percentile(torch.nan_to_num(score)), 1.0)  # [B]
-        shape = (self.power + 1.0) * pct ** self.power  # mean 1 over uniform percentiles
-        prob = probabilities_with_mean((1.0 - self.exploration) * shape + self.exploration,
-                                       self.controller.threshold)
-        keep = torch.rand(len(score), generator=self.generator).to(score.device) < prob
-        if int(keep.sum()) < self.min_selected:  # the floor: the likeliest samples train anyway
-            keep[prob.topk(min(self.min_selected, len(prob))).indices] = True
-        return keep, prob
-
-    def _keep_above_threshold(self, score: torch.Tensor) -> torch.Tensor:
-        z = self.standardise(score)  # [B]
-        if self.temperature > 0:
-            keep_prob = torch.sigmoid((z - self.threshold) / self.temperature)
-            keep = torch.rand(len(z), generator=self.generator).to(z.device) < keep_prob
-        else:
-            keep = z > self.threshold
-        if int(keep.sum()) < self.min_selected:  # the floor: the top scores train anyway
-            keep[z.topk(min(self.min_selected, len(z))).indices] = True
-        return keep
-
-    def _keep_by_priority(self, score: torch.Tensor) -> torch.Tensor:
-        b = len(score)
-        budget = stochastic_round(self.controller.threshold * b, self.generator)
-        budget = min(max(budget, self.min_selected), b)
-        n_explore = stochastic_round(self.exploration * budget, self.generator)
-        order = torch.randperm(b, generator=self.generator).to(score.device)
-        keep = torch.zeros(b, dtype=torch.bool, device=score.device)
-        keep[order[:n_explore]] = True
-        # unseen (NaN) first, then by remembered significance; random order breaks ties
-        priority = torch.nan_to_num(score, nan=float("inf")).masked_fill(keep, float("-inf"))
-        ranked = order[priority[order].argsort(descending=True, stable=True)]
-        keep[ranked[:budget - n_explore]] = True
-        return keep
-
-    def standardise(self, score: torch.Tensor) -> torch.Tensor:
-        mean, var = score.mean().item(), score.var().item() if len(score) > 1 else 0.0
-        if self.score_mean is None:
-            self.score_mean, self.score_var = mean, var
-        else:
-            self.score_mean += self.norm_momentum * (mean - self.score_mean)
-            self.score_var += self.norm_momentum * (var - self.score_var)
-        return (score - self.score_mean) / (self.score_var ** 0.5 + 1e-8)
-
     def observe(self, trained_idx: torch.Tensor, trained: BatchScores) -> None:
-        self.memory.record_trained(trained_idx)
-        if self.scoring == "memory" and not self.refreshing:
-            self.memory.record(trained_idx, trained)  # the training forward's losses, for free
+        self.source.observe(trained_idx, trained)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "controller": self.controller.state_dict(),
-                "memory": self.memory.state_dict(), "history": self.history.state_dict(),
-                "score_norm": (self.score_mean, self.score_var),
+        return {**super().state_dict(), **self.rule.state_dict(), "memory": self.memory.state_dict(),
                 "proxy": self.scorer.state_dict() if self.scorer else None}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.controller.load_state_dict(state["controller"])
+        self.rule.load_state_dict(state)
         self.memory.load_state_dict(state["memory"])
-        self.history.load_state_dict(state["history"])
-        self.score_mean, self.score_var = state["score_norm"]
         if self.scorer:
             self.scorer.load_state_dict(state["proxy"])
 
@@ -392,24 +319,6 @@ class SelectiveBackpropGate(Gate):
         self.history.load_state_dict(state["history"])
 
 
-def probabilities_with_mean(weights: torch.Tensor, mean: float) -> torch.Tensor:
-    """p = min(1, c * weights) [B], with c chosen so that p.mean() == mean (water-filling):
-    each batch's expected selection is exactly mean * B, whatever its scores."""
-    target = mean * len(weights)
-    capped = torch.zeros_like(weights, dtype=torch.bool)
-    prob = weights
-    for _ in range(len(weights)):  # each pass caps at least one more sample at 1
-        free_mass = weights[~capped].sum()
-        if free_mass <= 0:
-            break
-        prob = torch.where(capped, 1.0, (target - capped.sum()) / free_mass * weights)
-        over = ~capped & (prob > 1.0)
-        if not over.any():
-            break
-        capped |= over
-    return prob.clamp(max=1.0)
-
-
 def pruning_epoch_rate(target_rate: float, total_epochs: int, anneal_epochs: int) -> float:
     """The rate the pruning epochs must aim at so the whole run spends target_rate, when the
     last anneal_epochs epochs train on everything."""
@@ -423,26 +332,3 @@ def pruning_epoch_rate(target_rate: float, total_epochs: int, anneal_epochs: int
     return rate
 
 
-def normal_threshold(rate: float, temperature: float) -> float:
-    """The threshold that keeps `rate` of standard-normal scores: hard, z > threshold; soft,
-    kept with probability sigmoid((z - threshold) / temperature). Solved by bisection over a
-    quadrature of the normal density; only the controller's starting point depends on it."""
-    if rate >= 1.0:
-        return -6.0
-    if temperature <= 0:
-        return statistics.NormalDist().inv_cdf(1.0 - rate)
-    z = torch.linspace(-8, 8, 4001, dtype=torch.float64)
-    density = torch.exp(-0.5 * z * z)
-    density /= density.sum()
-    low, high = -20.0, 20.0
-    for _ in range(60):
-        mid = (low + high) / 2
-        kept = float((torch.sigmoid((z - mid) / temperature) * density).sum())
-        low, high = (mid, high) if kept > rate else (low, mid)
-    return (low + high) / 2
-
-
-def stochastic_round(x: float, generator: torch.Generator) -> int:
-    """floor(x), plus one with probability frac(x): unbiased, so E[result] == x."""
-    whole = int(x)
-    return whole + int(torch.rand((), generator=generator).item() < x - whole)

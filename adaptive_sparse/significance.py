@@ -162,3 +162,62 @@ class ScoreHistory:
 
     def load_state_dict(self, state: dict) -> None:
         self.values = state["values"].clone()
+
+
+# --------------------------------------------------------------------------- scoring sources
+#
+# Where a gate's significance comes from. Each source keeps the per-sample memory, says when it
+# needs a scoring forward over the batch, turns a batch into significance [B] (NaN: never
+# seen), and learns from what was trained.
+
+class FreshScoring:
+    """`scoring=forward` (the trained model) or `scoring=proxy` (a small model, `scorer`): a
+    scoring forward over every batch gives fresh losses; the memory supplies the previous
+    visit's loss for the learning-value signal."""
+
+    def __init__(self, model: SignificanceModel, memory: SampleMemory, scorer: Any = None):
+        self.model, self.memory, self.scorer = model, memory, scorer
+
+    def start_epoch(self, epoch: int) -> None:
+        """Fresh scoring does the same every epoch."""
+
+    @property
+    def needs_scores(self) -> bool:
+        return True
+
+    def significance(self, idx: torch.Tensor, scores: BatchScores) -> torch.Tensor:
+        significance = self.model.fresh(idx, scores, self.memory)  # [B]
+        self.memory.record(idx, scores)
+        return significance
+
+    def observe(self, trained_idx: torch.Tensor, trained: BatchScores) -> None:
+        self.memory.record_trained(trained_idx)
+
+
+class MemoryScoring:
+    """`scoring=memory`: no scoring forward; each sample's significance comes from its last
+    training forward (free), never-seen samples count as most significant (NaN). Every
+    `refresh_every_epochs`-th epoch (0: never) a scoring forward renews every sample's memory."""
+
+    def __init__(self, model: SignificanceModel, memory: SampleMemory, refresh_every_epochs: int = 0):
+        self.model, self.memory, self.refresh_every = model, memory, int(refresh_every_epochs)
+        self.refreshing = False
+        self.scorer = None
+
+    def start_epoch(self, epoch: int) -> None:
+        n = self.refresh_every
+        self.refreshing = n > 0 and epoch > 1 and (epoch - 1) % n == 0
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.refreshing
+
+    def significance(self, idx: torch.Tensor, scores: BatchScores | None) -> torch.Tensor:
+        if scores is not None:  # a refresh epoch
+            self.memory.record(idx, scores)
+        return self.model.remembered(idx, self.memory)  # [B], NaN: never seen
+
+    def observe(self, trained_idx: torch.Tensor, trained: BatchScores) -> None:
+        self.memory.record_trained(trained_idx)
+        if not self.refreshing:
+            self.memory.record(trained_idx, trained)  # the training forward's losses, for free
