@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     while (job := next_run(queue, args.out)) is not None:
         overrides, run_dir = job
-        command = [sys.executable, "train.py", *overrides, *common, f"hydra.run.dir={run_dir}", "resume=auto"]
+        # quoted: the directory's name holds '=' and ',', which Hydra's override grammar would parse
+        command = [sys.executable, "train.py", *overrides, *common, f"hydra.run.dir='{run_dir}'", "resume=auto"]
         print("$", " ".join(command), flush=True)
         try:
             code = subprocess.call(command, cwd=ROOT)

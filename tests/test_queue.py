@@ -32,3 +32,17 @@ def test_workers_take_runs_in_order_skip_finished_and_take_over_dead_claims(tmp_
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / "seed=2.claim").write_text(dead.stdout.strip())  # its worker is gone
     assert queue.next_run(runs, out) == (["seed=2"], out / "seed=2")
+
+
+def test_a_queue_runs_through_train_py_and_a_second_pass_skips_it(tmp_path):
+    from conftest import TINY
+
+    file = tmp_path / "queue.txt"
+    file.write_text("gate=random gate.target_rate=0.5 gate.pack=true\n")
+    command = [sys.executable, "scripts/queue.py", str(file), "--out", str(tmp_path / "runs"), "--", *TINY]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "gate.pack=true,gate.target_rate=0.5,gate=random"
+    assert (run_dir / "summary.json").exists() and not list((tmp_path / "runs").glob("*.claim"))
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "$ " not in again.stdout and "queue done" in again.stdout  # nothing left to run
