@@ -100,6 +100,7 @@ def main(cfg: DictConfig) -> float:
     start = checkpoints.restore() if resuming else ResumePoint()
     if resuming:
         log.info("resumed from %s after epoch %d (step %d)", checkpoint_path, start.epoch, start.step)
+        energy_meter.resume_from(start.history[-1].get("energy_kwh") if start.history else None)
 
     # ------------------------------------------------------------------ loop
     history, step = start.history, start.step
