@@ -105,3 +105,16 @@ def test_submitit_local_executor(tmp_path: Path):
         for i, g in enumerate(["none", "random"]))
     assert [s["num_threads"] for s in runs.values()] == [1, 1]
     assert (tmp_path / ".submitit").is_dir()
+
+
+def test_a_sweep_resumes_each_job_in_its_own_directory(tmp_path: Path):
+    """`-m ... resume=true` must land in the same sub-directories as the first pass: resume and
+    training.num_threads stay out of the names (the job numbers are the sweep's own)."""
+    first = run_multirun(tmp_path, "gate=none,random", *TINY, "training.limit_train_batches=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    names = sorted(p.parent.name for p in tmp_path.glob("*/summary.json"))
+    again = run_multirun(tmp_path, "gate=none,random", *TINY, "training.limit_train_batches=2",
+                         "resume=true", "training.num_threads=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(p.parent.name for p in tmp_path.glob("*/summary.json")) == names
+    assert all("resumed from" in (tmp_path / name / "train.log").read_text() for name in names)
