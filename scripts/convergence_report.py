@@ -148,13 +148,11 @@ def arms_table(study: Study) -> str:
             "share of full's FLOPs", "optimiser steps / full's",
             f"time to {goal:.2f}% (full - {MARGIN_TIME} pt), share of full's"]
     full_flops = statistics.fmean(r.summary["flops_executed"] for r in study.full.runs.values())
-    full_steps = statistics.fmean(sum(e.get("optimizer_steps") or 0 for e in r.epochs)
-                                  or _batches(r) for r in study.full.runs.values())
+    full_steps = statistics.fmean(optimizer_steps(r) for r in study.full.runs.values())
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in study.arms.values():
         flops = statistics.fmean(r.summary["flops_executed"] for r in arm.runs.values()) / full_flops
-        steps = statistics.fmean(sum(e.get("optimizer_steps") or 0 for e in r.epochs) or _batches(r)
-                                 for r in arm.runs.values()) / full_steps
+        steps = statistics.fmean(optimizer_steps(r) for r in arm.runs.values()) / full_steps
         reached = [time_to(r, goal) for r in arm.runs.values()]
         done = [t / study.full_time for t in reached if t is not None]
         cell = (fmt(interval(done)) if len(done) == len(reached)
@@ -165,9 +163,11 @@ def arms_table(study: Study) -> str:
     return "\n".join(lines)
 
 
-def _batches(run: report.Run) -> float:
-    """Optimiser steps of a run that predates the optimizer_steps key: gate=none steps once per batch."""
-    return run.summary["samples_seen"] / 64
+def optimizer_steps(run: report.Run) -> int:
+    """The run's optimiser steps. Epochs recorded before the optimizer_steps key existed (the
+    first gate=none epochs of the study) stepped once per batch of 64 trained samples."""
+    return sum(e["optimizer_steps"] if e.get("optimizer_steps") is not None
+               else math.ceil(e["samples_trained"] / 64) for e in run.epochs)
 
 
 def differences_table(study: Study) -> tuple[str, list[tuple[str, float, tuple[float, float | None], int]]]:
@@ -307,7 +307,8 @@ def write_page(source: Path, out_dir: Path) -> Path:
         "## Every arm", "", arms_table(study), "",
         "Intervals: 95% Student-t over seeds. Time: training wall-clock as each run recorded it "
         "(evaluation excluded). FLOPs: counted with torch.utils.flop_counter (scoring included). "
-        "Optimiser steps of the gate=none runs: one per batch.", "",
+        "Optimiser steps: counted per epoch (`optimizer_steps`); for epochs run before that key "
+        "existed, one per batch of 64.", "",
         "## Paired differences (same seed)", "", differences, "",
         "## Plots", "",
         "![accuracy against time](accuracy_vs_time.png)", "",
