@@ -1,0 +1,42 @@
+"""The manual cannot drift from conf/: every key of every config file has a line in
+docs/configuration.md."""
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, ROOT
+
+GROUPS = ("dataset", "model", "attention", "gate", "energy")
+
+
+def config_keys() -> set[str]:
+    keys: set[str] = set()
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if key not in ("defaults", "hydra"):
+                    walk(child, f"{prefix}{key}.")
+        else:
+            keys.add(prefix[:-1])
+
+    walk(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")), "")
+    for group in GROUPS:
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            walk(OmegaConf.to_container(OmegaConf.load(path)), f"{group}.")
+    return keys
+
+
+def test_every_config_key_has_a_line_in_the_configuration_page():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    keys = config_keys()
+    assert len(keys) > 90 and "gate.pack" in keys and "training.optimizer.fused" in keys
+    missing = sorted(k for k in keys if f"`{k}`" not in page)
+    assert not missing, f"docs/configuration.md has no line for {missing}"
+
+
+def test_every_group_option_is_named_in_the_configuration_page():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    for group in GROUPS:
+        for path in Path(CONF_DIR / group).glob("*.yaml"):
+            assert f"`{path.stem}`" in page, f"{group}={path.stem} is not named in docs/configuration.md"
