@@ -160,7 +160,11 @@ class SundewGate(Gate):
                                         refresh_every_epochs, proxy, proxy_lr, num_classes)
         self.scorer = self.source.scorer
         rate = pruning_epoch_rate(self.target_rate, self.total_epochs, self.anneal_epochs)
-        gains = dict(controller or {})
+        gains = {k: v for k, v in (controller or {}).items() if v is not None}
+        if (selection != "threshold" or scoring == "memory") and {"kp", "ki"} & gains.keys():
+            raise ValueError(f"gate.controller.kp and ki act only with gate.selection=threshold and fresh scores "
+                             f"(scoring forward or proxy), not selection={selection} with scoring={scoring}: "
+                             "this rule moves its budget by a fixed slow integral")
         self.rule = (PercentileRule(rate, power, exploration, history_size, min_selected, gains.get("ema", 0.1))
                      if selection == "percentile" else
                      ThresholdRule(rate, temperature, min_selected, norm_momentum, gains) if scoring != "memory"

@@ -62,7 +62,8 @@ class ThresholdRule:
                  gains: dict | None = None):
         self.temperature, self.min_selected = float(temperature), int(min_selected)
         self.norm_momentum = float(norm_momentum)
-        self.controller = PIController(rate, init_threshold=normal_threshold(rate, self.temperature), **(gains or {}))
+        gains = {"kp": 2.0, "ki": 0.5, **(gains or {})}
+        self.controller = PIController(rate, init_threshold=normal_threshold(rate, self.temperature), **gains)
         self.score_mean: float | None = None
         self.score_var = 1.0
 

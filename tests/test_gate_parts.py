@@ -49,3 +49,15 @@ def test_water_filling_by_hand():
 def test_threshold_rule_starts_at_the_normal_quantile_of_its_rate():
     hard = ThresholdRule(rate=0.1587, temperature=0.0)  # P(z > 1) for a standard normal
     assert hard.controller.threshold == pytest.approx(1.0, abs=1e-3)
+
+
+def test_controller_gains_act_on_the_threshold_rule_and_are_refused_elsewhere():
+    from adaptive_sparse.gates import SundewGate
+
+    gate = SundewGate(selection="threshold", controller={"kp": 4.0, "ki": None})
+    assert (gate.controller.kp, gate.controller.ki) == (4.0, 0.5)  # null: the rule's default
+    assert (SundewGate(selection="threshold").controller.kp, SundewGate().controller.kp) == (2.0, 0.0)
+    with pytest.raises(ValueError, match="gate.controller.kp and ki act only with gate.selection=threshold"):
+        SundewGate(selection="percentile", controller={"kp": 4.0})
+    with pytest.raises(ValueError, match="scoring=memory"):
+        SundewGate(selection="threshold", scoring="memory", controller={"ki": 1.0})
