@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from adaptive_sparse.attention import set_attention_epoch
-from adaptive_sparse.checkpointing import Checkpointer, ResumePoint, locate_checkpoint
+from adaptive_sparse.checkpointing import Checkpointer, ResumePoint, load_initial_weights, locate_checkpoint
 from adaptive_sparse.config import (resolve_device, resolve_precision, seed_everything, threads_per_job,
                                     validate_config)
 from adaptive_sparse.data import BatchLoader, load_dataset
@@ -82,12 +82,15 @@ def main(cfg: DictConfig) -> float:
     log.info("model: %s, %.2fM parameters, %.1f MFLOP/sample forward, %.1f MFLOP/sample train step",
              choices.model, count_parameters(model) / 1e6, flop_meter.forward_per_sample / 1e6,
              flop_meter.train_per_sample / 1e6)
+    if cfg.init_from and not resuming:  # weights only; a resume restores its own
+        missing = load_initial_weights(model, cfg.init_from)
+        log.info("init_from %s%s", cfg.init_from, f"; {len(missing)} indexer tensors not in it, left as "
+                 f"initialised ({missing[0]}, ...)" if missing else "")
     inject_nan_at_step(model, cfg.debug.inject_nan_at_step)  # test-only; null by default
 
     # ------------------------------------------------------------------ gate
     gate = instantiate(cfg.gate, num_samples=len(data.train), num_classes=data.num_classes,
                        seed=cfg.seed + dist.rank, total_epochs=train_cfg.epochs, device=device)
-    scorer = gate.scorer or ModelScorer(model, flop_meter.forward_per_sample)  # proxy scoring: a small model
     packer = SelectionPacker(train_cfg.batch_size, enabled=gate.pack)  # gate.pack: full training batches
     dist.attach(gate, packer)  # torchrun: global activation rate; ranks step together
     log.info("gate: %s, target rate %s%s", choices.gate, gate.target_rate, ", packed" if gate.pack else "")
@@ -111,6 +114,8 @@ def main(cfg: DictConfig) -> float:
             model.train()
             gate.start_epoch(epoch)
             set_attention_epoch(model, epoch)  # sparse attention: dense warm-up epochs train only the indexer
+            flop_meter = flop_meter.recount_if_changed(model)  # ...and are counted at what they run
+            scorer = gate.scorer or ModelScorer(model, flop_meter.forward_per_sample)  # proxy scoring: a small model
             timer, tally, indexer_losses = PhaseTimer(device), Tally(), []
             memory_at_start = dist.snapshot_gate_memory(gate)  # torchrun: merged across ranks at epoch end
 

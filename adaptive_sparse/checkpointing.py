@@ -182,7 +182,7 @@ class Checkpointer:
 
 # Keys that say where things go or how they are shown, not what is trained: a resumed run may
 # change them (a key matches itself and everything below it).
-RESUMABLE_CHANGES = ("resume", "progress", "device", "dataset.root", "dataset.search_roots", "dataset.download",
+RESUMABLE_CHANGES = ("resume", "init_from", "progress", "device", "dataset.root", "dataset.search_roots", "dataset.download",
                      "dataset.cache_dir", "training.num_threads", "training.eval_every_epochs",
                      "training.eval_batch_size", "checkpoint", "distributed", "energy", "wandb", "debug")
 
@@ -212,3 +212,26 @@ def refuse_changed_config(path: Path, saved: dict[str, Any] | None, current: dic
                             for k in changed)
         raise CheckpointError(f"resuming {path} would change what the run trains ({listing}). Resume with the "
                               "checkpoint's values, or start a new run in another hydra.run.dir")
+
+
+def load_initial_weights(model: torch.nn.Module, path: str | os.PathLike) -> list[str]:
+    """`init_from=PATH`: the model weights of one of this project's checkpoints (the optimiser,
+    gate and schedule start fresh). Weights the checkpoint lacks may only be sparse attention's
+    indexers (a dense model starting sparse training); they keep their initialisation and are
+    returned by name. Any other missing or unexpected weight, or a shape mismatch, is refused."""
+    state = load_checkpoint(path)["model"]
+    _refuse_shape_mismatch(model, state, path)
+    result = model.load_state_dict(state, strict=False)
+    not_indexer = [k for k in result.missing_keys if ".indexer." not in f".{k}"]
+    if not_indexer or result.unexpected_keys:
+        raise CheckpointError(f"init_from={path} does not fit this model: missing {not_indexer[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]} (only indexer weights may be missing)")
+    return list(result.missing_keys)
+
+
+def _refuse_shape_mismatch(model: torch.nn.Module, state: dict, path) -> None:
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"init_from={path} does not fit this model: {wrong[0]} is "
+                              f"{tuple(state[wrong[0]].shape)} there, {tuple(own[wrong[0]].shape)} here")

@@ -44,6 +44,9 @@ def validate_config(cfg: DictConfig) -> None:
              "one of offline, online, disabled")
     resume = cfg.get("resume", False)
     _require(isinstance(resume, bool) or resume == "auto", "resume", resume, "true, false or auto")
+    init_from = cfg.get("init_from")
+    if init_from and not Path(os.path.expanduser(str(init_from))).is_file():
+        raise ConfigError(f"init_from={str(init_from)!r} is not a file: pass a run's checkpoints/last.pt")
     every = cfg.checkpoint.every_epochs
     _require(isinstance(every, int) and every >= 0, "checkpoint.every_epochs", every, "an integer >= 0")
     _require(cfg.distributed.backend in ("auto", "gloo", "nccl"), "distributed.backend",

@@ -27,9 +27,25 @@ class FlopMeter:
     """
 
     def __init__(self, model: nn.Module, sample_shape: tuple[int, ...], num_classes: int):
+        self.sample_shape, self.num_classes = sample_shape, num_classes
+        self.state = self.model_state(model)
         meta_model = copy.deepcopy(model).to("meta")
         self.forward_per_sample = self._per_sample(meta_model, sample_shape, num_classes, backward=False)
         self.train_per_sample = self._per_sample(meta_model, sample_shape, num_classes, backward=True)
+
+    @staticmethod
+    def model_state(model: nn.Module) -> tuple:
+        """What changes a step's FLOPs between epochs: which parameters train (frozen ones need
+        no weight gradient) and which sparse attention layers run dense (their warm-up)."""
+        return (tuple(p.requires_grad for p in model.parameters()),
+                tuple(getattr(m, "dense_warmup", None) for m in model.modules()))
+
+    def recount_if_changed(self, model: nn.Module) -> "FlopMeter":
+        """This meter, or a new count if the model now runs differently (sparse attention's dense
+        warm-up epochs and the sparse epochs after them each cost what they run)."""
+        if self.model_state(model) == self.state:
+            return self
+        return FlopMeter(model, self.sample_shape, self.num_classes)
 
     @staticmethod
     def count(model: nn.Module, batch: int, sample_shape: tuple[int, ...], num_classes: int,

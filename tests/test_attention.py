@@ -229,3 +229,24 @@ def test_block_granularity_runs_with_the_groups_own_defaults():
     layer = instantiate(cfg.attention)(dim=192, num_heads=3, qkv_bias=True)
     out = layer(torch.randn(2, 65, 192))
     assert out.shape == (2, 65, 192) and layer.block_size * 2 == layer.top_k
+
+
+def test_init_from_a_dense_run_then_warm_up_evaluates_as_the_dense_model(tmp_path, tiny):
+    """DeepSeek's recipe in two runs: a sparse ViT initialised from a dense run's weights
+    (indexers missing, allowed), whose warm-up epoch runs dense with the backbone frozen, must
+    evaluate exactly as the dense model did; that epoch is counted at what it ran (no backbone
+    backward), far below a sparse epoch's FLOPs."""
+    from conftest import read_run, run_train
+
+    vit = [*tiny, "model=vit", "gate=none", "dataset.num_train=256", "dataset.num_test=128"]
+    dense, sparse = tmp_path / "dense", tmp_path / "sparse"
+    assert run_train(dense, *vit, "attention=dense").returncode == 0
+    result = run_train(sparse, *vit, "attention=sparse", f"init_from={dense}/checkpoints/last.pt",
+                       "attention.warmup_epochs=1", "training.epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (dense_record,), _ = read_run(dense)
+    warmup, sparse_epoch = read_run(sparse)[0]
+    assert warmup["val_acc"] == dense_record["val_acc"]
+    assert warmup["flops_training"] < 0.5 * sparse_epoch["flops_training"]
+    refused = run_train(tmp_path / "cnn", *tiny, "model=cnn", f"init_from={dense}/checkpoints/last.pt")
+    assert refused.returncode == 1 and "does not fit this model" in refused.stderr
