@@ -136,3 +136,39 @@ def test_sharded_loader_gives_disjoint_equal_slices_of_one_permutation():
         permutation = torch.randperm(10, generator=torch.Generator().manual_seed(7))
         if epoch == 0:
             assert torch.equal(union, permutation[:9])
+
+
+def test_two_rank_packed_run_steps_together_and_trains_each_selection_once(tmp_path):
+    """gate.pack=true under torchrun: ranks step when 2 x 64 samples wait on both together,
+    each with up to 64 of its own, and the epoch's remainder is drained on every rank."""
+    run_dir = tmp_path / "ddp_packed"
+    result = _torchrun(run_dir, *TINY, "gate=random", "gate.target_rate=0.3", "gate.pack=true", "training.epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records, _ = read_run(run_dir)
+    per_rank = [_random_gate_selections(seed, batches=8, batch_size=64, rate=0.3) for seed in (0, 1)]
+    for epoch, record in enumerate(records):
+        waiting = [sum(sel[4 * epoch:4 * epoch + 4]) for sel in per_rank]  # each rank's selections
+        assert record["samples_trained"] == sum(waiting)  # every selected sample trained once
+        assert record["optimizer_steps"] == _packed_steps([sel[4 * epoch:4 * epoch + 4] for sel in per_rank])
+    ranks = load_checkpoint(run_dir / "checkpoints" / "last.pt")["ranks"]
+    assert len(ranks) == 2
+
+
+def _packed_steps(selections: list[list[int]], batch: int = 64) -> int:
+    """The packing rule by hand: after each loader batch, step while batch x ranks samples wait
+    on all ranks together (each rank trains up to `batch` of its own); at the epoch's end, step
+    while any wait."""
+    waiting, steps = [0] * len(selections), 0
+
+    def step():
+        nonlocal steps
+        waiting[:] = [max(0, w - batch) for w in waiting]
+        steps += 1
+
+    for counts in zip(*selections):
+        waiting[:] = [w + c for w, c in zip(waiting, counts)]
+        while sum(waiting) >= batch * len(waiting):
+            step()
+    while sum(waiting) > 0:
+        step()
+    return steps
