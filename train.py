@@ -74,10 +74,16 @@ def main(cfg: DictConfig) -> float:
     model = instantiate(cfg.model, num_classes=data.num_classes).to(device)
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if hasattr(model, "fit_to_data"):  # e.g. FastNet's whitening filters, from training images
+        model.fit_to_data(next(iter(BatchLoader(data.train, 5000, device, shuffle=False)))[0])
     optimizer = instantiate(train_cfg.optimizer)(model.parameters())
     # fp16's narrow range needs its loss scaled (and overflowing steps skipped); bf16 does not
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    scheduler = instantiate(train_cfg.scheduler)(optimizer) if train_cfg.scheduler else None
+    # an epoch-wise schedule gets the optimiser; a batch-wise one also the run's loader batches
+    per_batch = train_cfg.scheduler_interval == "batch"
+    scheduler = (instantiate(train_cfg.scheduler)(optimizer, **({"total_steps": train_cfg.epochs * len(train_loader)}
+                                                               if per_batch else {}))
+                 if train_cfg.scheduler else None)
     flop_meter = FlopMeter(model, tuple(data.train.images.shape[1:]), data.num_classes)
     log.info("model: %s, %.2fM parameters, %.1f MFLOP/sample forward, %.1f MFLOP/sample train step",
              choices.model, count_parameters(model) / 1e6, flop_meter.forward_per_sample / 1e6,
@@ -126,7 +132,8 @@ def main(cfg: DictConfig) -> float:
                 with timer.phase("train_step"):
                     trained = train_on_subset(model, optimizer, batch.images, batch.labels, precision,
                                               weights=batch.weight, epoch=epoch, step=step + 1,
-                                              indexer_losses=indexer_losses, ranks=dist, scaler=scaler)
+                                              indexer_losses=indexer_losses, ranks=dist, scaler=scaler,
+                                              label_smoothing=train_cfg.label_smoothing)
                     gate.observe(batch.idx, trained)
                 with timer.phase("scoring"):
                     scorer.learn(batch.images, batch.labels, precision)
@@ -151,13 +158,15 @@ def main(cfg: DictConfig) -> float:
                     for batch in packer.ready():
                         train_selected(batch)
                     step += 1
+                    if scheduler is not None and per_batch:
+                        scheduler.step()
                     if step % cfg.wandb.log_every_steps == 0:
                         run_log.log_step(step, {"train/batch_rate": len(selection.index) / len(idx),
                                                 "gate/threshold": gate.threshold,
                                                 "train/batch_loss": tally.last_batch_loss})
                 for batch in packer.drain():  # packed: the epoch's remainder, so none waits past it
                     train_selected(batch)
-            if scheduler is not None:
+            if scheduler is not None and not per_batch:
                 scheduler.step()
             dist.merge_epoch(tally, gate, memory_at_start)  # torchrun: global counts, one sample memory
 
@@ -165,7 +174,8 @@ def main(cfg: DictConfig) -> float:
             val_loss = val_acc = None
             if epoch % train_cfg.eval_every_epochs == 0 or epoch == train_cfg.epochs:
                 with timer.phase("eval"):  # torchrun: each rank a slice of the validation set, sums reduced
-                    val_loss, val_acc = dist.evaluate(evaluation_sums(model, val_loader, precision))
+                    val_loss, val_acc = dist.evaluate(evaluation_sums(model, val_loader, precision,
+                                                                      flip_tta=train_cfg.eval_flip_tta))
 
             # -------------------------------------------------------------- logging
             epoch_time = timer.seconds["epoch"]

@@ -35,6 +35,11 @@ def validate_config(cfg: DictConfig) -> None:
                                                and t.limit_train_batches >= 1),
              "training.limit_train_batches", t.limit_train_batches, "null or an integer >= 1")
     _require(isinstance(t.lr, (int, float)) and t.lr > 0, "training.lr", t.lr, "a number > 0")
+    _require(t.get("scheduler_interval", "epoch") in ("epoch", "batch"), "training.scheduler_interval",
+             t.get("scheduler_interval"), "epoch or batch")
+    smoothing = t.get("label_smoothing", 0.0)
+    _require(isinstance(smoothing, (int, float)) and 0 <= smoothing < 1, "training.label_smoothing", smoothing,
+             "a number in [0, 1)")
     _require(t.precision in PRECISIONS, "training.precision", t.precision, f"one of {', '.join(PRECISIONS)}")
     _require(cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
              "device", cfg.device, "auto, cpu, cuda or cuda:N")

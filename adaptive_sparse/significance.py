@@ -29,9 +29,13 @@ class BatchScores:
     entropy: torch.Tensor  # [B] prediction entropy (nats)
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor) -> "BatchScores":
+    def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> "BatchScores":
+        """Per-sample cross-entropy (against labels smoothed by `label_smoothing`, as the
+        training loss may be) and prediction entropy."""
         log_probs = F.log_softmax(logits.float(), dim=1)  # [B, C]
         loss = F.nll_loss(log_probs, labels, reduction="none")
+        if label_smoothing:  # (1 - s) * CE(label) + s * mean over classes of CE(class)
+            loss = (1.0 - label_smoothing) * loss - label_smoothing * log_probs.mean(dim=1)
         entropy = -(log_probs.exp() * log_probs).sum(dim=1)
         return cls(loss, entropy)
 

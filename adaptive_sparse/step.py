@@ -51,14 +51,14 @@ def score_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def forward_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                   precision: str = "fp32") -> BatchScores:
+                   precision: str = "fp32", label_smoothing: float = 0.0) -> BatchScores:
     """The training forward: per-sample loss (with autograd) and entropy, empty for no rows."""
     if not len(labels):
         empty = torch.zeros(0, device=images.device)
         return BatchScores(empty, empty)
     with autocast_context(images.device, precision):
         logits = model(images)  # [k, C]
-    return BatchScores.from_logits(logits, labels)
+    return BatchScores.from_logits(logits, labels, label_smoothing)
 
 
 def add_indexer_loss(loss: torch.Tensor, model: nn.Module, indexer_losses: list[torch.Tensor] | None,
@@ -82,7 +82,8 @@ def weighted_loss(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.T
 def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                     labels: torch.Tensor, precision: str = "fp32", *, weights: torch.Tensor | None = None,
                     epoch: int = 0, step: int = 0, indexer_losses: list[torch.Tensor] | None = None,
-                    ranks: Distributed | None = None, scaler: torch.amp.GradScaler | None = None) -> BatchScores:
+                    ranks: Distributed | None = None, scaler: torch.amp.GradScaler | None = None,
+                    label_smoothing: float = 0.0) -> BatchScores:
     """One optimiser step on exactly these samples, for one process and for torchrun's ranks
     alike (a single process is world size 1); returns their detached per-sample loss and
     entropy (what memory scoring remembers, at no extra cost), possibly empty on a rank that
@@ -97,7 +98,7 @@ def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
     """
     ranks = ranks or Distributed()
     optimizer.zero_grad(set_to_none=True)
-    scores = forward_scores(model, images, labels, precision)
+    scores = forward_scores(model, images, labels, precision, label_smoothing)
     finite = bool(torch.isfinite(scores.loss).all())
     global_count, non_finite_ranks = ranks.all_reduce([len(labels), 0.0 if finite else 1.0])
     if non_finite_ranks:
@@ -119,9 +120,10 @@ def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
 
 
 @torch.inference_mode()
-def evaluation_sums(model: nn.Module, loader, precision: str = "fp32") -> tuple[float, int, int]:
+def evaluation_sums(model: nn.Module, loader, precision: str = "fp32", flip_tta: bool = False) -> tuple[float, int, int]:
     """(summed cross-entropy, correct predictions, samples) over what the loader yields; sums
-    rather than means so that ranks' shares of the validation set add up exactly."""
+    rather than means so that ranks' shares of the validation set add up exactly. With
+    `flip_tta` the logits are the mean of the image's and its mirror image's."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -130,6 +132,8 @@ def evaluation_sums(model: nn.Module, loader, precision: str = "fp32") -> tuple[
     for images, labels, _ in loader:
         with autocast_context(images.device, precision):
             logits = model(images).float()  # [B, C]
+            if flip_tta:
+                logits = (logits + model(images.flip(3)).float()) / 2
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double().cpu()
         correct += (logits.argmax(1) == labels).sum().cpu()
         count += len(labels)
