@@ -66,13 +66,18 @@ class ArmKey:
     rate: float | None  # target rate; None for InfoBatch, 1.0 for none
     packed: bool
     epochs: int
+    precision: str = "bf16"
 
     @property
     def label(self) -> str:
+        other = "" if self.precision == STUDY_PRECISION[0] else f", {self.precision}"
         if self.gate == "none":
-            return f"none, {self.epochs} epochs"
+            return f"none, {self.epochs} epochs{other}"
         rate = "" if self.rate is None else f" {self.rate:g}"
-        return f"{self.gate}{rate}{', packed' if self.packed else ''}"
+        return f"{self.gate}{rate}{', packed' if self.packed else ''}{other}"
+
+
+STUDY_PRECISION = ["bf16"]  # the full-training runs' precision; arms in another one say so
 
 
 @dataclass
@@ -90,7 +95,8 @@ class Arm:
 def arm_key(run: report.Run) -> ArmKey:
     s = run.summary
     packed = str(run.overrides.get("gate.pack", "false")).lower() == "true"
-    return ArmKey(s["gate"], s["target_rate"], packed and s["gate"] != "none", s["epochs"])
+    return ArmKey(s["gate"], s["target_rate"], packed and s["gate"] != "none", s["epochs"],
+                  s.get("precision") or "fp32")
 
 
 def group_arms(runs: list[report.Run]) -> dict[ArmKey, Arm]:
@@ -110,7 +116,7 @@ class Study:
 
     def matched(self, budget: float) -> Arm | None:
         """Full training over budget * E epochs."""
-        return self.arms.get(ArmKey("none", 1.0, False, round(budget * self.full.key.epochs)))
+        return self.arms.get(ArmKey("none", 1.0, False, round(budget * self.full.key.epochs), self.full.key.precision))
 
     def share(self, arm: Arm) -> float:
         return statistics.fmean(arm.times()) / self.full_time
@@ -121,7 +127,8 @@ def build_study(runs: list[report.Run]) -> Study:
     nones = [a for k, a in arms.items() if k.gate == "none"]
     if not nones:
         raise SystemExit("no gate=none run: the study needs full training to compare with")
-    full = max(nones, key=lambda a: a.key.epochs)
+    full = max(nones, key=lambda a: (a.key.epochs, len(a.runs)))
+    STUDY_PRECISION[0] = full.key.precision
     return Study(arms, full, statistics.fmean(full.times()), statistics.fmean(full.finals().values()))
 
 
@@ -180,7 +187,7 @@ def differences_table(study: Study) -> tuple[str, list[tuple[str, float, tuple[f
         if k.gate == "none" or k.rate is None:
             continue
         versus_none = paired(arm, study.matched(k.rate))
-        random = study.arms.get(ArmKey("random", k.rate, k.packed, k.epochs))
+        random = study.arms.get(ArmKey("random", k.rate, k.packed, k.epochs, k.precision))
         versus_random = paired(arm, random) if k.gate != "random" else None
         cells = [k.label, f"{study.share(arm):.3f}"]
         for result in (versus_none, versus_random):
@@ -213,9 +220,10 @@ def goal_verdict(study: Study) -> str:
 
 def missing_runs(study: Study) -> list[str]:
     """(arm, seed) pairs the three presets define that have no record yet."""
-    wanted = [ArmKey("none", 1.0, False, e) for e in (40, 20, 10)]
-    wanted += [ArmKey(g, b, p, 40) for b in BUDGETS for p in (True, False) for g in GATES]
-    wanted += [ArmKey("infobatch", None, p, 40) for p in (True, False)]
+    main = study.full.key.precision
+    wanted = [ArmKey("none", 1.0, False, e, main) for e in (40, 20, 10)]
+    wanted += [ArmKey(g, b, p, 40, main) for b in BUDGETS for p in (True, False) for g in GATES]
+    wanted += [ArmKey("infobatch", None, p, 40, main) for p in (True, False)]
     out = []
     for key in wanted:
         have = study.arms[key].runs if key in study.arms else {}

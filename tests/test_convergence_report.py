@@ -57,11 +57,11 @@ def test_paired_differences_and_intervals_by_hand(tmp_path):
     fabricate(tmp_path / "sweep")
     study = convergence.build_study(report.collect_runs(tmp_path / "sweep"))
     assert study.full_acc == 81.0 and study.full_time == 100.0
-    gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4)]
+    gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "bf16")]
     (mean, half), n = convergence.paired(gated, study.matched(0.5))
     # differences 3 and 4: mean 3.5, sd 0.7071, half-width t(1) 12.706 * 0.7071 / sqrt(2) = 6.353
     assert n == 2 and mean == 3.5 and round(half, 3) == 6.353
-    (mean, _), _ = convergence.paired(gated, study.arms[convergence.ArmKey("random", 0.5, True, 4)])
+    (mean, _), _ = convergence.paired(gated, study.arms[convergence.ArmKey("random", 0.5, True, 4, "bf16")])
     assert mean == 2.25  # (1 + 3.5) / 2
     assert study.share(gated) == 0.52
 
