@@ -4,8 +4,9 @@
     python scripts/convergence_report.py docs/results/convergence/runs.jsonl
 
 Reads the runs of `+experiment=convergence`, `convergence_baseline` and `convergence_infobatch`
-(a sweep directory or the compact record file) and writes report.md and its plots beside the
-record file (or into --out). Arms are (gate, target rate, packing, epochs); seeds are paired.
+(a sweep directory or the compact record file) and writes the study's page, README.md, and its
+plots beside the record file (or into --out); `scripts/report.py` writes the generic sweep
+report (report.md) of the same record beside it. Arms are (gate, target rate, packing, epochs); seeds are paired.
 
 - Full training: gate=none over the longest schedule (E epochs).
 - Time-matched full training at budget b: gate=none over b * E epochs, its cosine schedule
@@ -298,7 +299,7 @@ def write_page(source: Path, out_dir: Path) -> Path:
     runs = report.collect_runs(source)
     study = build_study(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_frontier(study, out_dir / "accuracy_vs_time.png")
+    plot_frontier(study, out_dir / "frontier.png")
     for budget in BUDGETS:
         plot_curves(study, budget, out_dir / f"curves_budget_{budget}.png")
     differences, forest = differences_table(study)
@@ -319,13 +320,13 @@ def write_page(source: Path, out_dir: Path) -> Path:
         "existed, one per batch of 64.", "",
         "## Paired differences (same seed)", "", differences, "",
         "## Plots", "",
-        "![accuracy against time](accuracy_vs_time.png)", "",
+        "![final accuracy against training time, gate=none's schedules as the frontier](frontier.png)", "",
         "![curves at budget 0.5](curves_budget_0.5.png)", "",
         "![curves at budget 0.25](curves_budget_0.25.png)", "",
         "![paired differences](paired_differences.png)", "",
         "## Not yet run", "", *(f"- {m}" for m in missing), *(["- nothing: the study is complete"] if not missing else []),
         ""])
-    path = out_dir / "report.md"
+    path = out_dir / "README.md"
     path.write_text(text)
     return path
 
@@ -333,7 +334,7 @@ def write_page(source: Path, out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="the study's sweep directory or its runs.jsonl")
-    parser.add_argument("--out", type=Path, help="where report.md and the plots go (default: beside the record file)")
+    parser.add_argument("--out", type=Path, help="where README.md and the plots go (default: beside the record file)")
     args = parser.parse_args(argv)
     out = args.out or (args.source.parent if args.source.is_file() else args.source)
     path = write_page(args.source, out)
