@@ -213,9 +213,11 @@ def goal_verdict(study: Study) -> str:
         lossless = [time_to(r, study.full_acc - MARGIN_LOSSLESS) for r in arm.runs.values()]
         half = all(t is not None and t <= 0.5 * study.full_time for t in lossless)
         diff = "no paired time-matched run" if result is None else f"{fmt(result[0])} points over {result[1]} seed(s)"
+        decided = beat or half or (result is not None and result[0][1] is not None)
+        verdict = "met" if beat or half else "missed" if decided else "undecided (fewer than two paired seeds)"
         lines.append(f"- {k.label}: vs time-matched none {diff}; within {MARGIN_LOSSLESS} points of full "
                      f"training in at most half its time on {sum(t is not None and t <= 0.5 * study.full_time for t in lossless)} "
-                     f"of {len(lossless)} seeds: goal **{'met' if beat or half else 'missed'}**")
+                     f"of {len(lossless)} seeds: goal **{verdict}**")
     return "\n".join(lines) or "- no gated arm at budget 0.5 yet"
 
 

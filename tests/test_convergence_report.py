@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -78,3 +79,12 @@ def test_page_states_the_goal_and_lists_what_is_missing(tmp_path):
     assert path.name == "README.md"  # report.py's report.md can sit beside it
     for plot in ("frontier.png", "curves_budget_0.5.png", "paired_differences.png"):
         assert (tmp_path / "page" / plot).stat().st_size > 0
+
+
+def test_one_seed_leaves_the_goal_undecided(tmp_path):
+    fabricate(tmp_path / "sweep")
+    for run in (tmp_path / "sweep").glob("*_1"):  # keep seed 0 only
+        shutil.rmtree(run)
+    text = convergence.write_page(tmp_path / "sweep", tmp_path / "page").read_text()
+    assert "vs time-matched none 3.00 points over 1 seed(s)" in text
+    assert "goal **undecided (fewer than two paired seeds)**" in text
