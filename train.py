@@ -57,6 +57,9 @@ def main(cfg: DictConfig) -> float:
     torch.set_flush_denormal(cfg.training.flush_denormal)  # no-op where unsupported
     train_cfg = cfg.training
     precision = resolve_precision(train_cfg.precision, device)  # auto: bf16 where the hardware has it
+    if precision == "fp16" and device.type == "cpu":
+        log.warning("training.precision=fp16 on a CPU runs emulated fp16 arithmetic: it trains (with a "
+                    "gradient scaler) but far slower than fp32 or bf16 (20 batches: 62 s against ~1 s here)")
 
     # ------------------------------------------------------------------ data
     data = load_dataset(cfg.dataset)
