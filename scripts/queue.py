@@ -5,7 +5,9 @@
 
 Each non-empty line of the queue file (after `#` comments) is one run: train.py overrides.
 A run's directory is OUT/<its overrides as a short name>. A worker skips runs that finished
-(summary.json), claims the first free one (OUT/<name>.claim, holding its process id, made
+(summary.json) or that the study's committed record already holds (runs.jsonl beside the
+queue file, written by `scripts/report.py OUT --export`: a fresh machine does not redo
+them), claims the first free one (OUT/<name>.claim, holding its process id, made
 atomically), and runs `python train.py ... resume=auto`, so a run interrupted in an earlier
 session continues from its last checkpoint. Start one worker per core; stop them at any time
 (a run loses at most its unfinished epoch). A claim whose process is gone is taken over.
@@ -14,6 +16,7 @@ Overrides after `--` go to every run and stay out of the directory names.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -66,10 +69,18 @@ def claim(claim_file: Path) -> bool:
     return True
 
 
-def next_run(queue: list[list[str]], out: Path) -> tuple[list[str], Path] | None:
+def recorded_runs(queue_file: Path) -> set[str]:
+    """Names of the runs in the record file beside the queue (none if there is none)."""
+    record = queue_file.parent / "runs.jsonl"
+    if not record.exists():
+        return set()
+    return {Path(json.loads(line)["run"]).name for line in record.read_text().splitlines() if line.strip()}
+
+
+def next_run(queue: list[list[str]], out: Path, recorded: set[str] = frozenset()) -> tuple[list[str], Path] | None:
     for overrides in queue:
         run_dir = out / run_name(overrides)
-        if (run_dir / "summary.json").exists():
+        if (run_dir / "summary.json").exists() or run_dir.name in recorded:
             continue
         if claim(out / f"{run_dir.name}.claim"):
             return overrides, run_dir
@@ -84,17 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--list", action="store_true", help="print each run's state and exit")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    queue = read_queue(args.queue)
+    queue, recorded = read_queue(args.queue), recorded_runs(args.queue)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.list:
         for overrides in queue:
             run_dir = args.out / run_name(overrides)
             state = ("done" if (run_dir / "summary.json").exists() else
+                     "recorded" if run_dir.name in recorded else
                      "claimed" if (args.out / f"{run_dir.name}.claim").exists() else
                      "started" if run_dir.exists() else "waiting")
             print(f"{state:8s} {' '.join(overrides)}")
         return 0
-    while (job := next_run(queue, args.out)) is not None:
+    while (job := next_run(queue, args.out, recorded)) is not None:
         overrides, run_dir = job
         # quoted: the directory's name holds '=' and ',', which Hydra's override grammar would parse
         command = [sys.executable, "train.py", *overrides, *common, f"hydra.run.dir='{run_dir}'", "resume=auto"]

@@ -46,3 +46,12 @@ def test_a_queue_runs_through_train_py_and_a_second_pass_skips_it(tmp_path):
     assert (run_dir / "summary.json").exists() and not list((tmp_path / "runs").glob("*.claim"))
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "$ " not in again.stdout and "queue done" in again.stdout  # nothing left to run
+
+
+def test_runs_in_the_committed_record_are_not_run_again(tmp_path):
+    file = tmp_path / "queue.txt"
+    file.write_text("seed=0\nseed=1\n")
+    (tmp_path / "runs.jsonl").write_text('{"run": "seed=0", "overrides": {}, "summary": {}, "epochs": []}\n')
+    recorded = queue.recorded_runs(file)
+    assert recorded == {"seed=0"}
+    assert queue.next_run(queue.read_queue(file), tmp_path / "out", recorded) == (["seed=1"], tmp_path / "out" / "seed=1")
