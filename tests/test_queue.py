@@ -54,4 +54,5 @@ def test_runs_in_the_committed_record_are_not_run_again(tmp_path):
     (tmp_path / "runs.jsonl").write_text('{"run": "seed=0", "overrides": {}, "summary": {}, "epochs": []}\n')
     recorded = queue.recorded_runs(file)
     assert recorded == {"seed=0"}
+    (tmp_path / "out").mkdir()
     assert queue.next_run(queue.read_queue(file), tmp_path / "out", recorded) == (["seed=1"], tmp_path / "out" / "seed=1")
