@@ -31,6 +31,7 @@ from adaptive_sparse.distributed import agree_on_run_dir, setup_distributed
 from adaptive_sparse.energy import make_energy_meter
 from adaptive_sparse.metering import FlopMeter, PhaseTimer, Tally
 from adaptive_sparse.models import count_parameters
+from adaptive_sparse.optim import build_scheduler
 from adaptive_sparse.packing import SelectionPacker, TrainBatch
 from adaptive_sparse.scorers import ModelScorer
 from adaptive_sparse.step import evaluation_sums, inject_nan_at_step, train_on_subset
@@ -82,11 +83,9 @@ def main(cfg: DictConfig) -> float:
     optimizer = instantiate(train_cfg.optimizer)(model.parameters())
     # fp16's narrow range needs its loss scaled (and overflowing steps skipped); bf16 does not
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    # an epoch-wise schedule gets the optimiser; a batch-wise one also the run's loader batches
-    per_batch = train_cfg.scheduler_interval == "batch"
-    scheduler = (instantiate(train_cfg.scheduler)(optimizer, **({"total_steps": train_cfg.epochs * len(train_loader)}
-                                                               if per_batch else {}))
-                 if train_cfg.scheduler else None)
+    per_batch = train_cfg.scheduler_interval == "batch"  # else the schedule steps once an epoch
+    scheduler = build_scheduler(train_cfg.scheduler, optimizer,
+                                total_steps=train_cfg.epochs * len(train_loader) if per_batch else None)
     flop_meter = FlopMeter(model, tuple(data.train.images.shape[1:]), data.num_classes)
     log.info("model: %s, %.2fM parameters, %.1f MFLOP/sample forward, %.1f MFLOP/sample train step",
              choices.model, count_parameters(model) / 1e6, flop_meter.forward_per_sample / 1e6,

@@ -182,9 +182,10 @@ class Checkpointer:
 
 # Keys that say where things go or how they are shown, not what is trained: a resumed run may
 # change them (a key matches itself and everything below it).
-RESUMABLE_CHANGES = ("resume", "init_from", "progress", "device", "dataset.root", "dataset.search_roots", "dataset.download",
-                     "dataset.cache_dir", "training.num_threads", "training.eval_every_epochs",
-                     "training.eval_batch_size", "training.eval_flip_tta", "checkpoint", "distributed", "energy", "wandb", "debug")
+RESUMABLE_CHANGES = ("resume", "init_from", "progress", "device", "dataset.root", "dataset.search_roots",
+                     "dataset.download", "dataset.cache_dir", "training.num_threads", "training.eval_every_epochs",
+                     "training.eval_batch_size", "training.eval_flip_tta", "checkpoint", "distributed", "energy",
+                     "wandb", "debug")
 
 
 def flat_config(cfg) -> dict[str, Any]:

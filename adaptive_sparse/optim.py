@@ -30,3 +30,14 @@ def triangular_schedule(optimizer: torch.optim.Optimizer, total_steps: int, star
     full training whatever share of each batch it trains."""
     knots = ([0.0, peak_at * total_steps, float(total_steps)], [start, 1.0, end])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(np.interp(step, *knots)))
+
+
+def build_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int | None):
+    """`training.scheduler` (a `_partial_` config, or null) for this optimiser. A schedule that
+    steps per loader batch (`total_steps` given) is also told how many batches the run has."""
+    if not cfg:
+        return None
+    from hydra.utils import instantiate
+
+    factory = instantiate(cfg)
+    return factory(optimizer) if total_steps is None else factory(optimizer, total_steps=total_steps)
