@@ -206,7 +206,7 @@ def main(cfg: DictConfig) -> float:
                 **gate.epoch_metrics(),
             }
             history.append(record)
-            if checkpoints.due(epoch, train_cfg.epochs):  # before the metrics line (README: Checkpoints)
+            if checkpoints.due(epoch, train_cfg.epochs):  # before the metrics line (docs/distributed.md: Checkpoints)
                 checkpoints.save(epoch, step, history, run_log.wandb_run_id)
             run_log.log_epoch(record, step=step)
             log.info(table_row(record, train_cfg.epochs))

@@ -241,7 +241,7 @@ class SparseAttention(DenseAttention):
     granularity="token" is DSA's per-query selection. granularity="block" selects for query
     blocks of `block_size`: the indexer scores block-pooled queries against block-pooled keys
     and each query block keeps its top_k / block_size key blocks, gathered contiguously (the
-    form that turns sparsity into wall-clock on a CPU; see README, "Sparse attention"). There
+    form that turns sparsity into wall-clock on a CPU; see docs/sparse-attention.md). There
     the always-kept keys are the blocks holding the global tokens, the query's own block and
     local_window // block_size whole blocks on either side.
 

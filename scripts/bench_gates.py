@@ -117,7 +117,7 @@ def add_ratios(rows: list[dict], target_rate: float) -> None:
         row["flops_ratio_vs_none"] = row["flops_executed"] / base["flops_executed"]
         row["ideal_speedup_from_flops"] = 1.0 / row["flops_ratio_vs_none"]
     forward_share = base["flops_per_sample_forward"] / base["flops_per_sample_train"]
-    for row in rows:  # the FLOP model of the README: forward scoring ~ f + r, memory ~ r
+    for row in rows:  # the FLOP model of docs/measuring.md: forward scoring ~ f + r, memory ~ r
         row["ideal_cost_model"] = (1.0 if row["config"] == "none"
                                    else forward_share + target_rate if row["config"] == "sundew-forward"
                                    else row["scoring_flops_per_sample"] / base["flops_per_sample_train"]
