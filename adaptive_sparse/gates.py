@@ -165,7 +165,8 @@ class SundewGate(Gate):
             raise ValueError(f"gate.controller.kp and ki act only with gate.selection=threshold and fresh scores "
                              f"(scoring forward or proxy), not selection={selection} with scoring={scoring}: "
                              "this rule moves its budget by a fixed slow integral")
-        self.rule = (PercentileRule(rate, power, exploration, history_size, min_selected, gains.get("ema", 0.1))
+        self.rule = (PercentileRule(rate, power, exploration, history_size, min_selected, gains.get("ema", 0.1),
+                                    self.device)
                      if selection == "percentile" else
                      ThresholdRule(rate, temperature, min_selected, norm_momentum, gains) if scoring != "memory"
                      else PriorityRule(rate, exploration, min_selected, gains.get("ema", 0.1)))
@@ -307,7 +308,7 @@ class SelectiveBackpropGate(Gate):
         self.beta = 1.0 / self.target_rate - 1.0 if beta is None else float(beta)
         if self.beta < 0:
             raise ValueError(f"gate.beta={beta} is not allowed: a number >= 0")
-        self.history = ScoreHistory(history_size)
+        self.history = ScoreHistory(history_size, self.device)
 
     def select(self, idx: torch.Tensor, scores: BatchScores | None) -> Selection:
         self.history.add(scores.loss)

@@ -23,11 +23,11 @@ class PercentileRule:
     min_selected floor and the capping."""
 
     def __init__(self, rate: float, power: float = 1.0, exploration: float = 0.1, history_size: int = 4096,
-                 min_selected: int = 1, ema: float = 0.1):
+                 min_selected: int = 1, ema: float = 0.1, device: torch.device | str = "cpu"):
         if power < 0:
             raise ValueError(f"gate.power={power} is not allowed: a number >= 0")
         self.power, self.exploration, self.min_selected = float(power), float(exploration), int(min_selected)
-        self.history = ScoreHistory(history_size)
+        self.history = ScoreHistory(history_size, device)
         # output: the batch budget. Too many trained lowers it, hence the negative gain
         self.controller = PIController(rate, kp=0.0, ki=-0.01, ema=ema, init_threshold=rate,
                                        min_threshold=0.0, max_threshold=1.0)

@@ -139,11 +139,11 @@ class ScoreHistory:
     """The latest `size` scores, to rank new ones by percentile (Selective-Backprop's loss
     history): a score's percentile is the share of the history below it, ties counting half."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, device: torch.device | str = "cpu"):
         if size < 1:
             raise ValueError(f"gate.history_size={size} is not allowed: an integer >= 1")
         self.size = int(size)
-        self.values = torch.empty(0)
+        self.values = torch.empty(0, device=device)
 
     def add(self, scores: torch.Tensor) -> None:
         self.values = torch.cat([self.values.to(scores.device), scores.detach().float()])[-self.size:]
@@ -165,7 +165,7 @@ class ScoreHistory:
         return {"values": self.values.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.values = state["values"].clone()
+        self.values = state["values"].to(self.values.device)
 
 
 # --------------------------------------------------------------------------- scoring sources

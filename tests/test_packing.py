@@ -108,6 +108,10 @@ def test_gate_state_lives_on_the_device_it_is_built_for():
                       proxy=lambda num_classes: torch.nn.Linear(4, num_classes))
     assert {t.device.type for t in gate.memory.tensors().values()} == {"meta"}
     assert {p.device.type for p in gate.scorer.model.parameters()} == {"meta"}
+    assert gate.rule.history.values.device.type == "meta"
+    from adaptive_sparse.gates import InfoBatchGate, SelectiveBackpropGate
+    assert InfoBatchGate(num_samples=10, device="meta").memory.last_loss.device.type == "meta"
+    assert SelectiveBackpropGate(device="meta").history.values.device.type == "meta"
 
 
 def test_proxy_scoring_without_a_proxy_model_is_refused():
