@@ -2,6 +2,7 @@
 benchmarks. Light on purpose (no torch), like sweeps.py: scripts/report.py imports it."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable
 
 
@@ -15,3 +16,11 @@ def time_to_accuracy(records: Iterable[dict[str, Any]], accuracy: float) -> floa
         if record.get("val_acc") is not None and record["val_acc"] >= accuracy:
             return elapsed
     return None
+
+
+def short_source(source: str | None) -> str | None:
+    """folder:/any/path/cifar10 -> folder:cifar10: a record names the data copy, not a machine's paths."""
+    if not source or ":" not in source:
+        return source
+    kind, place = source.split(":", 1)
+    return f"{kind}:{Path(place).name}"

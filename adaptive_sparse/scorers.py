@@ -8,12 +8,11 @@ count as scoring: train.py times them in the scoring phase and charges their FLO
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adaptive_sparse.metering import FlopMeter
 from adaptive_sparse.significance import BatchScores
-from adaptive_sparse.step import autocast_context, score_batch
+from adaptive_sparse.step import score_batch, train_on_subset
 
 
 class ModelScorer:
@@ -63,15 +62,12 @@ class ProxyScorer:
         return score_batch(self.model, images, labels, precision)
 
     def learn(self, images: torch.Tensor, labels: torch.Tensor, precision: str) -> None:
+        """One step on the mean loss of these samples (this rank's own: proxies are per rank)."""
         if not len(labels):
             return
         self._first_batch(images)
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast_context(images.device, precision):
-            logits = self.model(images)  # [k, C]
-        F.cross_entropy(logits.float(), labels).backward()
-        self.optimizer.step()
+        train_on_subset(self.model, self.optimizer, images, labels, precision)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # adaptive_sparse, when run as `python scripts/bench_gates.py`
-from adaptive_sparse.records import time_to_accuracy  # noqa: E402
+from adaptive_sparse.records import short_source, time_to_accuracy  # noqa: E402
 CONFIGS = {
     "none": ["gate=none"],
     "random": ["gate=random"],
@@ -64,14 +64,6 @@ def run_config(name: str, overrides: list[str], run_dir: Path) -> dict:
         raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"records": records, "summary": json.loads((run_dir / "summary.json").read_text())}
-
-
-def short_source(source: str | None) -> str | None:
-    """folder:/any/path/cifar10 -> folder:cifar10: records name the data copy, not a machine's paths."""
-    if not source or ":" not in source:
-        return source
-    kind, place = source.split(":", 1)
-    return f"{kind}:{Path(place).name}"
 
 
 def row_for(name: str, runs: list[dict], epoch: int, accuracies: list[float], peak: float) -> dict:

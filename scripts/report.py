@@ -145,9 +145,8 @@ def export_records(runs: list[Run], root: Path, path: Path) -> int:
     for run in (r for r in runs if r.complete):
         epochs = [{k: rec[k] for k in RECORD_EPOCH_KEYS if k in rec} for rec in run.epochs]
         summary = {k: v for k, v in run.summary.items() if k != "epoch_times_s"}  # in the epochs already
-        if ":" in str(summary.get("data_source")):  # folder:/a/b/cifar10 -> folder:cifar10, no machine's paths
-            kind, place = summary["data_source"].split(":", 1)
-            summary["data_source"] = f"{kind}:{Path(place).name}"
+        if "data_source" in summary:
+            summary["data_source"] = records.short_source(summary["data_source"])
         lines.append(json.dumps({"run": str(run.path.relative_to(root)), "overrides": run.overrides,
                                  "summary": summary, "epochs": epochs}, sort_keys=True))
     path.parent.mkdir(parents=True, exist_ok=True)
