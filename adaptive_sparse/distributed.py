@@ -98,7 +98,7 @@ class Distributed:
         when enough samples wait on all ranks together."""
         if self.active:
             gate.rate_reducer = self.global_rate
-            packer.count_reducer = self.global_count
+            packer.count_reducer, packer.ranks = self.global_count, self.world_size
 
     def global_count(self, n: int) -> int:
         return int(self.all_reduce([n])[0])

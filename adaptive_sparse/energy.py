@@ -3,8 +3,8 @@
 
 codecarbon reads what the machine has: NVML's energy counter on NVIDIA GPUs and RAPL package
 counters on CPUs that expose them (measured); without them it models the CPU's power from its
-TDP and utilisation (estimated). This module reads nothing by hand: it asks codecarbon which
-method each piece of hardware uses and says "measured" only when every one is a counter.
+TDP and utilisation (estimated); RAM is always modelled. This module reads nothing by hand: it
+asks codecarbon which method it uses for the CPU and says "measured" only when that is a counter.
 Each meter is read around training phases only (`measure()`), never around evaluation, and
 its total continues across a resume (`resume_from`).
 """
@@ -66,10 +66,10 @@ class CodecarbonMeter:
 
 
 def energy_source(tracker) -> str:
-    """'measured' when codecarbon reads counters for the CPU and every GPU, else 'estimated'."""
-    kinds = {type(h).__name__: getattr(h, "_mode", None) for h in getattr(tracker, "_hardware", [])}
-    cpu_measured = kinds.get("CPU") in MEASURED_CPU_MODES
-    return "measured" if cpu_measured else "estimated"
+    """'measured' when codecarbon reads a counter for the CPU (GPUs it reads through NVML),
+    else 'estimated'."""
+    cpu_modes = {getattr(h, "_mode", None) for h in getattr(tracker, "_hardware", []) if type(h).__name__ == "CPU"}
+    return "measured" if cpu_modes and cpu_modes <= MEASURED_CPU_MODES else "estimated"
 
 
 def make_energy_meter(kind: str, device: torch.device, country_iso_code: str = "USA"):

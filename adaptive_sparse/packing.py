@@ -47,14 +47,15 @@ class SelectionPacker:
 
     `add` takes a loader batch and its selection; `ready` then yields the batches to train
     before the next loader batch, and `drain` those left at the end of the epoch. Under
-    torchrun `count_reducer` sums counts over ranks, so every rank steps at the same moments
-    (each with up to batch_size of its own samples, possibly none) and the collectives line up.
+    torchrun `count_reducer` sums counts over the `ranks` processes, so every rank steps at the
+    same moments (each with up to batch_size of its own samples, possibly none) and the
+    collectives line up.
     """
 
     def __init__(self, batch_size: int, enabled: bool,
-                 count_reducer: Callable[[int], int] = local_count):
+                 count_reducer: Callable[[int], int] = local_count, ranks: int = 1):
         self.batch_size, self.enabled = int(batch_size), bool(enabled)
-        self.count_reducer = count_reducer
+        self.count_reducer, self.ranks = count_reducer, int(ranks)
         self.waiting: list[TrainBatch] = []  # packed: weights relative (1 = an ordinary sample)
         self.empty: TrainBatch | None = None  # a zero-sample batch of the right shapes
         self.weighted = False  # whether any waiting sample came with a gate weight
@@ -79,8 +80,7 @@ class SelectionPacker:
         if not self.enabled:
             yield self.waiting.pop()
             return
-        ranks = self.count_reducer(1)  # 1 for a single process
-        while self.count_reducer(self.num_waiting) >= self.batch_size * ranks:
+        while self.count_reducer(self.num_waiting) >= self.batch_size * self.ranks:
             yield self._take(self.batch_size)
 
     def drain(self) -> Iterator[TrainBatch]:
