@@ -14,8 +14,7 @@ import torch
 
 from adaptive_sparse.controller import PIController
 from adaptive_sparse.scorers import ProxyScorer
-from adaptive_sparse.selection import (PercentileRule, PriorityRule, ThresholdRule, normal_threshold,  # noqa: F401
-                                       stochastic_round)
+from adaptive_sparse.selection import PercentileRule, PriorityRule, ThresholdRule, stochastic_round
 from adaptive_sparse.significance import (BatchScores, FreshScoring, MemoryScoring, SampleMemory, ScoreHistory,
                                           SignificanceModel)
 

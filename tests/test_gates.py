@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from adaptive_sparse.controller import PIController
-from adaptive_sparse.gates import NoGate, RandomGate, SundewGate, normal_threshold
+from adaptive_sparse.gates import NoGate, RandomGate, SundewGate
+from adaptive_sparse.selection import normal_threshold
 from adaptive_sparse.significance import BatchScores, SampleMemory, SignificanceModel
 
 BATCH = 64
