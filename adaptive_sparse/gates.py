@@ -127,8 +127,11 @@ class SundewGate(Gate):
       each kept loss is weighted 1 / (B * p) (inverse-probability weighting), so the expected
       gradient is the full batch's.
     - threshold: fresh scores, a PI-controlled threshold on running z-scores (soft with
-      `temperature`; gains in `controller`); memory scores, the controller's batch budget
-      filled by priority.
+      `temperature`; gains in `controller`); memory scores, as `top`.
+    - top: each batch trains its budget (target_rate * B, stochastically rounded): an
+      exploration share uniformly at random, then never-seen samples, then the most
+      significant. With exploration=0 and loss-only weights it is airbench's "keep the
+      higher-loss part of every batch".
 
     With anneal_epochs=A > 0 the last A epochs train every sample (InfoBatch's annealing).
     target_rate stays the rate over the whole run: the other epochs aim at
@@ -146,7 +149,7 @@ class SundewGate(Gate):
                  proxy_lr: float = 1e-3, pack: bool = False, device: torch.device | str = "cpu"):
         super().__init__(target_rate, num_samples, num_classes, seed, total_epochs, pack, device)
         for key, value, allowed in (("scoring", scoring, ("forward", "memory", "proxy")),
-                                    ("selection", selection, ("percentile", "threshold"))):
+                                    ("selection", selection, ("percentile", "threshold", "top"))):
             if value not in allowed:
                 raise ValueError(f"gate.{key}={value!r} is not allowed: one of {allowed}")
         if not 0.0 <= exploration <= 1.0:
@@ -164,11 +167,13 @@ class SundewGate(Gate):
             raise ValueError(f"gate.controller.kp and ki act only with gate.selection=threshold and fresh scores "
                              f"(scoring forward or proxy), not selection={selection} with scoring={scoring}: "
                              "this rule moves its budget by a fixed slow integral")
-        self.rule = (PercentileRule(rate, power, exploration, history_size, min_selected, gains.get("ema", 0.1),
-                                    self.device)
-                     if selection == "percentile" else
-                     ThresholdRule(rate, temperature, min_selected, norm_momentum, gains) if scoring != "memory"
-                     else PriorityRule(rate, exploration, min_selected, gains.get("ema", 0.1)))
+        if selection == "percentile":
+            self.rule = PercentileRule(rate, power, exploration, history_size, min_selected,
+                                       gains.get("ema", 0.1), self.device)
+        elif selection == "threshold" and scoring != "memory":
+            self.rule = ThresholdRule(rate, temperature, min_selected, norm_momentum, gains)
+        else:  # top, and threshold on remembered scores (stale losses share no scale for a threshold)
+            self.rule = PriorityRule(rate, exploration, min_selected, gains.get("ema", 0.1))
 
     def _make_source(self, scoring: str, model: SignificanceModel, refresh_every_epochs: int,
                      proxy: Callable[..., torch.nn.Module] | None, proxy_lr: float, num_classes: int):

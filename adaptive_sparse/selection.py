@@ -96,9 +96,10 @@ class ThresholdRule:
 
 
 class PriorityRule:
-    """Remembered scores with `selection=threshold`: the controller's batch budget is filled by
-    priority: an exploration share uniformly at random, then never-seen samples, then the most
-    significant (random order breaks ties)."""
+    """`selection=top` (and remembered scores with `selection=threshold`): the controller's
+    batch budget is filled by priority: an exploration share uniformly at random, then
+    never-seen samples, then the most significant (random order breaks ties). Deterministic
+    top-k of each batch when exploration is 0 and every score is fresh."""
 
     def __init__(self, rate: float, exploration: float = 0.1, min_selected: int = 1, ema: float = 0.1):
         self.exploration, self.min_selected = float(exploration), int(min_selected)

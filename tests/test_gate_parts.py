@@ -34,6 +34,17 @@ def test_priority_rule_fills_its_budget_with_unseen_then_most_significant():
     assert keep.tolist() == [True, False, True, False] and prob is None  # budget 0.5 * 4 = 2
 
 
+def test_top_selection_keeps_the_highest_loss_half_of_every_batch():
+    from adaptive_sparse.gates import SundewGate
+
+    gate = SundewGate(target_rate=0.5, num_samples=8, selection="top", exploration=0.0,
+                      weights={"loss": 1.0})
+    assert isinstance(gate.rule, PriorityRule)
+    scores = BatchScores(torch.tensor([0.3, 2.0, 0.1, 1.5, 0.2, 0.9]), torch.zeros(6))
+    chosen = gate.select(torch.arange(6), scores).index
+    assert sorted(chosen.tolist()) == [1, 3, 5]  # losses 2.0, 1.5, 0.9: exactly 0.5 * 6 of them
+
+
 def test_percentile_rule_keeps_its_budget_in_expectation():
     rule, g = PercentileRule(rate=0.25, exploration=0.2, min_selected=0), torch.Generator().manual_seed(0)
     kept = sum(int(rule.keep(torch.rand(64, generator=g), g)[0].sum()) for _ in range(400))
