@@ -215,8 +215,8 @@ def main(cfg: DictConfig) -> float:
         summary = summarise(history, gate.target_rate, flop_meter)
         summary.update(gate=choices.gate, model=choices.model, attention=choices.attention,
                        dataset=choices.dataset, data_source=data.source, seed=cfg.seed,
-                       scoring=cfg.gate.get("scoring"), precision=precision, energy_kwh=energy_meter.kwh,
-                       energy_source=energy_meter.source,
+                       scoring=cfg.gate.get("scoring"), selection=cfg.gate.get("selection"),
+                       precision=precision, energy_kwh=energy_meter.kwh, energy_source=energy_meter.source,
                        params=count_parameters(model), **environment_facts(device))
         run_log.write_summary(summary)
     dist.close()

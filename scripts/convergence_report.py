@@ -2,11 +2,15 @@
 
     python scripts/report.py multirun/convergence --export docs/results/convergence/runs.jsonl
     python scripts/convergence_report.py docs/results/convergence/runs.jsonl
+    python scripts/convergence_report.py docs/results/fastnet/runs.jsonl --title "..."
 
-Reads the runs of `+experiment=convergence`, `convergence_baseline` and `convergence_infobatch`
-(a sweep directory or the compact record file) and writes the study's page, README.md, and its
-plots beside the record file (or into --out); `scripts/report.py` writes the generic sweep
-report (report.md) of the same record beside it. Arms are (gate, target rate, packing, epochs); seeds are paired.
+Reads a budget study's runs (a sweep directory or the compact record file: the convergence
+study's `+experiment=convergence`, `convergence_baseline` and `convergence_infobatch`, or the
+fast recipe's) and writes its page, README.md, and its plots beside the record file (or into
+--out); `scripts/report.py` writes the generic sweep report (report.md) of the same record
+beside it. Arms are (gate, target rate, packing, epochs, selection rule); seeds are paired.
+The runs of the study's queue file (queue.txt beside the record, as scripts/queue.py runs it)
+that have no record yet are listed as not yet run.
 
 - Full training: gate=none over the longest schedule (E epochs).
 - Time-matched full training at budget b: gate=none over b * E epochs, its cosine schedule
@@ -37,10 +41,13 @@ _spec = importlib.util.spec_from_file_location("sweep_report", HERE / "report.py
 report = sys.modules.setdefault("sweep_report", importlib.util.module_from_spec(_spec))
 if not hasattr(report, "collect_runs"):
     _spec.loader.exec_module(report)
+_qspec = importlib.util.spec_from_file_location("run_queue", HERE / "queue.py")
+run_queue = sys.modules.setdefault("run_queue", importlib.util.module_from_spec(_qspec))
+if not hasattr(run_queue, "run_name"):
+    _qspec.loader.exec_module(run_queue)
 
-SEEDS = (0, 1, 2)
-BUDGETS = (0.5, 0.25)
-GATES = ("sundew_memory", "random", "sundew_proxy")
+GATES = ("sundew_memory", "random", "sundew_proxy")  # plot colours, in this order
+TITLE = "Convergence study: does gating beat simply training less?"
 MARGIN_TIME = 0.5   # "time to full training's final accuracy minus 0.5 points"
 MARGIN_LOSSLESS = 0.3  # the goal's "reaches full training's final accuracy (within 0.3 points)"
 GOAL_POINTS = 1.0   # the goal's "beats time-matched full training by at least 1.0 point"
@@ -68,6 +75,7 @@ class ArmKey:
     packed: bool
     epochs: int
     precision: str = "bf16"
+    selection: str | None = None  # sundew's rule when it is not the default percentile
 
     @property
     def label(self) -> str:
@@ -75,7 +83,8 @@ class ArmKey:
         if self.gate == "none":
             return f"none, {self.epochs} epochs{other}"
         rate = "" if self.rate is None else f" {self.rate:g}"
-        return f"{self.gate}{rate}{', packed' if self.packed else ''}{other}"
+        rule = f", {self.selection}" if self.selection else ""
+        return f"{self.gate}{rate}{rule}{', packed' if self.packed else ''}{other}"
 
 
 STUDY_PRECISION = ["bf16"]  # the full-training runs' precision; arms in another one say so
@@ -96,8 +105,9 @@ class Arm:
 def arm_key(run: report.Run) -> ArmKey:
     s = run.summary
     packed = str(run.overrides.get("gate.pack", "false")).lower() == "true"
+    selection = s.get("selection") if s.get("selection") != "percentile" else None  # older records: none
     return ArmKey(s["gate"], s["target_rate"], packed and s["gate"] != "none", s["epochs"],
-                  s.get("precision") or "fp32")
+                  s.get("precision") or "fp32", selection)
 
 
 def group_arms(runs: list[report.Run]) -> dict[ArmKey, Arm]:
@@ -121,6 +131,10 @@ class Study:
 
     def share(self, arm: Arm) -> float:
         return statistics.fmean(arm.times()) / self.full_time
+
+    def budgets(self) -> list[float]:
+        """The gated arms' target rates, largest first."""
+        return sorted({k.rate for k in self.arms if k.gate != "none" and k.rate is not None}, reverse=True)
 
 
 def build_study(runs: list[report.Run]) -> Study:
@@ -221,19 +235,12 @@ def goal_verdict(study: Study) -> str:
     return "\n".join(lines) or "- no gated arm at budget 0.5 yet"
 
 
-def missing_runs(study: Study) -> list[str]:
-    """(arm, seed) pairs the three presets define that have no record yet."""
-    main = study.full.key.precision
-    wanted = [ArmKey("none", 1.0, False, e, main) for e in (40, 20, 10)]
-    wanted += [ArmKey(g, b, p, 40, main) for b in BUDGETS for p in (True, False) for g in GATES]
-    wanted += [ArmKey("infobatch", None, p, 40, main) for p in (True, False)]
-    out = []
-    for key in wanted:
-        have = study.arms[key].runs if key in study.arms else {}
-        seeds = [s for s in SEEDS if s not in have]
-        if seeds:
-            out.append(f"{key.label}: seed {', '.join(map(str, seeds))}")
-    return out
+def missing_runs(runs: list[report.Run], queue_file: Path | None) -> list[str]:
+    """The queue's runs (train.py overrides) that have no complete run here, in queue order."""
+    if queue_file is None or not queue_file.exists():
+        return []
+    have = {r.path.name for r in runs if r.complete}
+    return [" ".join(o) for o in run_queue.read_queue(queue_file) if run_queue.run_name(o) not in have]
 
 
 # --------------------------------------------------------------------------- plots
@@ -245,8 +252,9 @@ def plot_frontier(study: Study, path: Path) -> None:
     nones = sorted((a for a in study.arms.values() if a.key.gate == "none"), key=lambda a: a.key.epochs)
     xs = [study.share(a) for a in nones]
     ys = [interval(list(a.finals().values())) for a in nones]
+    epochs = ", ".join(str(a.key.epochs) for a in nones)
     ax.errorbar(xs, [m for m, _ in ys], yerr=[h or 0 for _, h in ys], color="black", marker="s",
-                capsize=3, label="none (10, 20, 40 epochs): train less")
+                capsize=3, label=f"none ({epochs} epochs): train less")
     colours = {g: f"C{i}" for i, g in enumerate((*GATES, "infobatch"))}
     for arm in study.arms.values():
         if arm.key.gate == "none":
@@ -297,20 +305,21 @@ def plot_differences(forest: list, path: Path) -> None:
 
 # --------------------------------------------------------------------------- page
 
-def write_page(source: Path, out_dir: Path) -> Path:
+def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path | None = None) -> Path:
     runs = report.collect_runs(source)
     study = build_study(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_frontier(study, out_dir / "frontier.png")
-    for budget in BUDGETS:
+    for budget in study.budgets():
         plot_curves(study, budget, out_dir / f"curves_budget_{budget}.png")
     differences, forest = differences_table(study)
     plot_differences(forest, out_dir / "paired_differences.png")
     facts = study.full.runs[min(study.full.runs)].summary
-    missing = missing_runs(study)
+    missing = missing_runs(runs, queue_file)
+    command = f"python scripts/convergence_report.py {source}" + ("" if title == TITLE else f' --title "{title}"')
     text = "\n".join([
-        "# Convergence study: does gating beat simply training less?", "",
-        f"Made by `python scripts/convergence_report.py {source}` from {sum(len(a.runs) for a in study.arms.values())} "
+        f"# {title}", "",
+        f"Made by `{command}` from {sum(len(a.runs) for a in study.arms.values())} "
         f"runs. Model {facts['model']}, dataset {facts['dataset']} ({facts.get('data_source', '?')}), "
         f"precision {facts.get('precision', '?')}, {facts['hardware']}; full training: {study.full.key.epochs} "
         f"epochs, {fmt(interval(list(study.full.finals().values())))}% in {study.full_time:.0f} s.", "",
@@ -323,10 +332,10 @@ def write_page(source: Path, out_dir: Path) -> Path:
         "## Paired differences (same seed)", "", differences, "",
         "## Plots", "",
         "![final accuracy against training time, gate=none's schedules as the frontier](frontier.png)", "",
-        "![curves at budget 0.5](curves_budget_0.5.png)", "",
-        "![curves at budget 0.25](curves_budget_0.25.png)", "",
+        *(line for b in study.budgets() for line in (f"![curves at budget {b}](curves_budget_{b}.png)", "")),
         "![paired differences](paired_differences.png)", "",
-        "## Not yet run", "", *(f"- {m}" for m in missing), *(["- nothing: the study is complete"] if not missing else []),
+        *(["## Not yet run", "", f"In `{queue_file}` without a record yet:", "",
+           *(f"- `{m}`" for m in missing), ""] if missing else []),
         ""])
     path = out_dir / "README.md"
     path.write_text(text)
@@ -337,9 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="the study's sweep directory or its runs.jsonl")
     parser.add_argument("--out", type=Path, help="where README.md and the plots go (default: beside the record file)")
+    parser.add_argument("--title", default=TITLE, help="the page's heading")
+    parser.add_argument("--queue", type=Path, help="the study's queue file (default: queue.txt beside the record file)")
     args = parser.parse_args(argv)
     out = args.out or (args.source.parent if args.source.is_file() else args.source)
-    path = write_page(args.source, out)
+    queue_file = args.queue or (args.source.parent / "queue.txt" if args.source.is_file() else None)
+    path = write_page(args.source, out, args.title, queue_file)
     print(path.read_text())
     return 0
 

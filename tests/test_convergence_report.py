@@ -69,16 +69,32 @@ def test_paired_differences_and_intervals_by_hand(tmp_path):
 
 def test_page_states_the_goal_and_lists_what_is_missing(tmp_path):
     fabricate(tmp_path / "sweep")
-    path = convergence.write_page(tmp_path / "sweep", tmp_path / "page")
+    queue = tmp_path / "queue.txt"
+    queue.write_text("# the study\ngate=none training.epochs=4 seed=0   # recorded\ngate=random seed=7\n")
+    (tmp_path / "sweep" / "none_1.0_False_4_0").rename(tmp_path / "sweep" / "gate=none,seed=0,training.epochs=4")
+    path = convergence.write_page(tmp_path / "sweep", tmp_path / "page", queue_file=queue)
     text = path.read_text()
     # +3.5 points but an interval of ± 6.35 reaches below zero: not met by the first criterion;
     # within 0.3 of 81.0 needs 80.7, never reached by the gated runs (73, 76)
     assert "sundew_memory 0.5, packed: vs time-matched none 3.50 ± 6.35 points over 2 seed(s)" in text
     assert "goal **missed**" in text
-    assert "none, 40 epochs: seed 0, 1, 2" in text  # the real study's arms, not yet run
+    assert "- `gate=random seed=7`" in text and "seed=0`" not in text  # the queue's runs without a record
     assert path.name == "README.md"  # report.py's report.md can sit beside it
     for plot in ("frontier.png", "curves_budget_0.5.png", "paired_differences.png"):
         assert (tmp_path / "page" / plot).stat().st_size > 0
+
+
+def test_selection_rule_other_than_percentile_is_its_own_arm(tmp_path):
+    fabricate(tmp_path / "sweep")
+    for seed, acc in ((0, 71.0), (1, 73.0)):
+        fake_run(tmp_path / "sweep", "sundew_proxy", seed, 4, acc, 50.0, rate=0.5)
+        summary = next((tmp_path / "sweep").glob(f"sundew_proxy_0.5_False_4_{seed}")) / "summary.json"
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "selection": "top"}))
+    study = convergence.build_study(report.collect_runs(tmp_path / "sweep"))
+    top = study.arms[convergence.ArmKey("sundew_proxy", 0.5, False, 4, "bf16", "top")]
+    assert top.key.label == "sundew_proxy 0.5, top" and study.budgets() == [0.5]
+    (mean, _), n = convergence.paired(top, study.matched(0.5))
+    assert (mean, n) == (1.0, 2)  # 71 - 70 and 73 - 72
 
 
 def test_one_seed_leaves_the_goal_undecided(tmp_path):
