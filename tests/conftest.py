@@ -62,3 +62,11 @@ def pytest_collection_modifyitems(config, items):
         function = getattr(item, "function", None)
         if function is not None and any(call in inspect.getsource(function) for call in SLOW_CALLS):
             item.add_marker(pytest.mark.slow)
+
+
+def compose_with_hydra(overrides: list[str]):
+    """The composed config for these overrides (the Hydra config included), without running."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)

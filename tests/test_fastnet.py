@@ -10,6 +10,7 @@ from adaptive_sparse.models import FastNet
 from adaptive_sparse.optim import sgd_with_scaled_biases, triangular_schedule
 from adaptive_sparse.significance import BatchScores
 from adaptive_sparse.step import evaluation_sums
+from conftest import compose_with_hydra
 
 
 def test_whitening_layer_decorrelates_the_patches_it_was_fitted_to():
@@ -36,7 +37,7 @@ def test_label_smoothing_matches_torch_by_hand():
 
 def test_biases_get_the_scaled_rate_and_the_same_decay_per_step():
     net = FastNet()
-    optimizer = sgd_with_scaled_biases(net.parameters(), lr=1.5, weight_decay=2e-6, bias_lr_scale=64.0)
+    optimizer = sgd_with_scaled_biases(net.parameters(), lr=1.5, weight_decay=0.00133, bias_lr_scale=64.0)
     weights, biases = optimizer.param_groups
     assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim == 1 for p in biases["params"])
     assert (weights["lr"], biases["lr"]) == (1.5, 96.0)
@@ -71,3 +72,14 @@ def test_flip_tta_averages_the_logits_of_an_image_and_its_mirror():
     assert plain == pytest.approx(math.log(1 + math.exp(-4)), rel=1e-5)  # CE of logits [4, 0], label 0 (fp32)
     assert tta == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-5)  # of their mean with [-2, 0]: [1, 0]
     assert correct == 1
+
+
+def test_preset_turns_the_papers_decoupled_values_into_the_same_steps():
+    cfg = compose_with_hydra(["+experiment=fastnet"])
+    opt = cfg.training.optimizer
+    # the paper: torch lr 11.5 / K and decay wd = 0.0153 * 1024 / K per step on a summed loss,
+    # K = 1024 * (1 + 1 / (1 - 0.85)) = 7850.67; a mean loss over 1024 multiplies lr by 1024
+    kilostep = 1024 * (1 + 1 / (1 - 0.85))
+    assert opt.lr == pytest.approx(11.5 / kilostep * 1024, rel=1e-3)          # 1.5
+    assert opt.lr * opt.weight_decay == pytest.approx(0.0153 * 1024 / kilostep, rel=2e-3)  # 0.0019957
+    assert (opt.momentum, cfg.model.bn_momentum) == (0.85, pytest.approx(1 - 0.6))

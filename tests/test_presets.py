@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
-from conftest import CONF_DIR, TINY, read_run, run_train
+from conftest import CONF_DIR, TINY, compose_with_hydra, read_run, run_train
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # the report's "Next Steps" (and the extra sweeps) -> the preset that answers each
@@ -15,11 +13,6 @@ NEXT_STEPS = {"longer training": "longer_training", "sparse ViT": "sparse_vit",
               "GPU training": "gpu", "baseline comparison": "baseline_comparison",
               "target rate sweep": "target_rate_sweep", "attention sweep": "attention_sweep",
               "the reported experiment": "seed_report"}
-
-
-def compose_with_hydra(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
 
 
 def test_every_next_step_has_a_preset():
