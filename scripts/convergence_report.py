@@ -132,6 +132,12 @@ class Study:
     def share(self, arm: Arm) -> float:
         return statistics.fmean(arm.times()) / self.full_time
 
+    def nearest_in_time(self, arm: Arm) -> Arm:
+        """The gate=none schedule whose mean wall-clock is closest to this arm's: the baseline
+        at equal time when the gate's overheads make it slower than its FLOPs say."""
+        nones = [a for k, a in self.arms.items() if k.gate == "none" and k.precision == self.full.key.precision]
+        return min(nones, key=lambda a: abs(self.share(a) - self.share(arm)))
+
     def budgets(self) -> list[float]:
         """The gated arms' target rates, largest first."""
         return sorted({k.rate for k in self.arms if k.gate != "none" and k.rate is not None}, reverse=True)
@@ -194,6 +200,7 @@ def optimizer_steps(run: report.Run) -> int:
 
 def differences_table(study: Study) -> tuple[str, list[tuple[str, float, tuple[float, float | None], int]]]:
     head = ["gated arm", "share of full's time", "vs time-matched none (points)", "seeds",
+            "vs the none schedule nearest in wall-clock (points)", "seeds",
             "vs random, same budget and packing (points)", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     forest = []
@@ -202,11 +209,14 @@ def differences_table(study: Study) -> tuple[str, list[tuple[str, float, tuple[f
         if k.gate == "none" or k.rate is None:
             continue
         versus_none = paired(arm, study.matched(k.rate))
+        nearest = study.nearest_in_time(arm)
+        versus_nearest = paired(arm, nearest)
         random = study.arms.get(ArmKey("random", k.rate, k.packed, k.epochs, k.precision))
         versus_random = paired(arm, random) if k.gate != "random" else None
         cells = [k.label, f"{study.share(arm):.3f}"]
-        for result in (versus_none, versus_random):
-            cells += ["–", "–"] if result is None else [fmt(result[0]), str(result[1])]
+        for result, against in ((versus_none, ""), (versus_nearest, f" ({nearest.key.epochs} epochs, "
+                                                    f"{study.share(nearest):.3f})"), (versus_random, "")):
+            cells += ["–", "–"] if result is None else [fmt(result[0]) + against, str(result[1])]
         lines.append("| " + " | ".join(cells) + " |")
         if versus_none:
             forest.append((k.label, k.rate, versus_none[0], versus_none[1]))

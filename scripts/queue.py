@@ -11,6 +11,8 @@ them), claims the first free one (OUT/<name>.claim, holding its process id, made
 atomically), and runs `python train.py ... resume=auto`, so a run interrupted in an earlier
 session continues from its last checkpoint. Start one worker per core; stop them at any time
 (a run loses at most its unfinished epoch). A claim whose process is gone is taken over.
+Workers read the queue file again before each run, so lines added or reordered while they
+work are taken up at their next run.
 Overrides after `--` go to every run and stay out of the directory names.
 """
 from __future__ import annotations
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                      "started" if run_dir.exists() else "waiting")
             print(f"{state:8s} {' '.join(overrides)}")
         return 0
-    while (job := next_run(queue, args.out, recorded)) is not None:
+    # the queue and the record are read again before each run: edit the queue while workers run
+    while (job := next_run(read_queue(args.queue), args.out, recorded_runs(args.queue))) is not None:
         overrides, run_dir = job
         # quoted: the directory's name holds '=' and ',', which Hydra's override grammar would parse
         command = [sys.executable, "train.py", *overrides, *common, f"hydra.run.dir='{run_dir}'", "resume=auto"]

@@ -65,6 +65,7 @@ def test_paired_differences_and_intervals_by_hand(tmp_path):
     (mean, _), _ = convergence.paired(gated, study.arms[convergence.ArmKey("random", 0.5, True, 4, "bf16")])
     assert mean == 2.25  # (1 + 3.5) / 2
     assert study.share(gated) == 0.52
+    assert study.nearest_in_time(gated) is study.matched(0.5)  # 52 s: the 2-epoch schedule's 50 s, not 100 s
 
 
 def test_page_states_the_goal_and_lists_what_is_missing(tmp_path):

@@ -3,6 +3,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -56,3 +57,22 @@ def test_runs_in_the_committed_record_are_not_run_again(tmp_path):
     assert recorded == {"seed=0"}
     (tmp_path / "out").mkdir()
     assert queue.next_run(queue.read_queue(file), tmp_path / "out", recorded) == (["seed=1"], tmp_path / "out" / "seed=1")
+
+
+def test_a_line_added_while_a_worker_runs_is_taken_up_next(tmp_path, monkeypatch):
+    file = tmp_path / "queue.txt"
+    file.write_text("seed=0\n")
+    ran = []
+
+    def fake_train(command, cwd):  # the first run appends a line to the queue as it "runs"
+        ran.append(next(a for a in command if a.startswith("seed=")))
+        run_dir = Path(next(a for a in command if a.startswith("hydra.run.dir=")).split("=", 1)[1].strip("'"))
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text("{}")
+        if len(ran) == 1:
+            file.write_text("seed=0\nseed=5\n")
+        return 0
+
+    monkeypatch.setattr(queue.subprocess, "call", fake_train)
+    assert queue.main([str(file), "--out", str(tmp_path / "out")]) == 0
+    assert ran == ["seed=0", "seed=5"]
