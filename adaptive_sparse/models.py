@@ -66,7 +66,7 @@ class FastNet(nn.Module):
 
     - a first 2x2 convolution whose filters are fixed to whiten 2x2 image patches (the
       eigenvectors of the training patches' covariance, scaled by 1/sqrt(eigenvalue), and
-      their negatives), set from data by `fit_to_data`, followed by GELU;
+      their negatives), set from data by `fit_to_data`, without bias, followed by GELU;
     - three blocks of conv3x3 -> max-pool 2 -> BatchNorm -> GELU -> conv3x3 -> BatchNorm ->
       GELU, widths 64, 256, 256, their filters initialised to pass their input through
       (identity / Dirac init on the first input-width outputs);
