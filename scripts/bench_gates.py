@@ -37,6 +37,9 @@ CONFIGS = {
     "sundew-memory-packed": ["gate=sundew", "gate.scoring=memory", "gate.pack=true"],
     "sundew-proxy": ["gate=sundew", "gate.scoring=proxy"],
     "sundew-proxy-packed": ["gate=sundew", "gate.scoring=proxy", "gate.pack=true"],
+    # airbench's selection: the proxy's highest-loss share of every batch, one step per batch
+    "keep-top-proxy": ["gate=sundew", "gate.scoring=proxy", "gate.selection=top", "gate.exploration=0",
+                       "gate.weights.entropy=0", "gate.weights.learning_value=0"],
 }
 DEFAULT_CONFIGS = "none,random,sundew-forward,sundew-memory"
 
