@@ -9,7 +9,7 @@ study's `+experiment=convergence`, `convergence_baseline` and `convergence_infob
 fast recipe's) and writes its page, README.md, and its plots beside the record file (or into
 --out); `scripts/report.py` writes the generic sweep report (report.md) of the same record
 beside it. Arms are (gate, target rate, packing, epochs, selection rule); seeds are paired.
-The runs of the study's queue file (queue.txt beside the record, as scripts/queue.py runs it)
+The runs of the study's queue file (queue.txt beside the record, as scripts/run_queue.py runs it)
 that have no record yet are listed as not yet run.
 
 - Full training: gate=none over the longest schedule (E epochs).
@@ -41,7 +41,7 @@ _spec = importlib.util.spec_from_file_location("sweep_report", HERE / "report.py
 report = sys.modules.setdefault("sweep_report", importlib.util.module_from_spec(_spec))
 if not hasattr(report, "collect_runs"):
     _spec.loader.exec_module(report)
-_qspec = importlib.util.spec_from_file_location("run_queue", HERE / "queue.py")
+_qspec = importlib.util.spec_from_file_location("run_queue", HERE / "run_queue.py")
 run_queue = sys.modules.setdefault("run_queue", importlib.util.module_from_spec(_qspec))
 if not hasattr(run_queue, "run_name"):
     _qspec.loader.exec_module(run_queue)

@@ -1,4 +1,4 @@
-"""scripts/queue.py: a study's runs in order, claimed once, finished ones skipped, dead claims taken over."""
+"""scripts/run_queue.py: a study's runs in order, claimed once, finished ones skipped, dead claims taken over."""
 import importlib.util
 import os
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-spec = importlib.util.spec_from_file_location("study_queue", ROOT / "scripts" / "queue.py")
+spec = importlib.util.spec_from_file_location("study_queue", ROOT / "scripts" / "run_queue.py")
 queue = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(queue)
 
@@ -40,7 +40,7 @@ def test_a_queue_runs_through_train_py_and_a_second_pass_skips_it(tmp_path):
 
     file = tmp_path / "queue.txt"
     file.write_text("gate=random gate.target_rate=0.5 gate.pack=true\n")
-    command = [sys.executable, "scripts/queue.py", str(file), "--out", str(tmp_path / "runs"), "--", *TINY]
+    command = [sys.executable, "scripts/run_queue.py", str(file), "--out", str(tmp_path / "runs"), "--", *TINY]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     run_dir = tmp_path / "runs" / "gate.pack=true,gate.target_rate=0.5,gate=random"

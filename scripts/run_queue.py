@@ -1,6 +1,6 @@
 """Work through a study's queue of runs, in its order, with as many workers as there are cores.
 
-    python scripts/queue.py docs/results/convergence/queue.txt --out multirun/convergence/runs \\
+    python scripts/run_queue.py docs/results/convergence/queue.txt --out multirun/convergence/runs \\
         -- dataset.root=../shared/data/cifar10 training.num_threads=1 wandb.mode=disabled
 
 Each non-empty line of the queue file (after `#` comments) is one run: train.py overrides.
