@@ -37,14 +37,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("sweep_report", HERE / "report.py")
-report = sys.modules.setdefault("sweep_report", importlib.util.module_from_spec(_spec))
-if not hasattr(report, "collect_runs"):
-    _spec.loader.exec_module(report)
-_qspec = importlib.util.spec_from_file_location("run_queue", HERE / "run_queue.py")
-run_queue = sys.modules.setdefault("run_queue", importlib.util.module_from_spec(_qspec))
-if not hasattr(run_queue, "run_name"):
-    _qspec.loader.exec_module(run_queue)
+
+
+def sibling_script(module_name: str, file_name: str):
+    """A script beside this one as a module (scripts/ is no package), loaded once per process."""
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, HERE / file_name)
+    module = sys.modules[module_name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = sibling_script("sweep_report", "report.py")
+run_queue = sibling_script("run_queue", "run_queue.py")
 
 GATES = ("sundew_memory", "random", "sundew_proxy")  # plot colours, in this order
 TITLE = "Convergence study: does gating beat simply training less?"

@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--list", action="store_true", help="print each run's state and exit")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    queue, recorded = read_queue(args.queue), recorded_runs(args.queue)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.list:
-        for overrides in queue:
+        recorded = recorded_runs(args.queue)
+        for overrides in read_queue(args.queue):
             run_dir = args.out / run_name(overrides)
             state = ("done" if (run_dir / "summary.json").exists() else
                      "recorded" if run_dir.name in recorded else
