@@ -160,6 +160,23 @@ def attend_to_selected_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.view(b, h, n, d), weights.view(b, h, n, -1)
 
 
+def attend_with_key_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same function as `attend_to_selected_keys`, computed densely: all N x N scores, the
+    unselected keys masked to -inf before the softmax.
+
+    Costs dense attention's O(N^2 * H * D), but as two batched matmuls instead of N tiny ones
+    per head, so at short lengths (the ViT's 65 tokens) it runs faster than gathering: the
+    kernel for accuracy studies there, never for savings. Same inputs and outputs.
+    """
+    b, h, n, d = q.shape
+    keep = torch.zeros(b, n, k.shape[2], dtype=torch.bool, device=q.device).scatter_(-1, idx, True)  # [B, N, S]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * d ** -0.5  # [B, H, N, S]
+    weights = scores.masked_fill(~keep.unsqueeze(1), float("-inf")).softmax(dim=-1)
+    out = torch.matmul(weights, v)  # [B, H, N, D]
+    return out, weights.gather(-1, idx.unsqueeze(1).expand(b, h, n, idx.shape[-1]))  # [B, H, N, K]
+
+
 def pad_to_blocks(t: torch.Tensor, block_size: int) -> torch.Tensor:
     """Zero-pad the token dimension (-2) of t up to a multiple of block_size (no copy when it is one)."""
     pad = -t.shape[-2] % block_size
@@ -243,7 +260,9 @@ class SparseAttention(DenseAttention):
     and each query block keeps its top_k / block_size key blocks, gathered contiguously (the
     form that turns sparsity into wall-clock on a CPU; see docs/sparse-attention.md). There
     the always-kept keys are the blocks holding the global tokens, the query's own block and
-    local_window // block_size whole blocks on either side.
+    local_window // block_size whole blocks on either side. In token granularity `kernel`
+    picks how the selected keys are attended: "gather" (cost follows top_k) or "mask" (the
+    same function computed densely, faster at short lengths; see `attend_with_key_mask`).
 
     In training with grad enabled, each forward leaves `indexer_loss`: the KL divergence from
     the main attention's (detached, head-averaged) distribution over the selected keys to the
@@ -255,12 +274,15 @@ class SparseAttention(DenseAttention):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, *, top_k: int = 32,
                  local_window: int = 4, global_tokens: int = 1, indexer_heads: int = 4,
                  indexer_dim: int = 16, granularity: str = "token", block_size: int = 16,
-                 query_chunk: int = 1024, indexer_loss_weight: float = 1.0, warmup_epochs: int = 0):
+                 query_chunk: int = 1024, indexer_loss_weight: float = 1.0, warmup_epochs: int = 0,
+                 kernel: str = "gather"):
         super().__init__(dim, num_heads, qkv_bias)
         check_sparse_settings(top_k=top_k, local_window=local_window, global_tokens=global_tokens,
                               indexer_heads=indexer_heads, indexer_dim=indexer_dim, granularity=granularity,
                               block_size=block_size, query_chunk=query_chunk,
-                              indexer_loss_weight=indexer_loss_weight, warmup_epochs=warmup_epochs)
+                              indexer_loss_weight=indexer_loss_weight, warmup_epochs=warmup_epochs,
+                              kernel=kernel)
+        self.attend_to_keys = attend_to_selected_keys if kernel == "gather" else attend_with_key_mask
         self.top_k, self.local_window, self.global_tokens = top_k, local_window, global_tokens
         self.granularity, self.block_size, self.query_chunk = granularity, block_size, query_chunk
         self.indexer_loss_weight, self.warmup_epochs = indexer_loss_weight, warmup_epochs
@@ -297,7 +319,7 @@ class SparseAttention(DenseAttention):
             out, target, logits = self._dense_warmup(q, k, v, features, train_indexer)
         elif self.granularity == "token":
             idx = self.select(x, features)  # [B, N, K]
-            out, weights = attend_to_selected_keys(q, k, v, idx)
+            out, weights = self.attend_to_keys(q, k, v, idx)
             if train_indexer:  # target: head-averaged weights (DSA sums over heads, then normalises)
                 target, logits = weights.detach().mean(1), index_scores_at(features, idx)  # [B, N, K] each
         else:
@@ -328,7 +350,7 @@ class SparseAttention(DenseAttention):
 
 def check_sparse_settings(*, top_k: int, local_window: int, global_tokens: int, indexer_heads: int,
                           indexer_dim: int, granularity: str, block_size: int, query_chunk: int,
-                          indexer_loss_weight: float, warmup_epochs: int) -> None:
+                          indexer_loss_weight: float, warmup_epochs: int, kernel: str = "gather") -> None:
     """Refuse settings that cannot work, naming the config key (attention.KEY)."""
     def require(ok: bool, key: str, value, allowed: str) -> None:
         if not ok:
@@ -341,6 +363,9 @@ def check_sparse_settings(*, top_k: int, local_window: int, global_tokens: int, 
                        ("warmup_epochs", warmup_epochs)):
         require(isinstance(value, int) and value >= 0, key, value, "an integer >= 0")
     require(granularity in ("token", "block"), "granularity", granularity, "token or block")
+    require(kernel in ("gather", "mask"), "kernel", kernel, "gather or mask")
+    require(kernel == "gather" or granularity == "token", "kernel", kernel,
+            "mask only with granularity=token (block granularity has its own fused kernel)")
     require(indexer_loss_weight >= 0, "indexer_loss_weight", indexer_loss_weight, "a number >= 0")
     require(warmup_epochs == 0 or indexer_loss_weight > 0, "warmup_epochs", warmup_epochs,
             "0 unless indexer_loss_weight > 0 (the warm-up trains only the indexer)")

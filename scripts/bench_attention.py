@@ -3,7 +3,8 @@
     python scripts/bench_attention.py --seq-lens 256,1024,4096,16384 --json bench_attention.json
 
 For each length n: `DenseAttention` (fused `scaled_dot_product_attention`) and `SparseAttention`
-in each granularity, batch 1, dim 192 (3 heads of 64), top-k 64 by default.
+in each variant (`token` and `block` granularity; `token-mask`: token's selection through the
+mask kernel), batch 1, dim 192 (3 heads of 64), top-k 64 by default.
 
 - forward: eval mode under `no_grad` (inference; no indexer loss);
 - forward+backward: train mode, backward of `out.sum()` plus, for sparse, its indexer loss, i.e.
@@ -40,14 +41,18 @@ sys.path.insert(0, str(ROOT))
 from adaptive_sparse.attention import DenseAttention, SparseAttention, auxiliary_loss  # noqa: E402
 from adaptive_sparse.tracking import hardware_description  # noqa: E402
 
-GRANULARITIES = ("token", "block")
+# the sparse variants: attention.granularity, and for token granularity attention.kernel
+VARIANTS = {"token": {"granularity": "token"}, "token-mask": {"granularity": "token", "kernel": "mask"},
+            "block": {"granularity": "block"}}
+GRANULARITIES = tuple(VARIANTS)
+COLOURS = ("tab:blue", "tab:green", "tab:red")
 
 
 # ------------------------------------------------------------------ one configuration (child process)
 def build(variant: str, args: argparse.Namespace) -> torch.nn.Module:
     if variant == "dense":
         return DenseAttention(args.dim, args.heads)
-    return SparseAttention(args.dim, args.heads, top_k=args.top_k, granularity=variant,
+    return SparseAttention(args.dim, args.heads, top_k=args.top_k, **VARIANTS[variant],
                            block_size=args.block_size, local_window=args.local_window,
                            global_tokens=args.global_tokens)
 
@@ -194,13 +199,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for key, style, label in (("fwd_bwd_ms", "-", "fwd+bwd"), ("fwd_ms", ":", "fwd")):
         ax_ms.plot(lengths, [dense[n]["dense_" + key] for n in lengths], "k" + style, marker="o",
                    label=f"dense {label}")
-        for granularity, colour in zip(GRANULARITIES, ("tab:blue", "tab:red")):
+        for granularity, colour in zip(GRANULARITIES, COLOURS):
             ours = sorted((r for r in rows if r["granularity"] == granularity), key=lambda r: r["seq_len"])
             if ours:
                 ax_ms.plot([r["seq_len"] for r in ours], [r["sparse_" + key] for r in ours], style,
                            color=colour, marker="o", label=f"sparse {granularity} {label}")
     ax_flops.plot(lengths, [dense[n]["dense_flops"] for n in lengths], "k-", marker="o", label="dense")
-    for granularity, colour in zip(GRANULARITIES, ("tab:blue", "tab:red")):
+    for granularity, colour in zip(GRANULARITIES, COLOURS):
         ours = sorted((r for r in rows if r["granularity"] == granularity), key=lambda r: r["seq_len"])
         if ours:
             ax_flops.plot([r["seq_len"] for r in ours], [r["sparse_flops"] for r in ours], color=colour,
@@ -222,7 +227,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seq-lens", default="256,1024,4096,16384")
     parser.add_argument("--json", type=Path, default=Path("bench_attention.json"))
     parser.add_argument("--png", type=Path, default=None, help="default: the --json path with .png")
-    parser.add_argument("--granularities", default="token,block")
+    parser.add_argument("--granularities", default="token,block", help=f"from {','.join(GRANULARITIES)}")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dim", type=int, default=192)
     parser.add_argument("--heads", type=int, default=3)

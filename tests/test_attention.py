@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_sparse.attention import (DenseAttention, IndexerFeatures, SparseAttention, attend_to_selected_blocks,
-                                       attend_to_selected_keys, auxiliary_loss, forced_keys, index_scores,
+                                       attend_to_selected_keys, attend_with_key_mask, auxiliary_loss, forced_keys, index_scores,
                                        indexer_kl, select_keys, selected_block_mass, set_attention_epoch)
 
 from conftest import TINY, compose_config, read_run, run_train
@@ -35,10 +35,10 @@ def grads_of(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, li
 
 
 # ------------------------------------------------------------------ nothing dropped: equals dense
-@pytest.mark.parametrize("granularity", ["token", "block"])
+@pytest.mark.parametrize("granularity,kernel", [("token", "gather"), ("token", "mask"), ("block", "gather")])
 @pytest.mark.parametrize("batch,n", [(2, 65), (1, 37), (1, 1), (3, 16)])
-def test_sparse_equals_dense_when_top_k_covers_every_key(granularity, batch, n):
-    sparse, dense = sparse_and_dense(top_k=128, granularity=granularity, block_size=16)
+def test_sparse_equals_dense_when_top_k_covers_every_key(granularity, kernel, batch, n):
+    sparse, dense = sparse_and_dense(top_k=128, granularity=granularity, block_size=16, kernel=kernel)
     x = torch.randn(batch, n, DIM)
     out_s, grads_s = grads_of(sparse, x)
     out_d, grads_d = grads_of(dense, x)
@@ -121,11 +121,12 @@ def test_unselected_key_blocks_get_exactly_zero_weight():
     assert not torch.allclose(out2[:, :, 4:8], out[:, :, 4:8])  # block 1 itself sees the change
 
 
-@pytest.mark.parametrize("granularity,top_k", [("token", 8), ("block", 12)])
-def test_unselected_keys_get_exactly_zero_gradient_from_a_query(granularity, top_k):
+@pytest.mark.parametrize("granularity,top_k,kernel", [("token", 8, "gather"), ("token", 8, "mask"),
+                                                     ("block", 12, "gather")])
+def test_unselected_keys_get_exactly_zero_gradient_from_a_query(granularity, top_k, kernel):
     # block: 3 key blocks of 4 for each query block, the class token's block, its own, one picked
     sparse, _ = sparse_and_dense(top_k=top_k, local_window=1, global_tokens=1, granularity=granularity,
-                                 block_size=4)
+                                 block_size=4, kernel=kernel)
     x = torch.randn(1, 29, DIM, requires_grad=True)
     t = 17
     idx = sparse.select(x)[0]  # [N, K] or [NB, KB]
@@ -139,16 +140,38 @@ def test_unselected_keys_get_exactly_zero_gradient_from_a_query(granularity, top
     assert touched == selected | {t}
 
 
+def test_mask_kernel_computes_what_the_gather_kernel_does():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, HEADS, 12, 8, requires_grad=True) for _ in range(3))
+    idx = torch.stack([torch.randperm(12)[:5] for _ in range(24)]).view(2, 12, 5)  # [B, N, K]
+    results = []
+    for attend in (attend_to_selected_keys, attend_with_key_mask):
+        out, weights = attend(q, k, v, idx)
+        grads = torch.autograd.grad(out.square().sum() + weights.sum(), (q, k, v))
+        results.append((out, weights, *grads))
+    for gathered, masked in zip(*results):
+        torch.testing.assert_close(masked, gathered, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_kernel_is_refused_outside_token_granularity():
+    with pytest.raises(ValueError, match="attention.kernel"):
+        SparseAttention(DIM, HEADS, granularity="block", kernel="mask")
+    with pytest.raises(ValueError, match="attention.kernel"):
+        SparseAttention(DIM, HEADS, kernel="dense")
+
+
 # ------------------------------------------------------------------ cost follows the selection
-def test_flops_count_only_the_selected_keys():
+@pytest.mark.parametrize("kernel", ["gather", "mask"])
+def test_flops_count_the_keys_each_kernel_attends(kernel):
     n, k, hi, di = 256, 16, 4, 16
-    sparse = SparseAttention(DIM, HEADS, top_k=k, indexer_heads=hi, indexer_dim=di).to("meta").eval()
+    sparse = SparseAttention(DIM, HEADS, top_k=k, indexer_heads=hi, indexer_dim=di, kernel=kernel).to("meta").eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         sparse(torch.empty(2, n, DIM, device="meta"))
+    attended = k if kernel == "gather" else n  # the mask kernel scores every key, then masks
     per_sample = (2 * n * DIM * 3 * DIM + 2 * n * DIM * DIM            # qkv, proj
                   + 2 * n * DIM * (hi * di + di + hi)                  # indexer projections
                   + 2 * n * n * hi * di + 2 * n * n * hi               # indexer scores, head weighting
-                  + 2 * 2 * n * k * DIM)                               # QK^T and AV over k keys
+                  + 2 * 2 * n * attended * DIM)                        # QK^T and AV
     assert counter.get_total_flops() == 2 * per_sample
 
 
