@@ -107,7 +107,7 @@ def main(cfg: DictConfig) -> float:
     # ------------------------------------------------------------------ checkpoint / resume
     checkpoints = Checkpointer(checkpoint_path, dist, model=model, optimizer=optimizer, scheduler=scheduler,
                                gate=gate, train_loader=train_loader, every_epochs=cfg.checkpoint.every_epochs,
-                               scaler=scaler, config=cfg)
+                               keep_epochs=cfg.checkpoint.keep_epochs, scaler=scaler, config=cfg)
     start = checkpoints.restore() if resuming else ResumePoint()
     if resuming:
         log.info("resumed from %s after epoch %d (step %d)", checkpoint_path, start.epoch, start.step)

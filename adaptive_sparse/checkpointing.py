@@ -129,15 +129,22 @@ class Checkpointer:
     (the per-rank states are gathered to rank 0) and rank 0 alone writes the file."""
 
     def __init__(self, path: Path, dist, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler, gate, train_loader, every_epochs: int = 1, scaler=None, config=None):
+                 scheduler, gate, train_loader, every_epochs: int = 1, keep_epochs=(), scaler=None,
+                 config=None):
         self.path, self.dist, self.every_epochs = Path(path), dist, every_epochs
+        self.keep_epochs = {keep_epochs} if isinstance(keep_epochs, int) else set(keep_epochs)
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.gate, self.train_loader = gate, train_loader
         self.config = flat_config(config) if config is not None else None
 
     def due(self, epoch: int, last_epoch: int) -> bool:
-        """Every `every_epochs` epochs and after the last one (0 turns checkpoints off)."""
-        return self.every_epochs > 0 and (epoch % self.every_epochs == 0 or epoch == last_epoch)
+        """Every `every_epochs` epochs and after the last one (0 turns these off), and after each
+        of `keep_epochs`."""
+        return (self.every_epochs > 0 and (epoch % self.every_epochs == 0 or epoch == last_epoch)
+                or epoch in self.keep_epochs)
+
+    def kept_path(self, epoch: int) -> Path:
+        return self.path.with_name(f"epoch_{epoch}.pt")
 
     def save(self, epoch: int, step: int, history: list[dict], wandb_run_id: str | None) -> None:
         rank_state = {"gate": self.gate.state_dict(), "train_loader": self.train_loader.state_dict(),
@@ -155,6 +162,13 @@ class Checkpointer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.config,
         }, self.path)
+        if epoch in self.keep_epochs:
+            # a hard link to this epoch's file: the next save renames a new last.pt into place and
+            # leaves this one alone (made under a temporary name, then renamed: never half there)
+            kept, temporary = self.kept_path(epoch), self.path.with_name(f".epoch_{epoch}.pt.tmp")
+            temporary.unlink(missing_ok=True)
+            os.link(self.path, temporary)
+            os.replace(temporary, kept)
 
     def restore(self) -> ResumePoint:
         """Load last.pt into the live objects; returns where the loop continues."""

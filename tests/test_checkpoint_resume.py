@@ -63,6 +63,19 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     assert resumed_summary["samples_trained"] == reference_summary["samples_trained"]
 
 
+def test_kept_epoch_checkpoints_hold_their_own_epoch(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train(run_dir, *TINY, "training.epochs=3", "checkpoint.keep_epochs=[1,2]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = {e: load_checkpoint(run_dir / "checkpoints" / f"epoch_{e}.pt") for e in (1, 2)}
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert [kept[1]["epoch"], kept[2]["epoch"], last["epoch"]] == [1, 2, 3]
+    assert [len(kept[1]["history"]), len(kept[2]["history"])] == [1, 2]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_2.pt", "last.pt"]
+    # epoch 1's file was not overwritten by the later saves
+    assert any(not torch.equal(a, b) for a, b in zip(kept[1]["model"].values(), last["model"].values()))
+
+
 def test_resume_and_fresh_runs_refuse_the_wrong_checkpoint_state(tmp_path):
     with pytest.raises(CheckpointError, match=r"resume=true but there is no checkpoint .*last\.pt"):
         locate_checkpoint(tmp_path, resume=True)
