@@ -135,7 +135,8 @@ def collect_runs(source: str | Path) -> list[Run]:
 # per-epoch keys a record keeps: what the reports and the time-to-accuracy figures read
 RECORD_EPOCH_KEYS = ("epoch", "val_acc", "val_loss", "train_loss", "epoch_time_s", "scoring_time_s",
                      "train_step_time_s", "activation_rate", "threshold", "budget", "samples_trained",
-                     "optimizer_steps", "flops_executed", "flops_scoring", "compute_savings", "lr")
+                     "optimizer_steps", "flops_executed", "flops_scoring", "compute_savings", "lr",
+                     "indexer_loss")
 
 
 def export_records(runs: list[Run], root: Path, path: Path) -> int:
