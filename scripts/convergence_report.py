@@ -212,9 +212,10 @@ def differences_table(study: Study) -> tuple[str, list[tuple[str, float, tuple[f
     forest = []
     for arm in study.arms.values():
         k = arm.key
-        if k.gate == "none" or k.rate is None:
+        if k.gate == "none":
             continue
-        versus_none = paired(arm, study.matched(k.rate))
+        # InfoBatch sets no target rate: no budget to match, but the nearest schedule in time still pairs
+        versus_none = paired(arm, study.matched(k.rate)) if k.rate is not None else None
         nearest = study.nearest_in_time(arm)
         versus_nearest = paired(arm, nearest)
         random = study.arms.get(ArmKey("random", k.rate, k.packed, k.epochs, k.precision))

@@ -105,3 +105,14 @@ def test_one_seed_leaves_the_goal_undecided(tmp_path):
     text = convergence.write_page(tmp_path / "sweep", tmp_path / "page").read_text()
     assert "vs time-matched none 3.00 points over 1 seed(s)" in text
     assert "goal **undecided (fewer than two paired seeds)**" in text
+
+
+def test_a_gate_without_a_target_rate_pairs_only_with_the_nearest_schedule_in_time(tmp_path):
+    fabricate(tmp_path / "sweep")
+    for seed, acc in enumerate((79.0, 80.0)):  # InfoBatch: no target rate; 90 s is nearest full training's 100 s
+        fake_run(tmp_path / "sweep", "infobatch", seed, 4, acc, 90.0, rate=None, pack=True)
+    study = convergence.build_study(report.collect_runs(tmp_path / "sweep"))
+    table, forest = convergence.differences_table(study)
+    # against full training (80.0, 82.0): -1.0 and -2.0 -> mean -1.50, t(1) 12.706 * 0.7071 / sqrt(2) = 6.35
+    assert "| infobatch, packed | 0.900 | – | – | -1.50 ± 6.35 (4 epochs, 1.000) | 2 | – | – |" in table
+    assert all(label != "infobatch, packed" for label, *_ in forest)
