@@ -51,6 +51,12 @@ class ViTRun:
     top_k: int | None  # sparse attention's keys per query; None for dense
     start_epoch: int = 0  # backbone epochs already trained when the run started (recipe: D)
     warmup: int = 0       # of its epochs, how many trained only the indexer
+    extra: bool = False   # from an --extra record: another sitting, so its times are not compared
+
+    @property
+    def name(self) -> str:
+        k = "" if self.top_k is None else f" k{self.top_k}"
+        return f"{self.kind}{k} s{self.seed}" + (" (earlier study)" if self.extra else "")
 
     @property
     def final(self) -> float:
@@ -82,8 +88,11 @@ def classify(run: report.Run) -> ViTRun:
     return ViTRun(run, "scratch", s["seed"], top_k)
 
 
-def vit_runs(runs: list[report.Run]) -> list[ViTRun]:
-    return [classify(r) for r in runs if r.complete and r.summary.get("model") == "vit"]
+def vit_runs(runs: list[report.Run], extra: bool = False) -> list[ViTRun]:
+    found = [classify(r) for r in runs if r.complete and r.summary.get("model") == "vit"]
+    for r in found:
+        r.extra = extra
+    return found
 
 
 def of(runs: list[ViTRun], kind: str, top_k: int | None = None) -> dict[int, ViTRun]:
@@ -134,9 +143,8 @@ def goal_section(runs: list[ViTRun]) -> str:
 
 def epochs_table(runs: list[ViTRun]) -> str:
     """Validation accuracy after each backbone epoch: dense, scratch and recipe at top_k 32."""
-    columns = [(f"dense s{s}", r) for s, r in sorted(of(runs, "dense").items())]
-    columns += [(f"scratch k{GOAL_TOP_K} s{s}", r) for s, r in sorted(of(runs, "scratch", GOAL_TOP_K).items())]
-    columns += [(f"recipe k{GOAL_TOP_K} s{s}", r) for s, r in sorted(of(runs, "recipe", GOAL_TOP_K).items())]
+    columns = [(r.name, r) for kind in ("dense", "scratch", "recipe")
+               for _, r in sorted(of(runs, kind, None if kind == "dense" else GOAL_TOP_K).items())]
     if not columns:
         return "No runs yet."
     last = max(r.backbone_epoch(r.run.epochs[-1]["epoch"]) or 0 for _, r in columns)
@@ -161,7 +169,9 @@ def epochs_table(runs: list[ViTRun]) -> str:
 
 
 def cost_table(runs: list[ViTRun]) -> str:
-    """Training time and FLOPs of each way to D + S backbone epochs, as a share of dense's."""
+    """Training time and FLOPs of each way to D + S backbone epochs, as a share of dense's
+    (this study's own runs only: times from another sitting do not compare)."""
+    runs = [r for r in runs if not r.extra]
     dense = of(runs, "dense")
     if not dense:
         return "No dense run yet."
@@ -266,7 +276,7 @@ def plot_keep_ratio(runs: list[ViTRun], path: Path) -> None:
 
 def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None) -> Path:
     own = report.collect_runs(sources[0])
-    runs = vit_runs(own + [r for source in sources[1:] for r in report.collect_runs(source)])
+    runs = vit_runs(own) + [r for source in sources[1:] for r in vit_runs(report.collect_runs(source), extra=True)]
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_epochs(runs, out_dir / "accuracy_by_epoch.png")
     plot_keep_ratio(runs, out_dir / "keep_ratio.png")
