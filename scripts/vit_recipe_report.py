@@ -11,6 +11,8 @@ from-scratch runs), and writes README.md and plots beside the record. A run is
 - recipe: sparse attention started from a dense checkpoint (`init_from=.../epoch_D.pt`): its
   first `attention.warmup_epochs` epochs train only the indexer (the backbone still has D
   epochs), each later one is backbone epoch D + 1, D + 2, ...;
+- restart: dense attention started from a dense checkpoint the same way (a fresh optimiser, no
+  warm-up): the control that separates the recipe's fresh Adam from its sparse attention;
 - scratch: sparse attention from random weights (`vit_keep_ratio`, or attention=sparse);
 - combined: `vit_combined` (gate and attention crossed), compared with dense's same epochs.
 Runs pair by seed. Intervals are 95% Student-t over seeds; times are training wall-clock as
@@ -46,7 +48,7 @@ GOAL_TOP_K = 32
 @dataclass
 class ViTRun:
     run: report.Run
-    kind: str  # dense | recipe | scratch | combined
+    kind: str  # dense | recipe | restart | scratch | combined
     seed: int
     top_k: int | None  # sparse attention's keys per query; None for dense
     start_epoch: int = 0  # backbone epochs already trained when the run started (recipe: D)
@@ -76,15 +78,17 @@ def classify(run: report.Run) -> ViTRun:
     top_k = int(o.get("attention.top_k", DEFAULT_TOP_K)) if s["attention"] == "sparse" else None
     if o.get("experiment") == "vit_combined":
         return ViTRun(run, "combined", s["seed"], top_k)
-    if s["attention"] == "dense":
-        return ViTRun(run, "dense", s["seed"], None)
     if o.get("init_from"):
         start = re.search(r"epoch_(\d+)\.pt", str(o["init_from"]))
         if start is None:
             raise SystemExit(f"{run.path}: init_from={o['init_from']} names no epoch_N.pt, so its "
                              "starting epoch is unknown")
+        if s["attention"] == "dense":
+            return ViTRun(run, "restart", s["seed"], None, int(start.group(1)))
         warmup = int(o.get("attention.warmup_epochs", RECIPE_WARMUP))
         return ViTRun(run, "recipe", s["seed"], top_k, int(start.group(1)), warmup)
+    if s["attention"] == "dense":
+        return ViTRun(run, "dense", s["seed"], None)
     return ViTRun(run, "scratch", s["seed"], top_k)
 
 
@@ -112,39 +116,49 @@ def percent(value: float | None) -> str:
 # --------------------------------------------------------------------------- tables
 
 def goal_section(runs: list[ViTRun]) -> str:
-    dense, recipe = of(runs, "dense"), of(runs, "recipe", GOAL_TOP_K)
+    dense, recipe, restart = of(runs, "dense"), of(runs, "recipe", GOAL_TOP_K), of(runs, "restart")
     seeds = sorted(set(dense) & set(recipe))
     if not seeds:
         return "No recipe run with its dense run yet."
     end = {s: recipe[s].start_epoch + recipe[s].run.summary["epochs"] - recipe[s].warmup for s in seeds}
-    lines = [f"| seed | dense after D epochs | recipe after the warm-up | recipe after D + S | dense after D + S | recipe - dense |",
-             "|---|---|---|---|---|---|"]
-    diffs = []
+    lines = ["| seed | dense after D epochs | recipe after the warm-up | recipe after D + S | dense after D + S "
+             "| recipe - dense | dense restarted at D (fresh Adam), after D + S | recipe - restarted |",
+             "|---|---|---|---|---|---|---|---|"]
+    diffs, controls = [], []
+    signed = lambda x: "–" if x is None else f"{x:+.2f}"  # noqa: E731
     for s in seeds:
         r, d = recipe[s], dense[s]
         line = d.acc_at(end[s])
         diff = None if line is None else r.final - line
         diffs.append(diff)
+        again = restart[s].acc_at(end[s]) if s in restart and restart[s].start_epoch == r.start_epoch else None
+        control = None if again is None else r.final - again
+        controls.append(control)
         warm = next((e.get("val_acc") for e in r.run.epochs if e["epoch"] == r.warmup), None)
         lines.append(f"| {s} | {percent(d.acc_at(r.start_epoch))} (D = {r.start_epoch}) | {percent(warm)} | "
-                     f"{percent(r.final)} (D + S = {end[s]}) | {percent(line)} | "
-                     f"{'–' if diff is None else f'{diff:+.2f}'} |")
+                     f"{percent(r.final)} (D + S = {end[s]}) | {percent(line)} | {signed(diff)} | "
+                     f"{percent(again)} | {signed(control)} |")
     known = [d for d in diffs if d is not None]
     if not known:
         return "\n".join(lines)
+    against_restart = [c for c in controls if c is not None]
+    control_line = ([f"Recipe minus dense restarted from the same weights with a fresh Adam (what sparse "
+                     f"attention and the warm-up cost by themselves): {fmt(interval(against_restart))} points "
+                     f"over {len(against_restart)} seed(s)."] if against_restart else [])
     within = sum(d >= -GOAL_POINTS for d in known)
     verdict = ("met" if within == len(known) and len(known) >= 2 else
                "missed" if within < len(known) else "undecided (fewer than two seeds)")
     return "\n".join([*lines, "",
                       f"Recipe minus dense at equal backbone epochs, top_k {GOAL_TOP_K}: "
                       f"{fmt(interval(known))} points over {len(known)} seed(s); within "
-                      f"{GOAL_POINTS:g} point of dense on {within} of {len(known)}: goal **{verdict}**."])
+                      f"{GOAL_POINTS:g} point of dense on {within} of {len(known)}: goal **{verdict}**.",
+                      *([""] + control_line if control_line else [])])
 
 
 def epochs_table(runs: list[ViTRun]) -> str:
     """Validation accuracy after each backbone epoch: dense, scratch and recipe at top_k 32."""
-    columns = [(r.name, r) for kind in ("dense", "scratch", "recipe")
-               for _, r in sorted(of(runs, kind, None if kind == "dense" else GOAL_TOP_K).items())]
+    columns = [(r.name, r) for kind in ("dense", "restart", "scratch", "recipe")
+               for _, r in sorted(of(runs, kind, GOAL_TOP_K if kind in ("recipe", "scratch") else None).items())]
     if not columns:
         return "No runs yet."
     last = max(r.backbone_epoch(r.run.epochs[-1]["epoch"]) or 0 for _, r in columns)
@@ -159,7 +173,8 @@ def epochs_table(runs: list[ViTRun]) -> str:
                 if r in warm else "" for _, r in columns) + " |")
     kl = [(name, r) for name, r in columns if any(e.get("indexer_loss") is not None for e in r.run.epochs)]
     if kl:
-        lines += ["", "Indexer KL divergence from the main attention (nats, mean over the epoch's steps):", "",
+        lines += ["", "Indexer KL divergence from the main attention (nats, mean over the epoch's steps; in a "
+                  "warm-up epoch against the full dense distribution, in a sparse epoch over the selected keys):", "",
                   "| run | " + " | ".join(f"epoch {e['epoch']}" for e in max((r.run.epochs for _, r in kl), key=len)) + " |",
                   "|---|" + "---|" * max(len(r.run.epochs) for _, r in kl)]
         for name, r in kl:
@@ -242,16 +257,16 @@ def combined_table(runs: list[ViTRun]) -> str:
 
 def plot_epochs(runs: list[ViTRun], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"dense": ("black", "-"), "scratch": ("C1", "--"), "recipe": ("C0", "-")}
+    styles = {"dense": ("black", "-"), "restart": ("grey", ":"), "scratch": ("C1", "--"), "recipe": ("C0", "-")}
     for kind, (colour, style) in styles.items():
-        for seed, r in sorted(of(runs, kind, None if kind == "dense" else GOAL_TOP_K).items()):
+        for seed, r in sorted(of(runs, kind, GOAL_TOP_K if kind in ("recipe", "scratch") else None).items()):
             points = [(r.backbone_epoch(e["epoch"]), e.get("val_acc")) for e in r.run.epochs]
             points = [(x, y) for x, y in points if x is not None and y is not None]
-            if kind == "recipe":  # joined to the dense epoch it started from
+            if kind in ("recipe", "restart"):  # joined to the dense epoch it started from
                 start = of(runs, "dense").get(seed)
                 points = ([(r.start_epoch, start.acc_at(r.start_epoch))] if start else []) + points
             ax.plot(*zip(*points), color=colour, linestyle=style, marker="o", markersize=3,
-                    label=f"{kind} s{seed}" + ("" if kind == "dense" else f" (top_k {GOAL_TOP_K})"))
+                    label=r.name)
     ax.set(xlabel="backbone training epochs", ylabel="validation accuracy (%)")
     ax.set_title("ViT on CIFAR-10: dense, sparse from scratch, and DeepSeek's recipe", fontsize=9)
     report._finish(fig, ax, path)

@@ -38,6 +38,9 @@ def fabricate(root: Path) -> None:
         # the warm-up epoch leaves the backbone as it was: the dense model's epoch-4 accuracy
         fake_run(root, f"recipe{seed}", ["+experiment=vit_recipe_sparse", init], "sparse", seed,
                  [dense[3], recipe], 60.0, kl=0.2)
+    # the control: dense from the same epoch-4 weights with a fresh optimiser, one epoch
+    fake_run(root, "restart0", ["+experiment=vit_recipe_dense", "init_from=runs/dense0/checkpoints/epoch_4.pt",
+                                "training.epochs=1"], "dense", 0, [51.0], 100.0)
     fake_run(root, "scratch0", ["+experiment=vit_keep_ratio", "attention.top_k=32"], "sparse", 0,
              [36.0, 44.0, 45.0, 48.0, 47.0], 150.0, kl=0.9)
     fake_run(root, "recipe16", ["+experiment=vit_recipe_sparse", "attention.top_k=16",
@@ -53,7 +56,9 @@ def test_recipe_epochs_map_onto_the_backbone_and_the_goal_is_judged_per_seed(tmp
     assert recipe.acc_at(5) == 51.5 and recipe.acc_at(4) is None
     text = vit.goal_section(runs)
     assert "| 0 | 49.00 (D = 4) | 49.00 | 51.50 (D + S = 5) | 52.00 | -0.50 |" in text
-    assert "| 1 | 50.00 (D = 4) | 50.00 | 48.50 (D + S = 5) | 50.00 | -1.50 |" in text
+    assert "| 1 | 50.00 (D = 4) | 50.00 | 48.50 (D + S = 5) | 50.00 | -1.50 | – | – |" in text
+    assert "| 0 | 49.00 (D = 4) | 49.00 | 51.50 (D + S = 5) | 52.00 | -0.50 | 51.00 | +0.50 |" in text
+    assert "fresh Adam (what sparse attention and the warm-up cost by themselves): 0.50 points over 1 seed(s)" in text
     # mean -1.00; half-width t(1) 12.706 * sd 0.7071 / sqrt(2) = 6.353; seed 1 is 1.5 points down
     assert "-1.00 ± 6.35 points over 2 seed(s); within 1 point of dense on 1 of 2: goal **missed**" in text
 
@@ -62,8 +67,8 @@ def test_epochs_table_keys_and_costs_by_hand(tmp_path):
     fabricate(tmp_path / "sweep")
     runs = vit.vit_runs(vit.report.collect_runs(tmp_path / "sweep"))
     table = vit.epochs_table(runs)
-    assert "| 5 | 52.00 | 50.00 | 47.00 | 51.50 | 48.50 |" in table
-    assert "| 4 + indexer warm-up |  |  |  | 49.00 | 50.00 |" in table
+    assert "| 5 | 52.00 | 50.00 | 51.00 | 47.00 | 51.50 | 48.50 |" in table
+    assert "| 4 + indexer warm-up |  |  |  |  | 49.00 | 50.00 |" in table
     keep = vit.keep_ratio_table(runs)
     assert "| 16 | 46.00 | 0 | – | – | 52.00 |" in keep
     assert "| 32 | 50.00 ± 19.06 | 0,1 | 47.00 | 0 | 51.00 ± 12.71 |" in keep
