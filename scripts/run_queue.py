@@ -12,7 +12,9 @@ atomically), and runs `python train.py ... resume=auto`, so a run interrupted in
 session continues from its last checkpoint. Start one worker per core; stop them at any time
 (a run loses at most its unfinished epoch). A claim whose process is gone is taken over.
 Workers read the queue file again before each run, so lines added or reordered while they
-work are taken up at their next run.
+work are taken up at their next run. A run that starts from another's checkpoint
+(`init_from=PATH`) is not claimed before PATH exists: a worker takes the next free run instead,
+and when only such runs are left while other runs are still in progress, it waits for them.
 Overrides after `--` go to every run and stay out of the directory names.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,14 +82,41 @@ def recorded_runs(queue_file: Path) -> set[str]:
     return {Path(json.loads(line)["run"]).name for line in record.read_text().splitlines() if line.strip()}
 
 
+def missing_checkpoint(overrides: list[str]) -> Path | None:
+    """The init_from checkpoint a run starts from, if it does not exist yet (relative to the repo)."""
+    for override in overrides:
+        if override.startswith("init_from="):
+            path = Path(override.split("=", 1)[1].strip("'\""))
+            path = path if path.is_absolute() else ROOT / path
+            return None if path.exists() else path
+    return None
+
+
 def next_run(queue: list[list[str]], out: Path, recorded: set[str] = frozenset()) -> tuple[list[str], Path] | None:
     for overrides in queue:
         run_dir = out / run_name(overrides)
-        if (run_dir / "summary.json").exists() or run_dir.name in recorded:
+        if (run_dir / "summary.json").exists() or run_dir.name in recorded or missing_checkpoint(overrides):
             continue
         if claim(out / f"{run_dir.name}.claim"):
             return overrides, run_dir
     return None
+
+
+def runs_in_progress(out: Path) -> bool:
+    """Whether any claim in OUT belongs to a live process (a run that may yet write a checkpoint)."""
+    for claim_file in out.glob("*.claim"):
+        try:
+            if alive(int(claim_file.read_text().strip() or 0)):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def blocked_runs(queue: list[list[str]], out: Path, recorded: set[str]) -> list[list[str]]:
+    """Unfinished runs that wait for another run's checkpoint."""
+    return [o for o in queue if missing_checkpoint(o) and run_name(o) not in recorded
+            and not (out / run_name(o) / "summary.json").exists()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("queue", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--list", action="store_true", help="print each run's state and exit")
+    parser.add_argument("--poll-s", type=float, default=60.0,
+                        help="while only runs waiting for a checkpoint are left, look again this often")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.list:
@@ -105,11 +137,22 @@ def main(argv: list[str] | None = None) -> int:
             state = ("done" if (run_dir / "summary.json").exists() else
                      "recorded" if run_dir.name in recorded else
                      "claimed" if (args.out / f"{run_dir.name}.claim").exists() else
+                     "blocked" if missing_checkpoint(overrides) else
                      "started" if run_dir.exists() else "waiting")
             print(f"{state:8s} {' '.join(overrides)}")
         return 0
     # the queue and the record are read again before each run: edit the queue while workers run
-    while (job := next_run(read_queue(args.queue), args.out, recorded_runs(args.queue))) is not None:
+    while True:
+        queue, recorded = read_queue(args.queue), recorded_runs(args.queue)
+        job = next_run(queue, args.out, recorded)
+        if job is None:
+            blocked = blocked_runs(queue, args.out, recorded)
+            if blocked and runs_in_progress(args.out):
+                time.sleep(args.poll_s)  # another worker's run may yet write the checkpoint they start from
+                continue
+            for overrides in blocked:
+                print(f"never started (no {missing_checkpoint(overrides)}): {' '.join(overrides)}", flush=True)
+            break
         overrides, run_dir = job
         # quoted: the directory's name holds '=' and ',', which Hydra's override grammar would parse
         command = [sys.executable, "train.py", *overrides, *common, f"hydra.run.dir='{run_dir}'", "resume=auto"]

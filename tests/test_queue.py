@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("study_queue", ROOT / "scripts" / "run_queue.py")
@@ -76,3 +78,34 @@ def test_a_line_added_while_a_worker_runs_is_taken_up_next(tmp_path, monkeypatch
     monkeypatch.setattr(queue.subprocess, "call", fake_train)
     assert queue.main([str(file), "--out", str(tmp_path / "out")]) == 0
     assert ran == ["seed=0", "seed=5"]
+
+
+def test_a_run_is_not_claimed_before_the_checkpoint_it_starts_from_exists(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoint = tmp_path / "dense" / "epoch_4.pt"
+    runs = [[f"init_from='{checkpoint}'", "seed=0"], ["seed=1"]]
+    assert queue.next_run(runs, out) == (["seed=1"], out / "seed=1")  # the recipe run waits
+    assert queue.blocked_runs(runs, out, set()) == [runs[0]]
+    checkpoint.parent.mkdir()
+    checkpoint.write_text("")
+    assert queue.next_run(runs, out)[0] == runs[0]
+    assert queue.blocked_runs(runs, out, set()) == []
+
+
+def test_a_worker_waits_for_a_checkpoint_only_while_a_run_is_in_progress(tmp_path, monkeypatch):
+    file, out = tmp_path / "queue.txt", tmp_path / "out"
+    checkpoint = tmp_path / "never" / "epoch_4.pt"
+    file.write_text(f"init_from='{checkpoint}' seed=0\n")
+    out.mkdir()
+    (out / "other.claim").write_text(str(os.getpid()))  # a live run elsewhere: worth waiting for
+    sleeps = []
+
+    def fake_sleep(seconds):
+        sleeps.append(seconds)
+        (out / "other.claim").unlink()  # ... which then ends without writing the checkpoint
+
+    monkeypatch.setattr(queue.time, "sleep", fake_sleep)
+    monkeypatch.setattr(queue.subprocess, "call", lambda *a, **k: pytest.fail("a blocked run was started"))
+    assert queue.main([str(file), "--out", str(out), "--poll-s", "5"]) == 0
+    assert sleeps == [5]
