@@ -68,6 +68,11 @@ class ViTRun:
         """The backbone's epochs after this run's epoch `epoch` (None: a warm-up epoch)."""
         return None if epoch <= self.warmup else self.start_epoch + epoch - self.warmup
 
+    @property
+    def after_warmup(self) -> float | None:
+        """Validation accuracy after the indexer warm-up (the backbone as it started)."""
+        return next((e.get("val_acc") for e in self.run.epochs if e["epoch"] == self.warmup), None)
+
     def acc_at(self, backbone_epochs: int) -> float | None:
         return next((r.get("val_acc") for r in self.run.epochs
                      if self.backbone_epoch(r["epoch"]) == backbone_epochs), None)
@@ -134,8 +139,7 @@ def goal_section(runs: list[ViTRun]) -> str:
         again = restart[s].acc_at(end[s]) if s in restart and restart[s].start_epoch == r.start_epoch else None
         control = None if again is None else r.final - again
         controls.append(control)
-        warm = next((e.get("val_acc") for e in r.run.epochs if e["epoch"] == r.warmup), None)
-        lines.append(f"| {s} | {percent(d.acc_at(r.start_epoch))} (D = {r.start_epoch}) | {percent(warm)} | "
+        lines.append(f"| {s} | {percent(d.acc_at(r.start_epoch))} (D = {r.start_epoch}) | {percent(r.after_warmup)} | "
                      f"{percent(r.final)} (D + S = {end[s]}) | {percent(line)} | {signed(diff)} | "
                      f"{percent(again)} | {signed(control)} |")
     known = [d for d in diffs if d is not None]
@@ -169,8 +173,7 @@ def epochs_table(runs: list[ViTRun]) -> str:
         warm = [r for _, r in columns if r.warmup and r.start_epoch == epoch]
         if warm:
             lines.append(f"| {epoch} + indexer warm-up | " + " | ".join(
-                percent(next((e.get("val_acc") for e in r.run.epochs if e["epoch"] == r.warmup), None))
-                if r in warm else "" for _, r in columns) + " |")
+                percent(r.after_warmup) if r in warm else "" for _, r in columns) + " |")
     kl = [(name, r) for name, r in columns if any(e.get("indexer_loss") is not None for e in r.run.epochs)]
     if kl:
         lines += ["", "Indexer KL divergence from the main attention (nats, mean over the epoch's steps; in a "
