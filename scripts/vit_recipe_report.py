@@ -180,9 +180,10 @@ def epochs_table(runs: list[ViTRun]) -> str:
                   "warm-up epoch against the full dense distribution, in a sparse epoch over the selected keys):", "",
                   "| run | " + " | ".join(f"epoch {e['epoch']}" for e in max((r.run.epochs for _, r in kl), key=len)) + " |",
                   "|---|" + "---|" * max(len(r.run.epochs) for _, r in kl)]
+        width = max(len(r.run.epochs) for _, r in kl)
         for name, r in kl:
-            lines.append(f"| {name} | " + " | ".join("–" if e.get("indexer_loss") is None else f"{e['indexer_loss']:.3f}"
-                                                     for e in r.run.epochs) + " |")
+            cells = ["–" if e.get("indexer_loss") is None else f"{e['indexer_loss']:.3f}" for e in r.run.epochs]
+            lines.append(f"| {name} | " + " | ".join(cells + [""] * (width - len(cells))) + " |")
     return "\n".join(lines)
 
 
