@@ -59,6 +59,11 @@ def measure_matmul_peak(device: str, dtype: torch.dtype = torch.float32, size: i
     return 2 * size ** 3 / best
 
 
+def runs_dir_name(out: Path) -> str:
+    """The runs folder as the JSON records it: relative to the repository when inside it."""
+    return str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)
+
+
 def run_config(name: str, overrides: list[str], run_dir: Path) -> dict:
     cmd = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides]
     print("$", " ".join(cmd), flush=True)
@@ -187,7 +192,7 @@ def main() -> None:
                "peaks_matmul_flops_per_s": peaks, "compare_epoch": epoch,
                "hardware": runs["none"][0]["summary"].get("hardware"),
                "data_source": short_source(runs["none"][0]["summary"].get("data_source")),
-               "torch": torch.__version__, "rows": rows, "table": table, "runs_dir": str(out.relative_to(ROOT))}
+               "torch": torch.__version__, "rows": rows, "table": table, "runs_dir": runs_dir_name(out)}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -41,3 +41,8 @@ def test_rows_take_medians_over_repeats_and_ratios_against_none():
     assert memory["time_to_acc_s"]["20"] == 8  # reached in epoch 2: 5 + 3
     assert none["ideal_cost_model"] == 1.0 and memory["ideal_cost_model"] == 0.1
     assert memory["mfu_train_step"] == pytest.approx(100 / 1.5 / 1e3)  # 100 FLOPs in 1.5 s, peak 1e3
+
+
+def test_runs_folder_is_recorded_relative_inside_the_repo_and_absolute_outside(tmp_path):
+    assert bench.runs_dir_name(bench.ROOT / "outputs" / "bench_gates" / "x") == "outputs/bench_gates/x"
+    assert bench.runs_dir_name(tmp_path / "x") == str(tmp_path / "x")  # --out /tmp/...: no crash at the end
