@@ -317,6 +317,8 @@ def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None) -> P
         "## The keep-ratio curve", "", keep_ratio_table(runs), "",
         "![final accuracy against top_k](keep_ratio.png)", "",
         "## The combined claim (sundew 6% with sparse attention)", "", combined_table(runs), "",
+        "Speedups here divide recorded training times of runs that shared the machine; the idle "
+        "benchmark in docs/sparse-attention.md (the report's combined claim, measured) is the one to quote.", "",
         *(["## Not yet run", "", f"In `{queue_file}` without a record yet:", "",
            *(f"- `{m}`" for m in missing), ""] if missing else []),
         ""])
