@@ -252,6 +252,20 @@ def goal_verdict(study: Study) -> str:
     return "\n".join(lines) or "- no gated arm at budget 0.5 yet"
 
 
+def not_yet_run_section(missing: list[str], queue_file: Path | None) -> list[str]:
+    """The page's closing section: the queue's runs without a record (nothing if none)."""
+    if not missing:
+        return []
+    return ["## Not yet run", "", f"In `{queue_file}` without a record yet:", "", *(f"- `{m}`" for m in missing), ""]
+
+
+def page_locations(source: Path, out: Path | None, queue: Path | None) -> tuple[Path, Path | None]:
+    """Where a study page goes and which queue it lists: by default beside the record file
+    (for a sweep directory, into it, with no queue)."""
+    out = out or (source.parent if source.is_file() else source)
+    return out, queue or (source.parent / "queue.txt" if source.is_file() else None)
+
+
 def missing_runs(runs: list[report.Run], queue_file: Path | None) -> list[str]:
     """The queue's runs (train.py overrides) that have no complete run here, in queue order."""
     if queue_file is None or not queue_file.exists():
@@ -351,8 +365,7 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
         "![final accuracy against training time, gate=none's schedules as the frontier](frontier.png)", "",
         *(line for b in study.budgets() for line in (f"![curves at budget {b}](curves_budget_{b}.png)", "")),
         "![paired differences](paired_differences.png)", "",
-        *(["## Not yet run", "", f"In `{queue_file}` without a record yet:", "",
-           *(f"- `{m}`" for m in missing), ""] if missing else []),
+        *not_yet_run_section(missing, queue_file),
         ""])
     path = out_dir / "README.md"
     path.write_text(text)
@@ -366,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--title", default=TITLE, help="the page's heading")
     parser.add_argument("--queue", type=Path, help="the study's queue file (default: queue.txt beside the record file)")
     args = parser.parse_args(argv)
-    out = args.out or (args.source.parent if args.source.is_file() else args.source)
-    queue_file = args.queue or (args.source.parent / "queue.txt" if args.source.is_file() else None)
+    out, queue_file = page_locations(args.source, args.out, args.queue)
     path = write_page(args.source, out, args.title, queue_file)
     print(path.read_text())
     return 0

@@ -56,16 +56,21 @@ def alive(pid: int) -> bool:
     return True
 
 
+def owner_alive(claim_file: Path) -> bool:
+    """Whether the process that wrote a claim (its process id) still runs."""
+    try:
+        owner = int(claim_file.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    return owner > 0 and alive(owner)
+
+
 def claim(claim_file: Path) -> bool:
     """Create the claim atomically; take over one left by a process that is gone."""
     try:
         fd = os.open(claim_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        try:
-            owner = int(claim_file.read_text().strip() or 0)
-        except (OSError, ValueError):
-            owner = 0
-        if owner and alive(owner):
+        if owner_alive(claim_file):
             return False
         claim_file.unlink(missing_ok=True)  # stale: its worker died with the last session
         return claim(claim_file)
@@ -92,10 +97,15 @@ def missing_checkpoint(overrides: list[str]) -> Path | None:
     return None
 
 
+def finished(run_dir: Path, recorded: set[str]) -> bool:
+    """A run is done when it wrote its summary here or the study's record already holds it."""
+    return (run_dir / "summary.json").exists() or run_dir.name in recorded
+
+
 def next_run(queue: list[list[str]], out: Path, recorded: set[str] = frozenset()) -> tuple[list[str], Path] | None:
     for overrides in queue:
         run_dir = out / run_name(overrides)
-        if (run_dir / "summary.json").exists() or run_dir.name in recorded or missing_checkpoint(overrides):
+        if finished(run_dir, recorded) or missing_checkpoint(overrides):
             continue
         if claim(out / f"{run_dir.name}.claim"):
             return overrides, run_dir
@@ -104,19 +114,12 @@ def next_run(queue: list[list[str]], out: Path, recorded: set[str] = frozenset()
 
 def runs_in_progress(out: Path) -> bool:
     """Whether any claim in OUT belongs to a live process (a run that may yet write a checkpoint)."""
-    for claim_file in out.glob("*.claim"):
-        try:
-            if alive(int(claim_file.read_text().strip() or 0)):
-                return True
-        except (OSError, ValueError):
-            continue
-    return False
+    return any(owner_alive(claim_file) for claim_file in out.glob("*.claim"))
 
 
 def blocked_runs(queue: list[list[str]], out: Path, recorded: set[str]) -> list[list[str]]:
     """Unfinished runs that wait for another run's checkpoint."""
-    return [o for o in queue if missing_checkpoint(o) and run_name(o) not in recorded
-            and not (out / run_name(o) / "summary.json").exists()]
+    return [o for o in queue if missing_checkpoint(o) and not finished(out / run_name(o), recorded)]
 
 
 def main(argv: list[str] | None = None) -> int:

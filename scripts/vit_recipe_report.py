@@ -73,6 +73,10 @@ class ViTRun:
         """Validation accuracy after the indexer warm-up (the backbone as it started)."""
         return next((e.get("val_acc") for e in self.run.epochs if e["epoch"] == self.warmup), None)
 
+    def summed(self, key: str, upto_epoch: int) -> float:
+        """A per-epoch figure (time, FLOPs) summed over this run's epochs 1..upto_epoch."""
+        return sum(e[key] for e in self.run.epochs if e["epoch"] <= upto_epoch)
+
     def acc_at(self, backbone_epochs: int) -> float | None:
         return next((r.get("val_acc") for r in self.run.epochs
                      if self.backbone_epoch(r["epoch"]) == backbone_epochs), None)
@@ -112,6 +116,11 @@ def of(runs: list[ViTRun], kind: str, top_k: int | None = None) -> dict[int, ViT
         if r.kind == kind and (top_k is None or r.top_k == top_k):
             found.setdefault(r.seed, r)
     return found
+
+
+def at_goal(runs: list[ViTRun], kind: str) -> dict[int, ViTRun]:
+    """The runs of one kind the goal compares: sparse ones at the goal's top_k, dense ones all."""
+    return of(runs, kind, GOAL_TOP_K if kind in ("recipe", "scratch") else None)
 
 
 def percent(value: float | None) -> str:
@@ -162,7 +171,7 @@ def goal_section(runs: list[ViTRun]) -> str:
 def epochs_table(runs: list[ViTRun]) -> str:
     """Validation accuracy after each backbone epoch: dense, scratch and recipe at top_k 32."""
     columns = [(r.name, r) for kind in ("dense", "restart", "scratch", "recipe")
-               for _, r in sorted(of(runs, kind, GOAL_TOP_K if kind in ("recipe", "scratch") else None).items())]
+               for _, r in sorted(at_goal(runs, kind).items())]
     if not columns:
         return "No runs yet."
     last = max(r.backbone_epoch(r.run.epochs[-1]["epoch"]) or 0 for _, r in columns)
@@ -176,11 +185,10 @@ def epochs_table(runs: list[ViTRun]) -> str:
                 percent(r.after_warmup) if r in warm else "" for _, r in columns) + " |")
     kl = [(name, r) for name, r in columns if any(e.get("indexer_loss") is not None for e in r.run.epochs)]
     if kl:
+        width = max(len(r.run.epochs) for _, r in kl)
         lines += ["", "Indexer KL divergence from the main attention (nats, mean over the epoch's steps; in a "
                   "warm-up epoch against the full dense distribution, in a sparse epoch over the selected keys):", "",
-                  "| run | " + " | ".join(f"epoch {e['epoch']}" for e in max((r.run.epochs for _, r in kl), key=len)) + " |",
-                  "|---|" + "---|" * max(len(r.run.epochs) for _, r in kl)]
-        width = max(len(r.run.epochs) for _, r in kl)
+                  "| run | " + " | ".join(f"epoch {e}" for e in range(1, width + 1)) + " |", "|---|" + "---|" * width]
         for name, r in kl:
             cells = ["–" if e.get("indexer_loss") is None else f"{e['indexer_loss']:.3f}" for e in r.run.epochs]
             lines.append(f"| {name} | " + " | ".join(cells + [""] * (width - len(cells))) + " |")
@@ -194,14 +202,12 @@ def cost_table(runs: list[ViTRun]) -> str:
     dense = of(runs, "dense")
     if not dense:
         return "No dense run yet."
-    def dense_upto(r: ViTRun, epochs: int, key: str) -> float:
-        return sum(e[key] for e in r.run.epochs if e["epoch"] <= epochs)
     rows = [("dense", [(d.run.summary["train_time_s"], d.run.summary["flops_executed"]) for d in dense.values()])]
     recipe = [r for r in of(runs, "recipe", GOAL_TOP_K).values() if r.seed in dense]
     if recipe:  # the dense epochs it started from count too
         rows.append(("recipe (dense epochs 1..D + warm-up + sparse)", [
-            (dense_upto(dense[r.seed], r.start_epoch, "epoch_time_s") + r.run.summary["train_time_s"],
-             dense_upto(dense[r.seed], r.start_epoch, "flops_executed") + r.run.summary["flops_executed"])
+            (dense[r.seed].summed("epoch_time_s", r.start_epoch) + r.run.summary["train_time_s"],
+             dense[r.seed].summed("flops_executed", r.start_epoch) + r.run.summary["flops_executed"])
             for r in recipe]))
     scratch = list(of(runs, "scratch", GOAL_TOP_K).values())
     if scratch:
@@ -248,7 +254,7 @@ def combined_table(runs: list[ViTRun]) -> str:
         s = r.run.summary
         d = dense.get(r.seed)
         epochs = s["epochs"]
-        base = None if d is None else sum(e["epoch_time_s"] for e in d.run.epochs if e["epoch"] <= epochs)
+        base = None if d is None else d.summed("epoch_time_s", epochs)
         attention = s["attention"] + ("" if r.top_k is None else f" (top_k {r.top_k})")
         speedup = "–" if base is None else f"{base / s['train_time_s']:.2f}x"
         lines.append(f"| {attention} | {s['gate']} | {r.seed} | {percent(s['val_acc'])} | "
@@ -263,7 +269,7 @@ def plot_epochs(runs: list[ViTRun], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"dense": ("black", "-"), "restart": ("grey", ":"), "scratch": ("C1", "--"), "recipe": ("C0", "-")}
     for kind, (colour, style) in styles.items():
-        for seed, r in sorted(of(runs, kind, GOAL_TOP_K if kind in ("recipe", "scratch") else None).items()):
+        for seed, r in sorted(at_goal(runs, kind).items()):
             points = [(r.backbone_epoch(e["epoch"]), e.get("val_acc")) for e in r.run.epochs]
             points = [(x, y) for x, y in points if x is not None and y is not None]
             if kind in ("recipe", "restart"):  # joined to the dense epoch it started from
@@ -319,8 +325,7 @@ def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None) -> P
         "## The combined claim (sundew 6% with sparse attention)", "", combined_table(runs), "",
         "Speedups here divide recorded training times of runs that shared the machine; the idle "
         "benchmark in docs/sparse-attention.md (the report's combined claim, measured) is the one to quote.", "",
-        *(["## Not yet run", "", f"In `{queue_file}` without a record yet:", "",
-           *(f"- `{m}`" for m in missing), ""] if missing else []),
+        *convergence.not_yet_run_section(missing, queue_file),
         ""])
     path = out_dir / "README.md"
     path.write_text(text)
@@ -335,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where README.md and the plots go (default: beside the record)")
     parser.add_argument("--queue", type=Path, help="the study's queue file (default: queue.txt beside the record)")
     args = parser.parse_args(argv)
-    out = args.out or (args.source.parent if args.source.is_file() else args.source)
-    queue_file = args.queue or (args.source.parent / "queue.txt" if args.source.is_file() else None)
+    out, queue_file = convergence.page_locations(args.source, args.out, args.queue)
     print(write_page([args.source, *args.extra], out, queue_file).read_text())
     return 0
 
