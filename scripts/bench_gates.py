@@ -189,7 +189,7 @@ def main() -> None:
     table = markdown_table(rows, accuracies, epoch)
     print(table)
     summary = {"command": " ".join(sys.argv), "precision": precision, "peak_matmul_flops_per_s": peak,
-               "peaks_matmul_flops_per_s": peaks, "compare_epoch": epoch,
+               "peaks_matmul_flops_per_s": peaks, "compare_epoch": epoch, "target_rate": args.target_rate,
                "hardware": runs["none"][0]["summary"].get("hardware"),
                "data_source": short_source(runs["none"][0]["summary"].get("data_source")),
                "torch": torch.__version__, "rows": rows, "table": table, "runs_dir": runs_dir_name(out)}

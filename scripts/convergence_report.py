@@ -2,7 +2,8 @@
 
     python scripts/report.py multirun/convergence --export docs/results/convergence/runs.jsonl
     python scripts/convergence_report.py docs/results/convergence/runs.jsonl
-    python scripts/convergence_report.py docs/results/fastnet/runs.jsonl --title "..."
+    python scripts/convergence_report.py docs/results/fastnet/runs.jsonl --title "..." \
+        --idle-bench docs/bench/bench_gates_fastnet_0.5.json
 
 Reads a budget study's runs (a sweep directory or the compact record file: the convergence
 study's `+experiment=convergence`, `convergence_baseline` and `convergence_infobatch`, or the
@@ -13,9 +14,15 @@ The runs of the study's queue file (queue.txt beside the record, as scripts/run_
 that have no record yet are listed as not yet run.
 
 - Full training: gate=none over the longest schedule (E epochs).
-- Time-matched full training at budget b: gate=none over b * E epochs, its cosine schedule
+- Full training at equal FLOPs for budget b: gate=none over b * E epochs, its cosine schedule
   decayed over its own length ("No Train No Gain"'s fair baseline).
 - A gated arm at target rate b sees all E epochs and trains about b of the samples.
+- Full training at equal time, the baseline the goal judges a gate against: gate=none over the
+  whole number of epochs nearest the gate's time. The gate's time is its epoch time as a share of
+  gate=none's measured on an idle machine by scripts/bench_gates.py (`idle_bench*.json` beside
+  the record, or --idle-bench), because the study's own runs share the machine two at a time and
+  their recorded times move with whichever run is their neighbour. Without such a measurement the
+  schedule nearest in recorded wall-clock stands in, and the page says so.
 
 Intervals are 95% Student-t intervals over seeds (none for one seed); paired differences take
 the same seed of both arms. Times are training wall-clock (evaluation excluded) as recorded by
@@ -25,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -57,6 +66,11 @@ TITLE = "Convergence study: does gating beat simply training less?"
 MARGIN_TIME = 0.5   # "time to full training's final accuracy minus 0.5 points"
 MARGIN_LOSSLESS = 0.3  # the goal's "reaches full training's final accuracy (within 0.3 points)"
 GOAL_POINTS = 1.0   # the goal's "beats time-matched full training by at least 1.0 point"
+# the scripts/bench_gates.py configuration that runs each study arm's gate, by (gate, packed, selection)
+BENCH_CONFIGS = {("random", False, None): "random", ("random", True, None): "random-packed",
+                 ("sundew_memory", False, None): "sundew-memory", ("sundew_memory", True, None): "sundew-memory-packed",
+                 ("sundew_proxy", False, None): "sundew-proxy", ("sundew_proxy", True, None): "sundew-proxy-packed",
+                 ("sundew_proxy", False, "top"): "keep-top-proxy"}
 # two-sided 95% Student-t quantiles by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -124,16 +138,55 @@ def group_arms(runs: list[report.Run]) -> dict[ArmKey, Arm]:
                                                      -(kv[0].rate or 0), not kv[0].packed)))
 
 
+def bench_target_rate(bench: dict) -> float:
+    """The target rate a bench_gates.py JSON ran at (older files say it in their command only)."""
+    if "target_rate" in bench:
+        return bench["target_rate"]
+    found = re.search(r"--target-rate[ =](\S+)", bench["command"])
+    return float(found.group(1)) if found else 0.1  # bench_gates.py's default
+
+
+def idle_shares(bench_files: list[Path]) -> dict[tuple[str, float, bool, str | None], float]:
+    """Each gate's epoch time as a share of gate=none's in the same idle benchmark (1 / its
+    speedup), by (gate, target rate, packed, selection rule)."""
+    shares = {}
+    for path in bench_files:
+        bench = json.loads(path.read_text())
+        rows = {row["config"]: row for row in bench["rows"]}
+        for (gate, packed, selection), config in BENCH_CONFIGS.items():
+            if config in rows:
+                shares[(gate, bench_target_rate(bench), packed, selection)] = 1.0 / rows[config]["speedup_vs_none"]
+    return shares
+
+
 @dataclass
 class Study:
     arms: dict[ArmKey, Arm]
     full: Arm
     full_time: float  # mean training seconds of full training
     full_acc: float   # its mean final accuracy
+    idle: dict[tuple[str, float, bool, str | None], float] = field(default_factory=dict)  # see idle_shares
+
+    def none_over(self, epochs: int) -> Arm | None:
+        return self.arms.get(ArmKey("none", 1.0, False, epochs, self.full.key.precision))
 
     def matched(self, budget: float) -> Arm | None:
-        """Full training over budget * E epochs."""
-        return self.arms.get(ArmKey("none", 1.0, False, round(budget * self.full.key.epochs), self.full.key.precision))
+        """Full training over budget * E epochs: equal FLOPs."""
+        return self.none_over(round(budget * self.full.key.epochs))
+
+    def idle_share(self, arm: Arm) -> float | None:
+        return self.idle.get((arm.key.gate, arm.key.rate, arm.key.packed, arm.key.selection))
+
+    def time_matched(self, arm: Arm) -> tuple[int, Arm | None, str]:
+        """The full-training schedule at the gate's time (epochs, its arm if run, how chosen):
+        the whole number of epochs nearest the gate's idle-measured time (halves round up);
+        without an idle measurement, the schedule nearest in recorded wall-clock."""
+        share = self.idle_share(arm)
+        if share is None:
+            nearest = self.nearest_in_time(arm)
+            return nearest.key.epochs, nearest, "nearest in recorded wall-clock; no idle measurement"
+        epochs = math.floor(share * self.full.key.epochs + 0.5)
+        return epochs, self.none_over(epochs), f"equal time: the gate's epoch costs {share:.3f} of full training's, idle"
 
     def share(self, arm: Arm) -> float:
         return statistics.fmean(arm.times()) / self.full_time
@@ -149,14 +202,15 @@ class Study:
         return sorted({k.rate for k in self.arms if k.gate != "none" and k.rate is not None}, reverse=True)
 
 
-def build_study(runs: list[report.Run]) -> Study:
+def build_study(runs: list[report.Run], bench_files: list[Path] = ()) -> Study:
     arms = group_arms(runs)
     nones = [a for k, a in arms.items() if k.gate == "none"]
     if not nones:
         raise SystemExit("no gate=none run: the study needs full training to compare with")
     full = max(nones, key=lambda a: (a.key.epochs, len(a.runs)))
     STUDY_PRECISION[0] = full.key.precision
-    return Study(arms, full, statistics.fmean(full.times()), statistics.fmean(full.finals().values()))
+    return Study(arms, full, statistics.fmean(full.times()), statistics.fmean(full.finals().values()),
+                 idle_shares(list(bench_files)))
 
 
 def time_to(run: report.Run, accuracy: float) -> float | None:
@@ -204,9 +258,16 @@ def optimizer_steps(run: report.Run) -> int:
                else math.ceil(e["samples_trained"] / 64) for e in run.epochs)
 
 
+def versus(result: tuple[tuple[float, float | None], int] | None, note: str = "") -> list[str]:
+    """Two table cells: a paired difference (with `note` after it) and its number of seeds."""
+    return ["–", "–"] if result is None else [fmt(result[0]) + note, str(result[1])]
+
+
 def differences_table(study: Study) -> tuple[str, list[tuple[str, float, tuple[float, float | None], int]]]:
-    head = ["gated arm", "share of full's time", "vs time-matched none (points)", "seeds",
-            "vs the none schedule nearest in wall-clock (points)", "seeds",
+    head = ["gated arm", "share of full's time, recorded", "share of full's time, idle",
+            "vs none over b·E epochs: equal FLOPs (points)", "seeds",
+            "vs none at equal idle time (points)", "seeds",
+            "vs the none schedule nearest in recorded wall-clock (points)", "seeds",
             "vs random, same budget and packing (points)", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     forest = []
@@ -215,39 +276,57 @@ def differences_table(study: Study) -> tuple[str, list[tuple[str, float, tuple[f
         if k.gate == "none":
             continue
         # InfoBatch sets no target rate: no budget to match, but the nearest schedule in time still pairs
-        versus_none = paired(arm, study.matched(k.rate)) if k.rate is not None else None
+        versus_flops = paired(arm, study.matched(k.rate)) if k.rate is not None else None
+        share = study.idle_share(arm)
+        cells = [k.label, f"{study.share(arm):.3f}", "–" if share is None else f"{share:.3f}"]
+        cells += versus(versus_flops)
+        if share is None:
+            cells += ["–", "–"]
+        else:
+            epochs, same_time, _ = study.time_matched(arm)
+            versus_time = paired(arm, same_time)
+            cells += versus(versus_time, f" ({epochs} epochs)") if same_time else [f"– ({epochs} epochs not yet run)", "–"]
+            if versus_time:
+                forest.append((f"{k.label} vs {epochs} epochs (equal idle time)", k.rate, *versus_time))
         nearest = study.nearest_in_time(arm)
-        versus_nearest = paired(arm, nearest)
+        cells += versus(paired(arm, nearest), f" ({nearest.key.epochs} epochs, {study.share(nearest):.3f})")
         random = study.arms.get(ArmKey("random", k.rate, k.packed, k.epochs, k.precision))
-        versus_random = paired(arm, random) if k.gate != "random" else None
-        cells = [k.label, f"{study.share(arm):.3f}"]
-        for result, against in ((versus_none, ""), (versus_nearest, f" ({nearest.key.epochs} epochs, "
-                                                    f"{study.share(nearest):.3f})"), (versus_random, "")):
-            cells += ["–", "–"] if result is None else [fmt(result[0]) + against, str(result[1])]
+        cells += versus(paired(arm, random) if k.gate != "random" else None)
         lines.append("| " + " | ".join(cells) + " |")
-        if versus_none:
-            forest.append((k.label, k.rate, versus_none[0], versus_none[1]))
+        if versus_flops:
+            forest.append((f"{k.label} vs {study.matched(k.rate).key.epochs} epochs (equal FLOPs)", k.rate,
+                           *versus_flops))
     return "\n".join(lines), forest
 
 
 def goal_verdict(study: Study) -> str:
-    """The issue's goal at budget 0.5, met or missed, with the figures."""
+    """The issue's goal at budget 0.5, met or missed, with the figures: judged against full
+    training at the gate's time (Study.time_matched); the equal-FLOPs schedule is quoted beside it."""
     lines = []
-    matched = study.matched(0.5)
     for arm in study.arms.values():
         k = arm.key
         if k.gate == "none" or k.rate != 0.5:
             continue
-        result = paired(arm, matched)
+        epochs, same_time, how = study.time_matched(arm)
+        result = paired(arm, same_time)
         beat = (result is not None and result[0][1] is not None and result[0][0] >= GOAL_POINTS
                 and result[0][0] - result[0][1] > 0)
         lossless = [time_to(r, study.full_acc - MARGIN_LOSSLESS) for r in arm.runs.values()]
-        half = all(t is not None and t <= 0.5 * study.full_time for t in lossless)
-        diff = "no paired time-matched run" if result is None else f"{fmt(result[0])} points over {result[1]} seed(s)"
-        decided = beat or half or (result is not None and result[0][1] is not None)
-        verdict = "met" if beat or half else "missed" if decided else "undecided (fewer than two paired seeds)"
-        lines.append(f"- {k.label}: vs time-matched none {diff}; within {MARGIN_LOSSLESS} points of full "
-                     f"training in at most half its time on {sum(t is not None and t <= 0.5 * study.full_time for t in lossless)} "
+        in_half = sum(t is not None and t <= 0.5 * study.full_time for t in lossless)
+        if beat or in_half == len(lossless):
+            verdict = "met"
+        elif result is None:
+            verdict = f"undecided (full training over {epochs} epochs not yet run)"
+        elif result[0][1] is None:
+            verdict = "undecided (fewer than two paired seeds)"
+        else:
+            verdict = "missed"
+        diff = "–" if result is None else f"{fmt(result[0])} points over {result[1]} seed(s)"
+        flops = paired(arm, study.matched(0.5))
+        flops_text = "" if flops is None else (f"; against {study.matched(0.5).key.epochs} epochs (equal FLOPs): "
+                                               f"{fmt(flops[0])} over {flops[1]}")
+        lines.append(f"- {k.label}: against full training over {epochs} epochs ({how}): {diff}{flops_text}; "
+                     f"within {MARGIN_LOSSLESS} points of full training in at most half its time on {in_half} "
                      f"of {len(lossless)} seeds: goal **{verdict}**")
     return "\n".join(lines) or "- no gated arm at budget 0.5 yet"
 
@@ -325,7 +404,7 @@ def plot_differences(forest: list, path: Path) -> None:
     ax.set_yticks(range(len(forest)), [f"{label} (n={n})" for label, _, _, n in forest], fontsize=7)
     ax.axvline(0, color="grey", linewidth=0.8)
     ax.axvline(GOAL_POINTS, color="grey", linewidth=0.8, linestyle=":")
-    ax.set(xlabel="final accuracy minus time-matched none's, same seed (points)")
+    ax.set(xlabel="final accuracy minus full training's over the named epochs, same seed (points)")
     ax.set_title("paired difference, bars: 95% interval (orange: one seed, no interval); dotted: the goal",
                  fontsize=8)
     ax.grid(alpha=0.3)
@@ -336,9 +415,16 @@ def plot_differences(forest: list, path: Path) -> None:
 
 # --------------------------------------------------------------------------- page
 
-def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path | None = None) -> Path:
+def default_idle_benches(source: Path) -> list[Path]:
+    """The idle benchmarks beside a record file (idle_bench*.json); none for a sweep directory."""
+    return sorted(source.parent.glob("idle_bench*.json")) if source.is_file() else []
+
+
+def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path | None = None,
+               bench_files: list[Path] | None = None) -> Path:
     runs = report.collect_runs(source)
-    study = build_study(runs)
+    bench_files = default_idle_benches(source) if bench_files is None else bench_files
+    study = build_study(runs, bench_files)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_frontier(study, out_dir / "frontier.png")
     for budget in study.budgets():
@@ -347,7 +433,12 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
     plot_differences(forest, out_dir / "paired_differences.png")
     facts = study.full.runs[min(study.full.runs)].summary
     missing = missing_runs(runs, queue_file)
-    command = f"python scripts/convergence_report.py {source}" + ("" if title == TITLE else f' --title "{title}"')
+    command = (f"python scripts/convergence_report.py {source}" + ("" if title == TITLE else f' --title "{title}"')
+               + ("" if bench_files == default_idle_benches(source) else
+                  "".join(f" --idle-bench {b}" for b in bench_files)))
+    idle = (f"Idle shares: epoch 2 of `scripts/bench_gates.py` on an otherwise idle machine "
+            f"({', '.join(f'`{b}`' for b in bench_files)}; each file names its command and hardware)."
+            if bench_files else "No idle benchmark: equal time falls back to the recorded wall-clock.")
     text = "\n".join([
         f"# {title}", "",
         f"Made by `{command}` from {sum(len(a.runs) for a in study.arms.values())} "
@@ -357,10 +448,11 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
         "## The goal at budget 0.5", "", goal_verdict(study), "",
         "## Every arm", "", arms_table(study), "",
         "Intervals: 95% Student-t over seeds. Time: training wall-clock as each run recorded it "
-        "(evaluation excluded). FLOPs: counted with torch.utils.flop_counter (scoring included). "
+        "(evaluation excluded), two runs sharing the machine, so a run's time depends on its "
+        "neighbour. FLOPs: counted with torch.utils.flop_counter (scoring included). "
         "Optimiser steps: counted per epoch (`optimizer_steps`); for epochs run before that key "
         "existed, one per batch of 64.", "",
-        "## Paired differences (same seed)", "", differences, "",
+        "## Paired differences (same seed)", "", differences, "", idle, "",
         "## Plots", "",
         "![final accuracy against training time, gate=none's schedules as the frontier](frontier.png)", "",
         *(line for b in study.budgets() for line in (f"![curves at budget {b}](curves_budget_{b}.png)", "")),
@@ -378,9 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where README.md and the plots go (default: beside the record file)")
     parser.add_argument("--title", default=TITLE, help="the page's heading")
     parser.add_argument("--queue", type=Path, help="the study's queue file (default: queue.txt beside the record file)")
+    parser.add_argument("--idle-bench", type=Path, action="append",
+                        help="a scripts/bench_gates.py JSON measured idle at the study's settings, to match "
+                             "time (repeatable; default: idle_bench*.json beside the record file)")
     args = parser.parse_args(argv)
     out, queue_file = page_locations(args.source, args.out, args.queue)
-    path = write_page(args.source, out, args.title, queue_file)
+    path = write_page(args.source, out, args.title, queue_file, args.idle_bench)
     print(path.read_text())
     return 0
 

@@ -77,7 +77,9 @@ def test_page_states_the_goal_and_lists_what_is_missing(tmp_path):
     text = path.read_text()
     # +3.5 points but an interval of ± 6.35 reaches below zero: not met by the first criterion;
     # within 0.3 of 81.0 needs 80.7, never reached by the gated runs (73, 76)
-    assert "sundew_memory 0.5, packed: vs time-matched none 3.50 ± 6.35 points over 2 seed(s)" in text
+    # no idle benchmark: equal time is the schedule nearest in recorded time (52 s: 2 epochs' 50 s)
+    assert ("sundew_memory 0.5, packed: against full training over 2 epochs (nearest in recorded "
+            "wall-clock; no idle measurement): 3.50 ± 6.35 points over 2 seed(s)") in text
     assert "goal **missed**" in text
     assert "- `gate=random seed=7`" in text and "seed=0`" not in text  # the queue's runs without a record
     assert path.name == "README.md"  # report.py's report.md can sit beside it
@@ -103,7 +105,7 @@ def test_one_seed_leaves_the_goal_undecided(tmp_path):
     for run in (tmp_path / "sweep").glob("*_1"):  # keep seed 0 only
         shutil.rmtree(run)
     text = convergence.write_page(tmp_path / "sweep", tmp_path / "page").read_text()
-    assert "vs time-matched none 3.00 points over 1 seed(s)" in text
+    assert "no idle measurement): 3.00 points over 1 seed(s)" in text
     assert "goal **undecided (fewer than two paired seeds)**" in text
 
 
@@ -114,5 +116,42 @@ def test_a_gate_without_a_target_rate_pairs_only_with_the_nearest_schedule_in_ti
     study = convergence.build_study(report.collect_runs(tmp_path / "sweep"))
     table, forest = convergence.differences_table(study)
     # against full training (80.0, 82.0): -1.0 and -2.0 -> mean -1.50, t(1) 12.706 * 0.7071 / sqrt(2) = 6.35
-    assert "| infobatch, packed | 0.900 | – | – | -1.50 ± 6.35 (4 epochs, 1.000) | 2 | – | – |" in table
-    assert all(label != "infobatch, packed" for label, *_ in forest)
+    assert "| infobatch, packed | 0.900 | – | – | – | – | – | -1.50 ± 6.35 (4 epochs, 1.000) | 2 | – | – |" in table
+    assert not any(label.startswith("infobatch") for label, *_ in forest)
+
+
+def write_bench(path: Path, speedups: dict[str, float], rate_key: bool = True) -> Path:
+    """A bench_gates.py JSON at target rate 0.5 with these speedups over gate=none."""
+    bench = {"command": "scripts/bench_gates.py --target-rate 0.5 --epochs 2",
+             "rows": [{"config": c, "speedup_vs_none": x} for c, x in {"none": 1.0, **speedups}.items()]}
+    path.write_text(json.dumps({**bench, **({"target_rate": 0.5} if rate_key else {})}))
+    return path
+
+
+def test_equal_time_comes_from_the_idle_benchmark_rounded_up_to_whole_epochs(tmp_path):
+    fabricate(tmp_path / "sweep")
+    # sundew's epoch costs 1 / 1.6 = 0.625 of full training's: 0.625 * 4 = 2.5 -> 3 epochs (a half
+    # rounds up); random's 1 / 2.0 = 0.5 -> 2 epochs; 1 / 1.9 * 4 = 2.1 would be 2
+    bench = write_bench(tmp_path / "idle_bench_0.5.json", {"sundew-memory-packed": 1.6, "random-packed": 2.0},
+                        rate_key=False)  # the rate read from the command
+    text = convergence.write_page(tmp_path / "sweep", tmp_path / "page", bench_files=[bench]).read_text()
+    assert ("sundew_memory 0.5, packed: against full training over 3 epochs (equal time: the gate's epoch "
+            "costs 0.625 of full training's, idle): –; against 2 epochs (equal FLOPs): 3.50 ± 6.35 over 2") in text
+    assert "goal **undecided (full training over 3 epochs not yet run)**" in text
+    # random 72.0, 72.5 against 70.0, 72.0: differences 2.0 and 0.5, mean 1.25, sd 1.0607,
+    # t(1) 12.706 * 1.0607 / sqrt(2) = 9.53
+    assert "| random 0.5, packed | 0.480 | 0.500 | 1.25 ± 9.53 | 2 | 1.25 ± 9.53 (2 epochs) | 2 |" in text
+    for seed, acc in ((0, 71.0), (1, 74.0)):  # gated 73 and 76: +2.0 on both seeds, no spread
+        fake_run(tmp_path / "sweep", "none", seed, 3, acc, 75.0)
+    text = convergence.write_page(tmp_path / "sweep", tmp_path / "page", bench_files=[bench]).read_text()
+    assert "idle): 2.00 ± 0.00 points over 2 seed(s)" in text and "goal **met**" in text
+    assert convergence.idle_shares([write_bench(tmp_path / "b.json", {"random": 4.0})]) == {("random", 0.5, False, None): 0.25}
+
+
+def test_equal_time_rounds_to_the_nearest_whole_epoch(tmp_path):
+    fabricate(tmp_path / "sweep")
+    bench = write_bench(tmp_path / "idle.json", {"sundew-memory-packed": 1.9})  # 4 / 1.9 = 2.105 epochs
+    study = convergence.build_study(report.collect_runs(tmp_path / "sweep"), [bench])
+    gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "bf16")]
+    epochs, arm, how = study.time_matched(gated)
+    assert (epochs, arm, how) == (2, study.matched(0.5), "equal time: the gate's epoch costs 0.526 of full training's, idle")
