@@ -355,26 +355,33 @@ def missing_runs(runs: list[report.Run], queue_file: Path | None) -> list[str]:
 
 # --------------------------------------------------------------------------- plots
 
-def plot_frontier(study: Study, path: Path) -> None:
+def plot_frontier(study: Study, path: Path, idle: bool = False) -> None:
     """Final accuracy (95% interval) against time share; gate=none's schedules joined as the
-    frontier a gate must beat."""
+    frontier a gate must beat. Time is as recorded or, with `idle`, as measured idle: full
+    training over n epochs costs n / E, a gate its idle share (arms without one are left out)."""
+    def x(arm: Arm) -> float | None:
+        if not idle:
+            return study.share(arm)
+        return arm.key.epochs / study.full.key.epochs if arm.key.gate == "none" else study.idle_share(arm)
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    nones = sorted((a for a in study.arms.values() if a.key.gate == "none"), key=lambda a: a.key.epochs)
-    xs = [study.share(a) for a in nones]
+    nones = sorted((a for a in study.arms.values() if a.key.gate == "none" and a.key.precision == study.full.key.precision),
+                   key=lambda a: a.key.epochs)
     ys = [interval(list(a.finals().values())) for a in nones]
     epochs = ", ".join(str(a.key.epochs) for a in nones)
-    ax.errorbar(xs, [m for m, _ in ys], yerr=[h or 0 for _, h in ys], color="black", marker="s",
-                capsize=3, label=f"none ({epochs} epochs): train less")
+    ax.errorbar([x(a) for a in nones], [m for m, _ in ys], yerr=[h or 0 for _, h in ys], color="black",
+                marker="s", capsize=3, label=f"none ({epochs} epochs): train less")
     colours = {g: f"C{i}" for i, g in enumerate((*GATES, "infobatch"))}
     for arm in study.arms.values():
-        if arm.key.gate == "none":
+        if arm.key.gate == "none" or x(arm) is None:
             continue
         mean, half = interval(list(arm.finals().values()))
         colour = colours.get(arm.key.gate, "grey")
-        ax.errorbar([study.share(arm)], [mean], yerr=[half or 0], marker="o", capsize=3, color=colour,
+        ax.errorbar([x(arm)], [mean], yerr=[half or 0], marker="o", capsize=3, color=colour,
                     markerfacecolor=colour if arm.key.packed else "white", linestyle="none",
                     label=f"{arm.key.label} (n={len(arm.runs)})")
-    ax.set(xlabel="training wall-clock, share of full training's", ylabel="final validation accuracy (%)")
+    clock = "measured idle (none: epochs / E; gates: idle_bench share)" if idle else "as recorded"
+    ax.set(xlabel=f"training wall-clock, share of full training's, {clock}", ylabel="final validation accuracy (%)")
     ax.set_title("mean over seeds, bars: 95% interval; filled: packed", fontsize=9)
     report._finish(fig, ax, path)
 
@@ -427,6 +434,8 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
     study = build_study(runs, bench_files)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_frontier(study, out_dir / "frontier.png")
+    if study.idle:
+        plot_frontier(study, out_dir / "frontier_idle.png", idle=True)
     for budget in study.budgets():
         plot_curves(study, budget, out_dir / f"curves_budget_{budget}.png")
     differences, forest = differences_table(study)
@@ -454,7 +463,9 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
         "existed, one per batch of 64.", "",
         "## Paired differences (same seed)", "", differences, "", idle, "",
         "## Plots", "",
-        "![final accuracy against training time, gate=none's schedules as the frontier](frontier.png)", "",
+        *(["![final accuracy against idle-measured training time: the goal's clock](frontier_idle.png)", ""]
+          if study.idle else []),
+        "![final accuracy against training time as recorded, gate=none's schedules as the frontier](frontier.png)", "",
         *(line for b in study.budgets() for line in (f"![curves at budget {b}](curves_budget_{b}.png)", "")),
         "![paired differences](paired_differences.png)", "",
         *not_yet_run_section(missing, queue_file),

@@ -85,6 +85,7 @@ def test_page_states_the_goal_and_lists_what_is_missing(tmp_path):
     assert path.name == "README.md"  # report.py's report.md can sit beside it
     for plot in ("frontier.png", "curves_budget_0.5.png", "paired_differences.png"):
         assert (tmp_path / "page" / plot).stat().st_size > 0
+    assert not (tmp_path / "page" / "frontier_idle.png").exists()  # no idle benchmark, no idle clock
 
 
 def test_selection_rule_other_than_percentile_is_its_own_arm(tmp_path):
@@ -138,6 +139,7 @@ def test_equal_time_comes_from_the_idle_benchmark_rounded_up_to_whole_epochs(tmp
     assert ("sundew_memory 0.5, packed: against full training over 3 epochs (equal time: the gate's epoch "
             "costs 0.625 of full training's, idle): –; against 2 epochs (equal FLOPs): 3.50 ± 6.35 over 2") in text
     assert "goal **undecided (full training over 3 epochs not yet run)**" in text
+    assert (tmp_path / "page" / "frontier_idle.png").stat().st_size > 0 and "(frontier_idle.png)" in text
     # random 72.0, 72.5 against 70.0, 72.0: differences 2.0 and 0.5, mean 1.25, sd 1.0607,
     # t(1) 12.706 * 1.0607 / sqrt(2) = 9.53
     assert "| random 0.5, packed | 0.480 | 0.500 | 1.25 ± 9.53 | 2 | 1.25 ± 9.53 (2 epochs) | 2 |" in text
