@@ -6,7 +6,8 @@
 
 Each batch: a gate decides which samples are worth training on (scoring them first with
 one inference-mode forward if it needs scores), then forward and backward run on those
-samples only. FLOPs are counted, training wall-clock is timed apart from evaluation, and
+samples only. A sample is what the task says (`task=classification`: an image;
+`task=char_lm`: a window of text). FLOPs are counted, training wall-clock is timed apart from evaluation, and
 every epoch goes to metrics.jsonl, the console table and W&B in the Hydra run directory.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from adaptive_sparse.attention import set_attention_epoch
 from adaptive_sparse.checkpointing import Checkpointer, ResumePoint, load_initial_weights, locate_checkpoint
 from adaptive_sparse.config import (resolve_device, resolve_precision, seed_everything, threads_per_job,
                                     validate_config)
-from adaptive_sparse.data import BatchLoader, load_dataset
+from adaptive_sparse.data import load_dataset
 from adaptive_sparse.distributed import agree_on_run_dir, setup_distributed
 from adaptive_sparse.energy import make_energy_meter
 from adaptive_sparse.metering import FlopMeter, PhaseTimer, Tally
@@ -35,7 +36,7 @@ from adaptive_sparse.optim import build_scheduler
 from adaptive_sparse.packing import SelectionPacker, TrainBatch
 from adaptive_sparse.scorers import ModelScorer
 from adaptive_sparse.step import evaluation_sums, inject_nan_at_step, train_on_subset
-from adaptive_sparse.tracking import TABLE_HEADER, RunLog, environment_facts, table_row
+from adaptive_sparse.tracking import RunLog, environment_facts, table_header, table_row
 
 log = logging.getLogger("train")
 
@@ -62,31 +63,24 @@ def main(cfg: DictConfig) -> float:
         log.warning("training.precision=fp16 on a CPU runs emulated fp16 arithmetic: it trains (with a "
                     "gradient scaler) but far slower than fp32 or bf16 (20 batches: 62 s against ~1 s here)")
 
-    # ------------------------------------------------------------------ data
+    # ------------------------------------------------------------------ task and data
+    task = instantiate(cfg.task)  # what a sample, a batch and the metric are (conf/task/)
     data = load_dataset(cfg.dataset)
-    train_loader = BatchLoader(data.train, train_cfg.batch_size, device, shuffle=True,
-                               augment=cfg.dataset.augment, crop_padding=cfg.dataset.crop_padding,
-                               limit_batches=train_cfg.limit_train_batches, seed=cfg.seed,
-                               shard=dist.train_shard,  # torchrun: this rank's slice of each epoch
-                               channels_last=train_cfg.channels_last)
-    val_loader = BatchLoader(data.test, train_cfg.eval_batch_size, device, shuffle=False,
-                             indices=dist.shard(len(data.test)), channels_last=train_cfg.channels_last)
-    log.info("data: %s (%d train, %d test); precision %s", data.source, len(data.train), len(data.test),
-             precision)
+    task.check_data(data, choices.dataset)
+    train_loader = task.train_loader(data, cfg, device, shard=dist.train_shard)  # torchrun: this rank's slice
+    val_loader = task.eval_loader(data, cfg, device, indices=dist.shard(task.eval_size(data)))
+    log.info("data: %s (%s); precision %s", data.source, task.describe(data), precision)
 
     # ------------------------------------------------------------------ model
-    model = instantiate(cfg.model, num_classes=data.num_classes).to(device)
-    if train_cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if hasattr(model, "fit_to_data"):  # e.g. FastNet's whitening filters, from training images
-        model.fit_to_data(next(iter(BatchLoader(data.train, 5000, device, shuffle=False)))[0])
+    model = instantiate(cfg.model, **task.model_kwargs(data)).to(device)
+    model = task.prepare_model(model, data, cfg, device)  # e.g. channels_last, FastNet's whitening
     optimizer = instantiate(train_cfg.optimizer)(model.parameters())
     # fp16's narrow range needs its loss scaled (and overflowing steps skipped); bf16 does not
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     per_batch = train_cfg.scheduler_interval == "batch"  # else the schedule steps once an epoch
     scheduler = build_scheduler(train_cfg.scheduler, optimizer,
                                 total_steps=train_cfg.epochs * len(train_loader) if per_batch else None)
-    flop_meter = FlopMeter(model, tuple(data.train.images.shape[1:]), data.num_classes)
+    flop_meter = FlopMeter(model, task.example(data))
     log.info("model: %s, %.2fM parameters, %.1f MFLOP/sample forward, %.1f MFLOP/sample train step",
              choices.model, count_parameters(model) / 1e6, flop_meter.forward_per_sample / 1e6,
              flop_meter.train_per_sample / 1e6)
@@ -97,8 +91,9 @@ def main(cfg: DictConfig) -> float:
     inject_nan_at_step(model, cfg.debug.inject_nan_at_step)  # test-only; null by default
 
     # ------------------------------------------------------------------ gate
-    gate = instantiate(cfg.gate, num_samples=len(data.train), num_classes=data.num_classes,
-                       seed=cfg.seed + dist.rank, total_epochs=train_cfg.epochs, device=device)
+    gate = instantiate(cfg.gate, num_samples=train_loader.num_samples, num_classes=task.num_outputs(data),
+                       model_kwargs=task.model_kwargs(data), seed=cfg.seed + dist.rank,
+                       total_epochs=train_cfg.epochs, device=device)
     packer = SelectionPacker(train_cfg.batch_size, enabled=gate.pack)  # gate.pack: full training batches
     dist.attach(gate, packer)  # torchrun: global activation rate; ranks step together
     log.info("gate: %s, target rate %s%s", choices.gate, gate.target_rate, ", packed" if gate.pack else "")
@@ -117,7 +112,7 @@ def main(cfg: DictConfig) -> float:
     history, step = start.history, start.step
     with RunLog(run_dir, cfg, enabled=dist.is_main, wandb_run_id=start.wandb_run_id,
                 resume_records=history if resuming else None) as run_log:
-        log.info(TABLE_HEADER)
+        log.info(table_header(task.column))
         for epoch in range(start.epoch + 1, train_cfg.epochs + 1):
             model.train()
             gate.start_epoch(epoch)
@@ -132,29 +127,30 @@ def main(cfg: DictConfig) -> float:
                 if not (len(batch) or dist.active):  # torchrun: every rank joins every all-reduce
                     return
                 with timer.phase("train_step"):
-                    trained = train_on_subset(model, optimizer, batch.images, batch.labels, precision,
+                    trained = train_on_subset(model, optimizer, batch.inputs, batch.targets, precision,
                                               weights=batch.weight, epoch=epoch, step=step + 1,
                                               indexer_losses=indexer_losses, ranks=dist, scaler=scaler,
-                                              label_smoothing=train_cfg.label_smoothing)
+                                              label_smoothing=train_cfg.label_smoothing,
+                                              grad_clip=train_cfg.grad_clip)
                     gate.observe(batch.idx, trained)
                 with timer.phase("scoring"):
-                    scorer.learn(batch.images, batch.labels, precision)
+                    scorer.learn(batch.inputs, batch.targets, precision)
                 tally.add_step(trained.loss, scoring_flops=len(batch) * scorer.learn_flops)
 
             batches = tqdm(timer.timed(train_loader, "data"), total=len(train_loader),
                            desc=f"epoch {epoch}/{train_cfg.epochs}", leave=False,
                            disable=None if cfg.progress else True)
             with timer.phase("epoch"), energy_meter.measure():  # training only: eval is timed apart
-                for images, labels, idx in batches:
+                for inputs, targets, idx in batches:
                     # 1. score: one forward over the whole batch, no autograd (only if the gate asks)
                     with timer.phase("scoring"):
-                        scores = scorer.score(images, labels, precision) if gate.needs_scores else None
+                        scores = scorer.score(inputs, targets, precision) if gate.needs_scores else None
                     scored = len(idx) if scores is not None else 0
                     tally.add_batch(len(idx), scored, scored * scorer.forward_flops)
                     # 2. select: the gate picks the batch positions to train on
                     with timer.phase("select"):
                         selection = gate.select(idx, scores)
-                        packer.add(images, labels, idx, selection)
+                        packer.add(inputs, targets, idx, selection)
                     # 3. train: forward and backward on the selected samples only (packed: once a
                     #    full batch of them waits), then the proxy scorer, if any, learns from them
                     for batch in packer.ready():
@@ -173,19 +169,18 @@ def main(cfg: DictConfig) -> float:
             dist.merge_epoch(tally, gate, memory_at_start)  # torchrun: global counts, one sample memory
 
             # -------------------------------------------------------------- evaluation
-            val_loss = val_acc = None
+            validation = dict.fromkeys(task.metrics(0.0, 0.0))  # null in epochs without evaluation
             if epoch % train_cfg.eval_every_epochs == 0 or epoch == train_cfg.epochs:
                 with timer.phase("eval"):  # torchrun: each rank a slice of the validation set, sums reduced
-                    val_loss, val_acc = dist.evaluate(evaluation_sums(model, val_loader, precision,
-                                                                      flip_tta=train_cfg.eval_flip_tta))
+                    validation = task.metrics(*dist.evaluate(evaluation_sums(model, val_loader, precision,
+                                                                             flip_tta=task.flip_tta(cfg))))
 
             # -------------------------------------------------------------- logging
             epoch_time = timer.seconds["epoch"]
             record = {
                 "epoch": epoch,
                 "train_loss": tally.loss_sum / max(tally.trained, 1),
-                "val_loss": val_loss,
-                "val_acc": val_acc,
+                **validation,  # val_loss, val_acc (char_lm: next-character accuracy), val_bpc
                 "activation_rate": tally.trained / tally.seen,
                 "threshold": gate.threshold,
                 "epoch_time_s": epoch_time,
@@ -209,22 +204,28 @@ def main(cfg: DictConfig) -> float:
             if checkpoints.due(epoch, train_cfg.epochs):  # before the metrics line (docs/distributed.md: Checkpoints)
                 checkpoints.save(epoch, step, history, run_log.wandb_run_id)
             run_log.log_epoch(record, step=step)
-            log.info(table_row(record, train_cfg.epochs))
+            log.info(table_row(record, train_cfg.epochs, task.metric))
         energy_meter.close()
 
         summary = summarise(history, gate.target_rate, flop_meter)
-        summary.update(gate=choices.gate, model=choices.model, attention=choices.attention,
+        summary.update(**task.summary(), **{k: history[-1][k] for k in validation},
+                       gate=choices.gate, model=choices.model, attention=choices.attention,
                        dataset=choices.dataset, data_source=data.source, seed=cfg.seed,
                        scoring=cfg.gate.get("scoring"), selection=cfg.gate.get("selection"),
                        precision=precision, energy_kwh=energy_meter.kwh, energy_source=energy_meter.source,
                        params=count_parameters(model), **environment_facts(device))
         run_log.write_summary(summary)
     dist.close()
-    log.info("final val_acc %.2f%%, activation rate %.4f (target %s), compute savings %.1f%%, "
-             "sample savings %.1f%%, training time %.1fs", summary["val_acc"], summary["activation_rate"],
+    log.info("final %s %s, activation rate %.4f (target %s), compute savings %.1f%%, "
+             "sample savings %.1f%%, training time %.1fs", task.metric, metric_text(summary, task.metric),
+             summary["activation_rate"],
              summary["target_rate"], 100 * summary["compute_savings"], 100 * summary["sample_savings"],
              summary["train_time_s"])
-    return summary["val_acc"]
+    return summary[task.metric]
+
+
+def metric_text(summary: dict, metric: str) -> str:
+    return f"{summary[metric]:.2f}%" if metric == "val_acc" else f"{summary[metric]:.4f}"
 
 
 def summarise(history: list[dict], target_rate: float, flop_meter: FlopMeter) -> dict:

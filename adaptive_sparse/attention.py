@@ -1,7 +1,9 @@
 """Attention modules that replace the `attn` of timm's ViT blocks.
 
 Each takes (dim, num_heads, qkv_bias) and is called as timm's Block calls its attention:
-`attn(x, attn_mask=None, is_causal=False)` with x of shape [B, N, C].
+`attn(x, attn_mask=None, is_causal=False)` with x of shape [B, N, C]. The GPT
+(adaptive_sparse/gpt.py) calls them with `is_causal=True`: token t may attend to keys s <= t only,
+and sparse attention then never selects, scores or attends to a future key.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ class DenseAttention(nn.Module):
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=qkv_bias)  # the ViT passes True (timm's layout), the GPT its `bias`
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, n, _ = x.shape
@@ -100,21 +102,33 @@ def gather_rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return F.embedding(idx + offsets, rows.reshape(b * s, f))
 
 
-def forced_keys(query_pos: torch.Tensor, num_keys: int, global_keys: int, local_radius: int) -> torch.Tensor:
-    """[T, S] True where key s is always kept for query t: s < global_keys or |s - t| <= local_radius."""
+def forced_keys(query_pos: torch.Tensor, num_keys: int, global_keys: int, local_radius: int,
+                causal: bool = False) -> torch.Tensor:
+    """[T, S] True where key s is always kept for query t: s < global_keys or |s - t| <= local_radius.
+    Causal: the window is one-sided (0 <= t - s <= local_radius) and no future key is forced."""
     key_pos = torch.arange(num_keys, device=query_pos.device)  # [S]
-    local = (key_pos.view(1, -1) - query_pos.view(-1, 1)).abs() <= local_radius  # [T, S]
-    return local | (key_pos < global_keys).view(1, -1)
+    offset = query_pos.view(-1, 1) - key_pos.view(1, -1)  # [T, S]: t - s
+    local = (offset >= 0) & (offset <= local_radius) if causal else offset.abs() <= local_radius
+    forced = local | (key_pos < global_keys).view(1, -1)
+    return forced & (offset >= 0) if causal else forced
+
+
+def future_keys(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """True where a key lies after its query: key_pos > query_pos, broadcast (e.g. [T, 1] and [T, K])."""
+    return key_pos > query_pos
 
 
 @torch.no_grad()
 def select_keys(features: IndexerFeatures, top_k: int, global_keys: int, local_radius: int,
-                query_chunk: int) -> torch.Tensor:
+                query_chunk: int, causal: bool = False) -> torch.Tensor:
     """Each query's top_k keys [B, T, K] by indexer score, forced keys first.
 
     Forced keys (global tokens, local window) score +inf so they always make the cut and take
     their share of the budget; the indexer's best keys fill the rest. The n x n scores are made
     one chunk of queries at a time, so at most [B, query_chunk, S] of them exist at once.
+
+    Causal: future keys score -inf, so they are picked only by a query with fewer than top_k
+    keys in its past, as padding; the attention kernels mask every pick with s > t.
     """
     b, t = features.query.shape[:2]
     s = features.key.shape[1]
@@ -126,7 +140,10 @@ def select_keys(features: IndexerFeatures, top_k: int, global_keys: int, local_r
         scores = index_scores(features.query[:, start:stop], features.weight[:, start:stop],
                               features.key)  # [B, c, S]
         query_pos = torch.arange(start, stop, device=scores.device)
-        scores = scores.masked_fill(forced_keys(query_pos, s, global_keys, local_radius), float("inf"))
+        if causal:
+            key_pos = torch.arange(s, device=scores.device)
+            scores = scores.masked_fill(future_keys(query_pos.view(-1, 1), key_pos.view(1, -1)), float("-inf"))
+        scores = scores.masked_fill(forced_keys(query_pos, s, global_keys, local_radius, causal), float("inf"))
         picks.append(scores.topk(top_k, dim=-1, sorted=False).indices)  # [B, c, K]
     return torch.cat(picks, dim=1)  # [B, T, K]
 
@@ -144,24 +161,34 @@ def gather_per_head(t: torch.Tensor, idx: torch.Tensor, rows_per_item: int) -> t
     return gather_rows(t.reshape(b * h, n // rows_per_item, rows_per_item * d), idx)
 
 
+def selected_future(idx: torch.Tensor) -> torch.Tensor:
+    """[B, N, K] True where query t's selected key idx[b, t, j] lies after t (causal padding)."""
+    query_pos = torch.arange(idx.shape[1], device=idx.device).view(1, -1, 1)
+    return future_keys(query_pos, idx)
+
+
 def attend_to_selected_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                            idx: torch.Tensor, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Token granularity: query t attends to keys idx[b, t] only, the same keys for every head.
 
     q, k, v: [B, H, N, D]; idx: [B, N, K]. Returns the output [B, H, N, D] and the attention
-    weights [B, H, N, K] over the selected keys. Costs O(N * K * H * D): the selected keys and
-    values are gathered, and no N x N score matrix is ever formed.
+    weights [B, H, N, K] over the selected keys (0 on future keys when causal). Costs
+    O(N * K * H * D): the selected keys and values are gathered, and no N x N score matrix is
+    ever formed.
     """
     b, h, n, d = q.shape
     k_sel, v_sel = gather_per_head(k, idx, 1), gather_per_head(v, idx, 1)  # [B*H, N, K, D] each
     scores = torch.matmul(q.reshape(b * h, n, 1, d), k_sel.transpose(-1, -2)) * d ** -0.5  # [B*H, N, 1, K]
+    if causal:  # every query keeps at least itself (the local window), so no row is all -inf
+        future = selected_future(idx).unsqueeze(1).expand(b, h, n, idx.shape[-1]).reshape(b * h, n, 1, -1)
+        scores = scores.masked_fill(future, float("-inf"))
     weights = scores.softmax(dim=-1)
     out = torch.matmul(weights, v_sel)  # [B*H, N, 1, D]
     return out.view(b, h, n, d), weights.view(b, h, n, -1)
 
 
 def attend_with_key_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         idx: torch.Tensor, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The same function as `attend_to_selected_keys`, computed densely: all N x N scores, the
     unselected keys masked to -inf before the softmax.
 
@@ -171,6 +198,8 @@ def attend_with_key_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     b, h, n, d = q.shape
     keep = torch.zeros(b, n, k.shape[2], dtype=torch.bool, device=q.device).scatter_(-1, idx, True)  # [B, N, S]
+    if causal:
+        keep &= torch.ones(n, k.shape[2], dtype=torch.bool, device=q.device).tril()
     scores = torch.matmul(q, k.transpose(-1, -2)) * d ** -0.5  # [B, H, N, S]
     weights = scores.masked_fill(~keep.unsqueeze(1), float("-inf")).softmax(dim=-1)
     out = torch.matmul(weights, v)  # [B, H, N, D]
@@ -184,13 +213,15 @@ def pad_to_blocks(t: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def attend_to_selected_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
-                              block_size: int) -> torch.Tensor:
+                              block_size: int, causal: bool = False) -> torch.Tensor:
     """Block granularity: the queries of a block share its selected key blocks.
 
     q, k, v: [B, H, N, D]; block_idx: [B, NB, KB], the key blocks of each of the NB query blocks.
     Keys and values move as contiguous blocks (one gathered row per block and head), and each
     query block runs the fused `scaled_dot_product_attention` over its KB*bs keys:
     O(N * KB*bs * H * D). N is zero-padded to NB*bs and padded keys are masked out.
+    Causal: each query sees the keys of its selected blocks at or before its own position
+    (past blocks whole, its own block up to itself; a future block picked as padding not at all).
     Returns the output [B, H, N, D].
     """
     b, h, n, d = q.shape
@@ -199,12 +230,22 @@ def attend_to_selected_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_sel, v_sel = (gather_per_head(t, block_idx, block_size).view(b * h * nb, 1, kb * block_size, d)
                     for t in (k, v))  # [B*H*NB, 1, KB*bs, D]
     q_blocks = q.reshape(b * h * nb, 1, block_size, d)  # [B*H*NB, 1, bs, D]
-    keep = None
-    if n % block_size:  # only the last block is short; mask the padding wherever it was selected
-        keep = block_key_positions(block_idx, block_size) < n  # [B, NB, KB*bs]
-        keep = keep.unsqueeze(1).expand(b, h, nb, kb * block_size).reshape(b * h * nb, 1, 1, -1)
+    keep = block_keep_mask(block_idx, block_size, n, causal)  # [B, NB, bs or 1, KB*bs] or None
+    if keep is not None:
+        keep = keep.unsqueeze(1).expand(b, h, *keep.shape[1:]).reshape(b * h * nb, 1, keep.shape[2], -1)
     out = F.scaled_dot_product_attention(q_blocks, k_sel, v_sel, attn_mask=keep)  # [B*H*NB, 1, bs, D]
     return out.view(b, h, nb * block_size, d)[:, :, :n]
+
+
+def block_keep_mask(block_idx: torch.Tensor, block_size: int, n: int, causal: bool) -> torch.Tensor | None:
+    """Which selected keys each query of a block may see: [B, NB, bs, KB*bs] when causal (key
+    position <= query position, padding excluded), [B, NB, 1, KB*bs] for padding alone, None
+    when nothing needs masking."""
+    key_pos = block_key_positions(block_idx, block_size).unsqueeze(2)  # [B, NB, 1, KB*bs]
+    if causal:
+        query_pos = torch.arange(block_idx.shape[1] * block_size, device=block_idx.device)
+        return ~future_keys(query_pos.view(1, -1, block_size, 1), key_pos) & (key_pos < n)
+    return key_pos < n if n % block_size else None  # only the last block is short
 
 
 def block_key_positions(block_idx: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -214,7 +255,8 @@ def block_key_positions(block_idx: torch.Tensor, block_size: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def selected_block_mass(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, block_size: int) -> torch.Tensor:
+def selected_block_mass(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, block_size: int,
+                        causal: bool = False) -> torch.Tensor:
     """The indexer's target in block granularity: the main attention's mass on each selected key
     block, averaged over heads and over the query block's real queries. [B, NB, KB], rows sum to 1.
 
@@ -225,8 +267,9 @@ def selected_block_mass(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tenso
     q, k = pad_to_blocks(q, block_size), pad_to_blocks(k, block_size)
     k_sel = gather_per_head(k, block_idx, block_size).view(b * h, nb, kb * block_size, d)
     scores = torch.matmul(q.reshape(b * h, nb, block_size, d), k_sel.transpose(-1, -2)) * d ** -0.5
-    padded = (block_key_positions(block_idx, block_size) >= n).unsqueeze(1).unsqueeze(-2)  # [B, 1, NB, 1, KB*bs]
-    weights = scores.view(b, h, nb, block_size, -1).masked_fill(padded, float("-inf")).softmax(-1)
+    hidden = ~block_keep_mask(block_idx, block_size, n, causal=True) if causal else \
+        (block_key_positions(block_idx, block_size) >= n).unsqueeze(2)  # [B, NB, bs or 1, KB*bs]
+    weights = scores.view(b, h, nb, block_size, -1).masked_fill(hidden.unsqueeze(1), float("-inf")).softmax(-1)
     mass = weights.view(b, h, nb, block_size, kb, block_size).sum(-1).mean(1)  # [B, NB, bs, KB]
     real = (torch.arange(nb * block_size, device=q.device) < n).view(1, nb, block_size, 1).to(mass.dtype)
     return (mass * real).sum(2) / real.sum(2)
@@ -242,9 +285,11 @@ def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def indexer_kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over queries of KL(target || softmax(logits)); target rows [..., K] sum to 1."""
+    """Mean over queries of KL(target || softmax(logits)); target rows [..., K] sum to 1.
+    Logits of -inf (causal: future keys) must have target 0 there; they add nothing."""
     log_q = logits.float().log_softmax(dim=-1)
-    return (torch.xlogy(target, target) - target * log_q).sum(-1).mean()
+    cross = torch.where(target > 0, target * log_q, torch.zeros_like(log_q))  # 0 * -inf counts 0
+    return (torch.xlogy(target, target) - cross).sum(-1).mean()
 
 
 class SparseAttention(DenseAttention):
@@ -269,6 +314,12 @@ class SparseAttention(DenseAttention):
     indexer's. The indexer sees x.detach(), so the main loss never reaches it and this loss
     reaches nothing else. `dense_warmup` (set by `set_attention_epoch`) swaps in dense attention
     and fits the indexer to the full distribution.
+
+    Called with `is_causal=True` (the GPT), nothing in the future is selected, attended or used
+    as a target: future keys score -inf, the local window is one-sided, the warm-up target is
+    the causal attention distribution, and in block granularity a query block's indexer query
+    is made from the block's first token (a mean over the block would let its earlier queries'
+    selection depend on later tokens).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, *, top_k: int = 32,
@@ -291,60 +342,79 @@ class SparseAttention(DenseAttention):
         self.indexer_loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ selection
-    def indexer_features(self, x: torch.Tensor) -> IndexerFeatures:
-        """Indexer features of tokens (token granularity) or of block means (block granularity)."""
+    def indexer_features(self, x: torch.Tensor, causal: bool = False) -> IndexerFeatures:
+        """Indexer features of tokens (token granularity) or of blocks (block granularity: keys
+        from block means; queries from block means, or causally from each block's first token)."""
         x = x.detach()  # DSA: the main loss must not train the indexer
-        return self.indexer(pool_blocks(x, self.block_size) if self.granularity == "block" else x)
-
-    def select(self, x: torch.Tensor, features: IndexerFeatures | None = None) -> torch.Tensor:
-        """Selected keys [B, N, K] (token) or key blocks [B, NB, KB] (block) for input x [B, N, C]."""
-        features = self.indexer_features(x) if features is None else features
         if self.granularity == "token":
-            return select_keys(features, self.top_k, self.global_tokens, self.local_window, self.query_chunk)
+            return self.indexer(x)
+        keys = self.indexer(pool_blocks(x, self.block_size))
+        if not causal:
+            return keys
+        queries = self.indexer(x[:, ::self.block_size])  # [B, NB, C]: each block's first token
+        return IndexerFeatures(queries.query, queries.weight, keys.key)
+
+    def select(self, x: torch.Tensor, features: IndexerFeatures | None = None, causal: bool = False) -> torch.Tensor:
+        """Selected keys [B, N, K] (token) or key blocks [B, NB, KB] (block) for input x [B, N, C]."""
+        features = self.indexer_features(x, causal) if features is None else features
+        if self.granularity == "token":
+            return select_keys(features, self.top_k, self.global_tokens, self.local_window, self.query_chunk,
+                               causal)
         # in blocks: the blocks holding the global tokens, the query's own block and the
-        # local_window // block_size whole blocks on either side of it
+        # local_window // block_size whole blocks on either side of it (causal: before it)
         bs = self.block_size
         return select_keys(features, -(-self.top_k // bs), -(-self.global_tokens // bs),
-                           self.local_window // bs, self.query_chunk)
+                           self.local_window // bs, self.query_chunk, causal)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("SparseAttention takes no attn_mask or is_causal (ViT encoders pass none)")
+        if attn_mask is not None:
+            raise NotImplementedError("SparseAttention takes no attn_mask (is_causal=True for a decoder)")
         q, k, v = self.split_heads(x)  # 3 x [B, H, N, D]
-        features = self.indexer_features(x)
+        features = self.indexer_features(x, is_causal)
         train_indexer = self.training and torch.is_grad_enabled() and self.indexer_loss_weight > 0
         if self.dense_warmup:
-            out, target, logits = self._dense_warmup(q, k, v, features, train_indexer)
+            out, target, logits = self._dense_warmup(q, k, v, features, train_indexer, is_causal)
         elif self.granularity == "token":
-            idx = self.select(x, features)  # [B, N, K]
-            out, weights = self.attend_to_keys(q, k, v, idx)
+            idx = self.select(x, features, is_causal)  # [B, N, K]
+            out, weights = self.attend_to_keys(q, k, v, idx, is_causal)
             if train_indexer:  # target: head-averaged weights (DSA sums over heads, then normalises)
                 target, logits = weights.detach().mean(1), index_scores_at(features, idx)  # [B, N, K] each
+                if is_causal:
+                    logits = logits.masked_fill(selected_future(idx), float("-inf"))
         else:
-            idx = self.select(x, features)  # [B, NB, KB]
-            out = attend_to_selected_blocks(q, k, v, idx, self.block_size)
+            idx = self.select(x, features, is_causal)  # [B, NB, KB]
+            out = attend_to_selected_blocks(q, k, v, idx, self.block_size, is_causal)
             if train_indexer:
-                target = selected_block_mass(q, k, idx, self.block_size)  # [B, NB, KB]
+                target = selected_block_mass(q, k, idx, self.block_size, is_causal)  # [B, NB, KB]
                 logits = index_scores_at(features, idx)
+                if is_causal:
+                    logits = logits.masked_fill(selected_future(idx), float("-inf"))
         self.indexer_loss = indexer_kl(target, logits) if train_indexer else None
         return self.merge_heads(out)
 
     def _dense_warmup(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: IndexerFeatures,
-                      train_indexer: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """DSA's warm-up: dense attention, and the indexer fitted to the full distribution (O(N^2))."""
-        out = F.scaled_dot_product_attention(q, k, v)
+                      train_indexer: bool, causal: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """DSA's warm-up: dense attention, and the indexer fitted to the full (causal) distribution (O(N^2))."""
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         if not train_indexer:
             return out, None, None
         n = q.shape[2]
+        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)  # [N, N]: s > t
         with torch.no_grad():
-            target = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1).mean(1)  # [B, N, N]
+            scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # [B, H, N, N]
+            target = (scores.masked_fill(future, float("-inf")) if causal else scores).softmax(-1).mean(1)
             if self.granularity == "block":
                 bs, nb = self.block_size, -(-n // self.block_size)
                 target = pool_blocks(target, bs)  # [B, NB, N]: mean over each block's queries
                 target = F.pad(target, (0, nb * bs - n)).view(*target.shape[:2], nb, bs).sum(-1)  # [B, NB, NB]
         logits = index_scores(features.query, features.weight, features.key)  # [B, N or NB, N or NB]
+        if causal:  # future tokens, or future blocks (j > i): never a target, never a logit
+            size = logits.shape[1]
+            logits = logits.masked_fill(torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1),
+                                        float("-inf"))
         return out, target, logits
 
 

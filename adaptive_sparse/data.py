@@ -197,20 +197,83 @@ def make_synthetic(cfg: DictConfig) -> ImageData:
                      tuple(f"class{i}" for i in range(num_classes)), f"synthetic:seed{cfg.data_seed}")
 
 
-DATASETS: dict[str, Callable[[DictConfig], ImageData]] = {
+def load_shakespeare_char(cfg: DictConfig):
+    """tiny-shakespeare at the character level (adaptive_sparse/text.py): a TextData."""
+    from adaptive_sparse.text import load_shakespeare_char as load  # text.py builds on this module
+
+    return load(cfg)
+
+
+DATASETS: dict[str, Callable[[DictConfig], object]] = {
     "cifar10": load_cifar10,
     "synthetic": make_synthetic,
+    "shakespeare_char": load_shakespeare_char,
 }
 
 
-def load_dataset(cfg: DictConfig) -> ImageData:
+def load_dataset(cfg: DictConfig):
     """Build the dataset named by `dataset.name` from its registry entry."""
     return DATASETS[cfg.name](cfg)
 
 
 # --------------------------------------------------------------------------- batching
 
-class BatchLoader:
+class IndexedBatches:
+    """Serves (inputs, targets, dataset indices) batches of a dataset of `num_samples` samples
+    held on the device; subclasses say what a sample is (`fetch`).
+
+    Each epoch (one pass of `iter`) draws one permutation of `indices` (all samples unless
+    given) when shuffling, slices it for a torchrun rank when `shard` is given, and stops after
+    `limit_batches` batches if set. The generator is the only state, so a checkpoint of it
+    resumes the order exactly.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, device: torch.device, *, shuffle: bool,
+                 limit_batches: int | None = None, seed: int = 0, indices: torch.Tensor | None = None,
+                 shard: tuple[int, int] | None = None):
+        self.num_samples = int(num_samples)
+        self.indices = indices if indices is not None else torch.arange(self.num_samples)
+        self.batch_size, self.device, self.shuffle = batch_size, device, shuffle
+        self.limit_batches = limit_batches
+        # (rank, world size): every rank draws the same permutation (same seed) and serves its
+        # own slice; the last len % world samples of each permutation are dropped so every
+        # rank runs the same number of equal batches and the collectives line up
+        self.shard = shard
+        self.generator = torch.Generator().manual_seed(seed)  # CPU generator: same stream on any device
+
+    def _samples_served(self) -> int:
+        return len(self.indices) if self.shard is None else len(self.indices) // self.shard[1]
+
+    def __len__(self) -> int:
+        full = -(-self._samples_served() // self.batch_size)
+        return full if self.limit_batches is None else min(full, self.limit_batches)
+
+    def start_epoch(self) -> None:
+        """Draws made once per epoch before its order (none here; text windows draw a phase)."""
+
+    def fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self.start_epoch()
+        order = self.indices
+        if self.shuffle:
+            order = order[torch.randperm(len(order), generator=self.generator)]
+        if self.shard is not None:
+            rank, per_rank = self.shard[0], self._samples_served()
+            order = order[rank * per_rank:(rank + 1) * per_rank]
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device)  # [B]
+            yield *self.fetch(idx), idx
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class BatchLoader(IndexedBatches):
     """Serves (images, labels, dataset indices) from tensors already on the device.
 
     Images go to float and are normalised one batch at a time; augmentation (random crop
@@ -222,42 +285,21 @@ class BatchLoader:
                  seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
                  indices: torch.Tensor | None = None, shard: tuple[int, int] | None = None,
                  channels_last: bool = False):
+        super().__init__(len(split), batch_size, device, shuffle=shuffle, limit_batches=limit_batches,
+                         seed=seed, indices=indices, shard=shard)
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
-        self.indices = indices if indices is not None else torch.arange(len(split))
-        self.batch_size, self.device = batch_size, device
-        self.shuffle, self.augment, self.crop_padding = shuffle, augment, crop_padding
-        self.limit_batches = limit_batches
-        # (rank, world size): every rank draws the same permutation (same seed) and serves its
-        # own slice; the last len % world samples of each permutation are dropped so every
-        # rank runs the same number of equal batches and the collectives line up
-        self.shard = shard
+        self.augment, self.crop_padding = augment, crop_padding
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.generator = torch.Generator().manual_seed(seed)  # CPU generator: same stream on any device
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
-    def _samples_served(self) -> int:
-        return len(self.indices) if self.shard is None else len(self.indices) // self.shard[1]
-
-    def __len__(self) -> int:
-        full = -(-self._samples_served() // self.batch_size)
-        return full if self.limit_batches is None else min(full, self.limit_batches)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        order = self.indices
-        if self.shuffle:
-            order = order[torch.randperm(len(order), generator=self.generator)]
-        if self.shard is not None:
-            rank, per_rank = self.shard[0], self._samples_served()
-            order = order[rank * per_rank:(rank + 1) * per_rank]
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device)  # [B]
-            images = self.images[idx]  # [B, 3, H, W] uint8
-            if self.augment:
-                images = self._augment(images)
-            x = ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-            yield x, self.labels[idx], idx
+    def fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.images[idx]  # [B, 3, H, W] uint8
+        if self.augment:
+            images = self._augment(images)
+        x = ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        return x, self.labels[idx]
 
     def _augment(self, images: torch.Tensor) -> torch.Tensor:
         n, _, h, w = images.shape
@@ -272,9 +314,3 @@ class BatchLoader:
             images = images.permute(0, 3, 1, 2)
         flip = draw(2).bool()
         return torch.where(flip[:, None, None, None], images.flip(3), images)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])

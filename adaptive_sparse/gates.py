@@ -43,6 +43,9 @@ class Gate:
     `pack` (config `gate.pack`) is read by the training loop: selected samples accumulate into
     full training batches (adaptive_sparse/packing.py). `device` is where per-sample state
     lives, from construction on. `scorer` is None when scores come from the trained model.
+    `num_classes` is the number of outputs a sample's loss is over (classes, or a language
+    model's vocabulary); `model_kwargs` (the task's arguments for a model, e.g. vocab_size)
+    build a proxy scorer and are ignored by gates without one.
     """
 
     needs_scores = False
@@ -50,7 +53,7 @@ class Gate:
 
     def __init__(self, target_rate: float = 1.0, num_samples: int = 0, num_classes: int = 10,
                  seed: int = 0, total_epochs: int = 1, pack: bool = False,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", model_kwargs: dict | None = None):
         if not 0.0 < target_rate <= 1.0:
             raise ValueError(f"gate.target_rate must be in (0, 1], got {target_rate}")
         self.target_rate = float(target_rate)
@@ -92,7 +95,8 @@ class NoGate(Gate):
     gate.target_rate=0.25`) and keep the full-training baseline."""
 
     def __init__(self, target_rate: float = 1.0, num_samples: int = 0, num_classes: int = 10,
-                 seed: int = 0, total_epochs: int = 1, pack: bool = False, device: torch.device | str = "cpu"):
+                 seed: int = 0, total_epochs: int = 1, pack: bool = False, device: torch.device | str = "cpu",
+                 model_kwargs: dict | None = None):
         super().__init__(1.0, num_samples, num_classes, seed, total_epochs, pack, device)
 
 
@@ -146,7 +150,8 @@ class SundewGate(Gate):
                  refresh_every_epochs: int = 0, anneal_epochs: int = 0, temperature: float = 1.0,
                  min_selected: int = 1, norm_momentum: float = 0.05, seed: int = 0,
                  total_epochs: int = 1, proxy: Callable[..., torch.nn.Module] | None = None,
-                 proxy_lr: float = 1e-3, pack: bool = False, device: torch.device | str = "cpu"):
+                 proxy_lr: float = 1e-3, pack: bool = False, device: torch.device | str = "cpu",
+                 model_kwargs: dict | None = None):
         super().__init__(target_rate, num_samples, num_classes, seed, total_epochs, pack, device)
         for key, value, allowed in (("scoring", scoring, ("forward", "memory", "proxy")),
                                     ("selection", selection, ("percentile", "threshold", "top"))):
@@ -159,7 +164,8 @@ class SundewGate(Gate):
         self.annealing = False
         self.memory = SampleMemory(num_samples, self.device)
         self.source = self._make_source(scoring, SignificanceModel(weights or {"loss": 1.0}, num_classes),
-                                        refresh_every_epochs, proxy, proxy_lr, num_classes)
+                                        refresh_every_epochs, proxy, proxy_lr,
+                                        model_kwargs if model_kwargs is not None else {"num_classes": num_classes})
         self.scorer = self.source.scorer
         rate = pruning_epoch_rate(self.target_rate, self.total_epochs, self.anneal_epochs)
         gains = {k: v for k, v in (controller or {}).items() if v is not None}
@@ -176,12 +182,12 @@ class SundewGate(Gate):
             self.rule = PriorityRule(rate, exploration, min_selected, gains.get("ema", 0.1))
 
     def _make_source(self, scoring: str, model: SignificanceModel, refresh_every_epochs: int,
-                     proxy: Callable[..., torch.nn.Module] | None, proxy_lr: float, num_classes: int):
+                     proxy: Callable[..., torch.nn.Module] | None, proxy_lr: float, model_kwargs: dict):
         if scoring == "memory":
             return MemoryScoring(model, self.memory, refresh_every_epochs)
         if scoring == "proxy" and proxy is None:
             raise ValueError("gate.scoring=proxy needs gate.proxy: a model config with _partial_: true")
-        scorer = (ProxyScorer(proxy(num_classes=num_classes), num_classes, lr=proxy_lr, device=self.device)
+        scorer = (ProxyScorer(proxy(**model_kwargs), lr=proxy_lr, device=self.device)
                   if scoring == "proxy" else None)
         return FreshScoring(model, self.memory, scorer)
 
@@ -246,7 +252,8 @@ class InfoBatchGate(Gate):
 
     def __init__(self, prune_ratio: float = 0.5, anneal_after: float = 0.875, num_samples: int = 0,
                  num_classes: int = 10, seed: int = 0, total_epochs: int = 1,
-                 target_rate: float | None = None, pack: bool = False, device: torch.device | str = "cpu"):
+                 target_rate: float | None = None, pack: bool = False, device: torch.device | str = "cpu",
+                 model_kwargs: dict | None = None):
         super().__init__(1.0, num_samples, num_classes, seed, total_epochs, pack, device)
         if target_rate is not None:
             raise ValueError("gate=infobatch has no target_rate: set gate.prune_ratio "
@@ -307,7 +314,8 @@ class SelectiveBackpropGate(Gate):
 
     def __init__(self, target_rate: float = 0.5, beta: float | None = None, history_size: int = 4096,
                  num_samples: int = 0, num_classes: int = 10, seed: int = 0, total_epochs: int = 1,
-                 pack: bool = False, device: torch.device | str = "cpu"):
+                 pack: bool = False, device: torch.device | str = "cpu",
+                 model_kwargs: dict | None = None):
         super().__init__(target_rate, num_samples, num_classes, seed, total_epochs, pack, device)
         self.beta = 1.0 / self.target_rate - 1.0 if beta is None else float(beta)
         if self.beta < 0:

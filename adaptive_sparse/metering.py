@@ -5,14 +5,32 @@ import copy
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_sparse.attention import auxiliary_loss
+from adaptive_sparse.significance import BatchScores
+
+# n -> (inputs, targets) of a batch of n samples on the meta device: shapes and dtypes only
+ExampleBatch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def example_like(inputs: torch.Tensor, targets: torch.Tensor) -> ExampleBatch:
+    """Meta-device batches shaped like one sample of (inputs, targets): float images with class
+    labels, token windows with next-token targets, anything a model and the loss take."""
+    def example(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.zeros(n, *inputs.shape[1:], dtype=inputs.dtype, device="meta"),
+                torch.zeros(n, *targets.shape[1:], dtype=torch.long, device="meta"))
+    return example
+
+
+def class_example(sample_shape: tuple[int, ...], num_classes: int = 0) -> ExampleBatch:
+    """Batches of float inputs of `sample_shape` with one class label each (num_classes: unused,
+    any label is a valid shape)."""
+    return example_like(torch.empty(1, *sample_shape), torch.empty(1, dtype=torch.long))
 
 
 class FlopMeter:
@@ -20,18 +38,19 @@ class FlopMeter:
 
     Counted once with `torch.utils.flop_counter.FlopCounterMode` on a copy of the model on
     the meta device (shapes only, no arithmetic, no effect on the real model or timings).
-    Counts are taken at batch sizes 1 and 2 and must scale linearly, which holds for models
-    that treat samples independently; a run's FLOPs are then per-sample counts times the
-    samples scored and trained. The optimiser update is not counted (it is per parameter,
-    not per sample, and the same for every gate).
+    `example` makes the batches (the task's: images and labels, or token windows and their
+    next tokens). Counts are taken at batch sizes 1 and 2 and must scale linearly, which holds
+    for models that treat samples independently; a run's FLOPs are then per-sample counts
+    times the samples scored and trained. The optimiser update is not counted (it is per
+    parameter, not per sample, and the same for every gate).
     """
 
-    def __init__(self, model: nn.Module, sample_shape: tuple[int, ...], num_classes: int):
-        self.sample_shape, self.num_classes = sample_shape, num_classes
+    def __init__(self, model: nn.Module, example: ExampleBatch):
+        self.example = example
         self.state = self.model_state(model)
         meta_model = copy.deepcopy(model).to("meta")
-        self.forward_per_sample = self._per_sample(meta_model, sample_shape, num_classes, backward=False)
-        self.train_per_sample = self._per_sample(meta_model, sample_shape, num_classes, backward=True)
+        self.forward_per_sample = self._per_sample(meta_model, backward=False)
+        self.train_per_sample = self._per_sample(meta_model, backward=True)
 
     @staticmethod
     def model_state(model: nn.Module) -> tuple:
@@ -45,28 +64,26 @@ class FlopMeter:
         warm-up epochs and the sparse epochs after them each cost what they run)."""
         if self.model_state(model) == self.state:
             return self
-        return FlopMeter(model, self.sample_shape, self.num_classes)
+        return FlopMeter(model, self.example)
 
     @staticmethod
-    def count(model: nn.Module, batch: int, sample_shape: tuple[int, ...], num_classes: int,
-              backward: bool) -> int:
-        images = torch.empty(batch, *sample_shape, device="meta")
-        labels = torch.zeros(batch, dtype=torch.long, device="meta")
+    def count(model: nn.Module, batch: int, example: ExampleBatch, backward: bool) -> int:
+        inputs, targets = example(batch)
         model.train(backward)
         with FlopCounterMode(display=False) as counter:
             if backward:  # the training loss, with a sparse attention's indexer loss when there is one
-                loss = F.cross_entropy(model(images), labels)
+                loss = BatchScores.from_logits(model(inputs), targets).loss.mean()
                 aux = auxiliary_loss(model)
                 (loss if aux is None else loss + aux.weighted).backward()
             else:
                 with torch.no_grad():
-                    model(images)
+                    model(inputs)
         model.zero_grad(set_to_none=True)
         return counter.get_total_flops()
 
-    def _per_sample(self, model: nn.Module, sample_shape, num_classes: int, backward: bool) -> int:
-        one = self.count(model, 1, sample_shape, num_classes, backward)
-        two = self.count(model, 2, sample_shape, num_classes, backward)
+    def _per_sample(self, model: nn.Module, backward: bool) -> int:
+        one = self.count(model, 1, self.example, backward)
+        two = self.count(model, 2, self.example, backward)
         if two != 2 * one:
             raise RuntimeError(f"FLOPs are not linear in batch size ({one} for 1, {two} for 2)")
         return one

@@ -1,6 +1,7 @@
 """Optimiser and schedule factories for recipes that need more than `torch.optim.X(params)`."""
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import numpy as np
@@ -41,3 +42,29 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int | No
 
     factory = instantiate(cfg)
     return factory(optimizer) if total_steps is None else factory(optimizer, total_steps=total_steps)
+
+
+def adamw_decay_matrices(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.1,
+                         betas: tuple[float, float] = (0.9, 0.99), fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW whose weight decay applies to matrices only (linear weights, embeddings); biases
+    and LayerNorm gains (one-dimensional) are not decayed: nanoGPT's `configure_optimizers`.
+    Frozen parameters are left out."""
+    trainable = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), fused=fused)
+
+
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100,
+                           min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate times a factor that rises linearly from 1 / (warmup_steps + 1) to 1 over
+    the first `warmup_steps` steps, then follows a cosine from 1 down to `min_ratio` at
+    `total_steps` (nanoGPT's `get_lr`: lr 1e-3 to min_lr 1e-4 is min_ratio 0.1). Stepped once
+    per loader batch (`training.scheduler_interval: batch`), so a gated run follows full
+    training's schedule over the same loader batches."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

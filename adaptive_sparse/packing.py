@@ -28,13 +28,13 @@ from adaptive_sparse.gates import Selection
 @dataclass
 class TrainBatch:
     """The samples of one training step."""
-    images: torch.Tensor               # [k, 3, H, W]
-    labels: torch.Tensor               # [k]
+    inputs: torch.Tensor                # [k, ...]: images [k, 3, H, W] or token windows [k, T]
+    targets: torch.Tensor               # [k] classes or [k, T] next tokens
     idx: torch.Tensor                  # [k] dataset indices
     weight: torch.Tensor | None = None  # [k] loss weights (see `Selection.weight`), or None
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.targets)
 
 
 def local_count(n: int) -> int:
@@ -64,15 +64,15 @@ class SelectionPacker:
     def num_waiting(self) -> int:
         return sum(len(part) for part in self.waiting)
 
-    def add(self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, selection: Selection) -> None:
+    def add(self, inputs: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor, selection: Selection) -> None:
         chosen = selection.index  # [k] positions in the loader batch
-        self.empty = TrainBatch(images[:0], labels[:0], idx[:0])
+        self.empty = TrainBatch(inputs[:0], targets[:0], idx[:0])
         weight = selection.weight
         if self.enabled:  # relative weights, comparable across loader batches of any size
             self.weighted |= weight is not None
-            weight = (torch.ones(len(chosen), device=labels.device) if weight is None
-                      else weight.float() * len(labels))
-        self.waiting.append(TrainBatch(images[chosen], labels[chosen], idx[chosen], weight))
+            weight = (torch.ones(len(chosen), device=targets.device) if weight is None
+                      else weight.float() * len(targets))
+        self.waiting.append(TrainBatch(inputs[chosen], targets[chosen], idx[chosen], weight))
 
     def ready(self) -> Iterator[TrainBatch]:
         """Unpacked: the last loader batch's selection as the gate gave it (possibly empty).
@@ -101,7 +101,7 @@ class SelectionPacker:
             taken += len(part)
         if not parts:
             return self.empty
-        batch = TrainBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in ("images", "labels", "idx", "weight")))
+        batch = TrainBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in ("inputs", "targets", "idx", "weight")))
         batch.weight = batch.weight / batch.weight.sum() if self.weighted else None  # the weighted mean
         if not self.waiting:
             self.weighted = False
@@ -109,5 +109,5 @@ class SelectionPacker:
 
 
 def _rows(batch: TrainBatch, rows: slice) -> TrainBatch:
-    return TrainBatch(batch.images[rows], batch.labels[rows], batch.idx[rows],
+    return TrainBatch(batch.inputs[rows], batch.targets[rows], batch.idx[rows],
                       None if batch.weight is None else batch.weight[rows])

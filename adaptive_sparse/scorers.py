@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaptive_sparse.metering import FlopMeter
+from adaptive_sparse.metering import FlopMeter, example_like
 from adaptive_sparse.significance import BatchScores
 from adaptive_sparse.step import score_batch, train_on_subset
 
@@ -23,10 +23,10 @@ class ModelScorer:
     def __init__(self, model: nn.Module, forward_flops: int):
         self.model, self.forward_flops = model, forward_flops
 
-    def score(self, images: torch.Tensor, labels: torch.Tensor, precision: str) -> BatchScores:
-        return score_batch(self.model, images, labels, precision)
+    def score(self, inputs: torch.Tensor, targets: torch.Tensor, precision: str) -> BatchScores:
+        return score_batch(self.model, inputs, targets, precision)
 
-    def learn(self, images: torch.Tensor, labels: torch.Tensor, precision: str) -> None:
+    def learn(self, inputs: torch.Tensor, targets: torch.Tensor, precision: str) -> None:
         """The model learns in its own training step."""
 
 
@@ -37,9 +37,8 @@ class ProxyScorer:
     gate feeds the model. Its FLOPs per sample are counted, like the model's, with torch's
     flop counter on a meta-device copy, at the first batch (which gives the input shape)."""
 
-    def __init__(self, model: nn.Module, num_classes: int, lr: float = 1e-3,
-                 device: torch.device | str = "cpu"):
-        self.model, self.num_classes = model.to(device), num_classes
+    def __init__(self, model: nn.Module, lr: float = 1e-3, device: torch.device | str = "cpu"):
+        self.model = model.to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.meter: FlopMeter | None = None
 
@@ -51,23 +50,23 @@ class ProxyScorer:
     def learn_flops(self) -> int:
         return self.meter.train_per_sample if self.meter else 0
 
-    def _first_batch(self, images: torch.Tensor) -> None:
+    def _first_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         if self.meter is None:
-            if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last):
+            if inputs.dim() == 4 and inputs.is_contiguous(memory_format=torch.channels_last):
                 self.model.to(memory_format=torch.channels_last)  # as the model's: faster CPU convolutions
-            self.meter = FlopMeter(self.model, tuple(images.shape[1:]), self.num_classes)
+            self.meter = FlopMeter(self.model, example_like(inputs, targets))
 
-    def score(self, images: torch.Tensor, labels: torch.Tensor, precision: str) -> BatchScores:
-        self._first_batch(images)
-        return score_batch(self.model, images, labels, precision)
+    def score(self, inputs: torch.Tensor, targets: torch.Tensor, precision: str) -> BatchScores:
+        self._first_batch(inputs, targets)
+        return score_batch(self.model, inputs, targets, precision)
 
-    def learn(self, images: torch.Tensor, labels: torch.Tensor, precision: str) -> None:
+    def learn(self, inputs: torch.Tensor, targets: torch.Tensor, precision: str) -> None:
         """One step on the mean loss of these samples (this rank's own: proxies are per rank)."""
-        if not len(labels):
+        if not len(targets):
             return
-        self._first_batch(images)
+        self._first_batch(inputs, targets)
         self.model.train()
-        train_on_subset(self.model, self.optimizer, images, labels, precision)
+        train_on_subset(self.model, self.optimizer, inputs, targets, precision)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

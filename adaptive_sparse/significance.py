@@ -4,6 +4,9 @@ Signals (each scaled to roughly [0, 1] so the weights in conf/gate/sundew.yaml c
 - loss (difficulty): cross-entropy / log(C)
 - entropy (uncertainty): prediction entropy / log(C)
 - learning_value: how far the sample's loss moved between its two latest visits, / log(C)
+
+C is the number of classes, or for a language model the vocabulary: a sequence's loss and
+entropy are the means over its tokens (`BatchScores.from_logits`), so log(V) scales them alike.
 - novelty: 1 / sqrt(1 + times the sample was trained)
 
 With forward scoring the loss and entropy are fresh from the scoring pass; with memory
@@ -25,19 +28,23 @@ SIGNALS = ("loss", "entropy", "learning_value", "novelty")
 @dataclass
 class BatchScores:
     """What a forward pass tells about each sample of a batch."""
-    loss: torch.Tensor     # [B] cross-entropy
-    entropy: torch.Tensor  # [B] prediction entropy (nats)
+    loss: torch.Tensor     # [B] cross-entropy (a sequence: the mean over its tokens)
+    entropy: torch.Tensor  # [B] prediction entropy in nats (a sequence: the mean over its tokens)
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> "BatchScores":
-        """Per-sample cross-entropy (against labels smoothed by `label_smoothing`, as the
-        training loss may be) and prediction entropy."""
-        log_probs = F.log_softmax(logits.float(), dim=1)  # [B, C]
-        loss = F.nll_loss(log_probs, labels, reduction="none")
+    def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> "BatchScores":
+        """Per-sample cross-entropy (against targets smoothed by `label_smoothing`, as the
+        training loss may be) and prediction entropy. Logits [B, C] with a class per sample
+        [B], or [B, T, V] with a target per position [B, T]: then each sample's loss and
+        entropy are the means over its T tokens."""
+        b = len(targets)
+        log_probs = F.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)  # [B*T, C]
+        loss = F.nll_loss(log_probs, targets.reshape(-1), reduction="none")
         if label_smoothing:  # (1 - s) * CE(label) + s * mean over classes of CE(class)
-            loss = (1.0 - label_smoothing) * loss - label_smoothing * log_probs.mean(dim=1)
-        entropy = -(log_probs.exp() * log_probs).sum(dim=1)
-        return cls(loss, entropy)
+            loss = (1.0 - label_smoothing) * loss - label_smoothing * log_probs.mean(dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+        per_sample = loss.numel() // b if b else 1  # T tokens (1 for a class)
+        return cls(loss.view(b, per_sample).mean(1), entropy.view(b, per_sample).mean(1))
 
     def detach(self) -> "BatchScores":
         return BatchScores(self.loss.detach(), self.entropy.detach())

@@ -39,26 +39,26 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def score_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+def score_batch(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                 precision: str = "fp32") -> BatchScores:
     """Per-sample loss and entropy from one inference-mode forward (eval mode: no dropout noise)."""
     was_training = model.training
     model.eval()
-    with torch.inference_mode(), autocast_context(images.device, precision):
-        logits = model(images)  # [B, C]
+    with torch.inference_mode(), autocast_context(inputs.device, precision):
+        logits = model(inputs)  # [B, C] or [B, T, V]
     model.train(was_training)
-    return BatchScores.from_logits(logits, labels)
+    return BatchScores.from_logits(logits, targets)
 
 
-def forward_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+def forward_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                    precision: str = "fp32", label_smoothing: float = 0.0) -> BatchScores:
     """The training forward: per-sample loss (with autograd) and entropy, empty for no rows."""
-    if not len(labels):
-        empty = torch.zeros(0, device=images.device)
+    if not len(targets):
+        empty = torch.zeros(0, device=inputs.device)
         return BatchScores(empty, empty)
-    with autocast_context(images.device, precision):
-        logits = model(images)  # [k, C]
-    return BatchScores.from_logits(logits, labels, label_smoothing)
+    with autocast_context(inputs.device, precision):
+        logits = model(inputs)  # [k, C] or [k, T, V]
+    return BatchScores.from_logits(logits, targets, label_smoothing)
 
 
 def add_indexer_loss(loss: torch.Tensor, model: nn.Module, indexer_losses: list[torch.Tensor] | None,
@@ -79,11 +79,11 @@ def weighted_loss(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.T
     return losses.mean() if weights is None else (weights.to(losses.dtype) * losses).sum()
 
 
-def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                    labels: torch.Tensor, precision: str = "fp32", *, weights: torch.Tensor | None = None,
+def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+                    targets: torch.Tensor, precision: str = "fp32", *, weights: torch.Tensor | None = None,
                     epoch: int = 0, step: int = 0, indexer_losses: list[torch.Tensor] | None = None,
                     ranks: Distributed | None = None, scaler: torch.amp.GradScaler | None = None,
-                    label_smoothing: float = 0.0) -> BatchScores:
+                    label_smoothing: float = 0.0, grad_clip: float | None = None) -> BatchScores:
     """One optimiser step on exactly these samples, for one process and for torchrun's ranks
     alike (a single process is world size 1); returns their detached per-sample loss and
     entropy (what memory scoring remembers, at no extra cost), possibly empty on a rank that
@@ -94,23 +94,28 @@ def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
     ranks. With a gate's `weights`, each rank's weighted sum estimates its own batch's mean
     loss, and the objective is their mean over ranks. A non-finite loss on any rank raises
     NonFiniteLossError (naming epoch and step) on every rank before any update. `scaler`
-    (fp16) scales the loss and skips steps whose gradients overflow.
+    (fp16) scales the loss and skips steps whose gradients overflow. `grad_clip` rescales the
+    summed gradient to at most that global norm before the update (nanoGPT's recipe: 1.0).
     """
     ranks = ranks or Distributed()
     optimizer.zero_grad(set_to_none=True)
-    scores = forward_scores(model, images, labels, precision, label_smoothing)
+    scores = forward_scores(model, inputs, targets, precision, label_smoothing)
     finite = bool(torch.isfinite(scores.loss).all())
-    global_count, non_finite_ranks = ranks.all_reduce([len(labels), 0.0 if finite else 1.0])
+    global_count, non_finite_ranks = ranks.all_reduce([len(targets), 0.0 if finite else 1.0])
     if non_finite_ranks:
         raise NonFiniteLossError(epoch, step, scores.loss if not finite else None)
     if not global_count:
         return scores.detach()
-    objective, share, divisor = ((scores.loss.sum(), len(labels), global_count) if weights is None
+    objective, share, divisor = ((scores.loss.sum(), len(targets), global_count) if weights is None
                                  else (weighted_loss(scores.loss, weights), 1.0, ranks.world_size))
-    if len(labels):
+    if len(targets):
         loss = add_indexer_loss(objective, model, indexer_losses, scale=share) / divisor
         (scaler.scale(loss) if scaler is not None else loss).backward()
     ranks.sum_gradients(model)  # torchrun: every rank joins, one that selected nothing with zeros
+    if grad_clip:  # after the all-reduce: every rank clips the same global gradient alike
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -121,22 +126,26 @@ def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, images: 
 
 @torch.inference_mode()
 def evaluation_sums(model: nn.Module, loader, precision: str = "fp32", flip_tta: bool = False) -> tuple[float, int, int]:
-    """(summed cross-entropy, correct predictions, samples) over what the loader yields; sums
-    rather than means so that ranks' shares of the validation set add up exactly. With
-    `flip_tta` the logits are the mean of the image's and its mirror image's."""
+    """(summed cross-entropy, correct predictions, predictions) over what the loader yields:
+    one per image (logits [B, C]), or one per scored position of a window (logits [B, T, V];
+    targets of -100 are not scored). Sums rather than means so that ranks' shares of the
+    validation set add up exactly. With `flip_tta` the logits are the mean of the image's and
+    its mirror image's."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.long)
     count = 0
-    for images, labels, _ in loader:
-        with autocast_context(images.device, precision):
-            logits = model(images).float()  # [B, C]
+    for inputs, targets, _ in loader:
+        with autocast_context(inputs.device, precision):
+            logits = model(inputs).float()  # [B, C] or [B, T, V]
             if flip_tta:
-                logits = (logits + model(images.flip(3)).float()) / 2
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double().cpu()
-        correct += (logits.argmax(1) == labels).sum().cpu()
-        count += len(labels)
+                logits = (logits + model(inputs.flip(3)).float()) / 2
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        scored = targets != -100
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").double().cpu()  # -100: ignored
+        correct += ((logits.argmax(1) == targets) & scored).sum().cpu()
+        count += int(scored.sum())
     model.train(was_training)
     return loss_sum.item(), int(correct.item()), count
 

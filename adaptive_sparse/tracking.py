@@ -30,6 +30,7 @@ WANDB_KEYS = {
     "train_loss": "train/loss",
     "val_loss": "val/loss",
     "val_acc": "val/acc",
+    "val_bpc": "val/bpc",
     "activation_rate": "gate/activation_rate",
     "threshold": "gate/threshold",
     "sample_savings": "gate/sample_savings",
@@ -52,14 +53,20 @@ WANDB_KEYS = {
 CUMULATIVE_WANDB_KEYS = {"epoch_time_s": "time/train_cumulative_s",
                          "flops_executed": "flops/executed_cumulative"}
 
-TABLE_HEADER = ("| Epoch | Loss   | Val Acc | Activation Rate | Compute Savings (FLOPs) "
-                "| Sample Savings | Time    |")
+def table_header(column: str = "Val Acc") -> str:
+    """The report's table header, with the task's metric column (Val Acc, or Val Loss for text)."""
+    return (f"| Epoch | Loss   | {column:<7} | Activation Rate | Compute Savings (FLOPs) "
+            "| Sample Savings | Time    |")
 
 
-def table_row(record: dict[str, Any], epochs: int) -> str:
+TABLE_HEADER = table_header()
+
+
+def table_row(record: dict[str, Any], epochs: int, metric: str = "val_acc") -> str:
     """One line of the report's table; its 'Energy Savings' column is now measured FLOPs."""
-    val_acc = "     -  " if record["val_acc"] is None else f"{record['val_acc']:6.2f}% "
-    return (f"| {record['epoch']}/{epochs:<3} | {record['train_loss']:.4f} | {val_acc}"
+    value = record[metric]
+    cell = ("     -  " if value is None else f"{value:6.2f}% " if metric == "val_acc" else f"{value:8.4f} ")
+    return (f"| {record['epoch']}/{epochs:<3} | {record['train_loss']:.4f} | {cell}"
             f"| {100 * record['activation_rate']:14.1f}% | {100 * record['compute_savings']:22.1f}% "
             f"| {100 * record['sample_savings']:13.1f}% | {record['epoch_time_s']:6.1f}s |")
 

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, ROOT
 
-GROUPS = ("dataset", "model", "attention", "gate", "energy")
+GROUPS = ("task", "dataset", "model", "attention", "gate", "energy")
 
 
 def config_keys() -> set[str]:

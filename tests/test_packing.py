@@ -26,7 +26,7 @@ def test_packing_trains_each_selected_sample_once_in_order_in_full_batches(rate)
         selected.append(idx[selection.index])
         packer.add(images, labels, idx, selection)
         for batch in packer.ready():
-            assert torch.equal(batch.images[:, 0, 0, 0].long(), batch.idx)  # rows stay together
+            assert torch.equal(batch.inputs[:, 0, 0, 0].long(), batch.idx)  # rows stay together
             trained.append(batch.idx)
             sizes.append(len(batch))
     for batch in packer.drain():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_sparse.gates import Gate, Selection
-from adaptive_sparse.metering import FlopMeter, Tally
+from adaptive_sparse.metering import FlopMeter, Tally, class_example
 from adaptive_sparse.models import SimpleCNN
 from adaptive_sparse.step import score_batch, train_on_subset
 
@@ -74,7 +74,7 @@ def test_scoring_builds_no_graph_and_changes_nothing():
 
 def test_flop_meter_counts_a_two_layer_mlp_by_hand():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-    meter = FlopMeter(model, (4,), num_classes=2)
+    meter = FlopMeter(model, class_example((4,)))
     # forward: 2*4*3 + 2*3*2 = 36 per sample
     assert meter.forward_per_sample == 36
     # backward: layer 2 grad-input 2*3*2 and grad-weight 2*3*2; layer 1 grad-weight 2*4*3 only
@@ -84,7 +84,7 @@ def test_flop_meter_counts_a_two_layer_mlp_by_hand():
 
 def test_compute_savings_of_a_tally_by_hand():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-    meter = FlopMeter(model, (4,), num_classes=2)
+    meter = FlopMeter(model, class_example((4,)))
     tally = Tally()
     for trained in (6, 10):
         tally.add_batch(seen=64, scored=64, scoring_flops=64 * meter.forward_per_sample)

@@ -1,0 +1,201 @@
+"""What differs between tasks (`task` config group): the batches, the model's arguments, and the metrics.
+
+train.py builds one Task from `cfg.task` and asks it for the loaders, the keyword arguments of
+the model (and of a proxy scorer), the FLOP meter's example batch and the validation metrics.
+Everything else (gates, packing, the training step, checkpoints, torchrun) is the same for
+every task: a sample is whatever one row of a batch is (an image, or a window of text), and
+its loss and entropy come from `BatchScores.from_logits` (a sequence's: the mean over its
+tokens).
+
+- `classification` (images, e.g. CIFAR-10): logits [B, C], one label per image; val_acc.
+- `char_lm` (character-level language modelling, e.g. tiny-shakespeare): a causal model's
+  logits [B, T, V] for windows of T characters; val_loss in nats per character, val_bpc.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from adaptive_sparse.config import ConfigError
+from adaptive_sparse.data import BatchLoader, ImageData, IndexedBatches
+from adaptive_sparse.metering import ExampleBatch, example_like
+
+
+class Task:
+    """The interface; see the two tasks below."""
+
+    name: str = "task"
+    metric: str = "val_loss"    # the record key a run is judged by (summary.json: "metric")
+    higher_is_better: bool = False
+    column: str = "Val Loss"    # its console-table header
+
+    def __init__(self, proxy: Any = None):
+        self.proxy = proxy  # the proxy scorer's model factory (conf/task/*.yaml; gate.proxy reads it)
+
+    def check_data(self, data: Any, dataset_name: str) -> None:
+        raise NotImplementedError
+
+    def num_outputs(self, data: Any) -> int:
+        """Classes, or vocabulary size: what a sample's loss and entropy are normalised by (log)."""
+        raise NotImplementedError
+
+    def model_kwargs(self, data: Any) -> dict[str, Any]:
+        """Arguments the dataset gives the model (and a proxy scorer) besides its own config."""
+        raise NotImplementedError
+
+    def train_loader(self, data: Any, cfg: DictConfig, device: torch.device,
+                     shard: tuple[int, int] | None) -> IndexedBatches:
+        raise NotImplementedError
+
+    def eval_loader(self, data: Any, cfg: DictConfig, device: torch.device,
+                    indices: torch.Tensor | None) -> IndexedBatches:
+        raise NotImplementedError
+
+    def eval_size(self, data: Any) -> int:
+        """Validation samples (what a torchrun rank's share is cut from)."""
+        raise NotImplementedError
+
+    def prepare_model(self, model: nn.Module, data: Any, cfg: DictConfig, device: torch.device) -> nn.Module:
+        return model
+
+    def example(self, data: Any) -> ExampleBatch:
+        raise NotImplementedError
+
+    def flip_tta(self, cfg: DictConfig) -> bool:
+        return False
+
+    def metrics(self, mean_loss: float, accuracy: float) -> dict[str, float]:
+        """The validation record's figures from the mean loss and the accuracy (%)."""
+        return {"val_loss": mean_loss, "val_acc": accuracy}
+
+    def describe(self, data: Any) -> str:
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        return {"task": self.name, "metric": self.metric, "higher_is_better": self.higher_is_better}
+
+
+class ClassificationTask(Task):
+    """Images and one class each: normalisation, whole-batch augmentation, channels_last."""
+
+    name, metric, higher_is_better, column = "classification", "val_acc", True, "Val Acc"
+
+    def check_data(self, data: Any, dataset_name: str) -> None:
+        if not isinstance(data, ImageData):
+            raise ConfigError(f"dataset={dataset_name} is not an image dataset; task=classification needs one "
+                              "(for text: task=char_lm model=gpt)")
+
+    def num_outputs(self, data: ImageData) -> int:
+        return data.num_classes
+
+    def model_kwargs(self, data: ImageData) -> dict[str, Any]:
+        return {"num_classes": data.num_classes}
+
+    def train_loader(self, data: ImageData, cfg: DictConfig, device: torch.device,
+                     shard: tuple[int, int] | None) -> BatchLoader:
+        t = cfg.training
+        return BatchLoader(data.train, t.batch_size, device, shuffle=True, augment=cfg.dataset.augment,
+                           crop_padding=cfg.dataset.crop_padding, limit_batches=t.limit_train_batches,
+                           seed=cfg.seed, shard=shard, channels_last=t.channels_last)
+
+    def eval_loader(self, data: ImageData, cfg: DictConfig, device: torch.device,
+                    indices: torch.Tensor | None) -> BatchLoader:
+        return BatchLoader(data.test, cfg.training.eval_batch_size, device, shuffle=False, indices=indices,
+                           channels_last=cfg.training.channels_last)
+
+    def eval_size(self, data: ImageData) -> int:
+        return len(data.test)
+
+    def prepare_model(self, model: nn.Module, data: ImageData, cfg: DictConfig, device: torch.device) -> nn.Module:
+        if cfg.training.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if hasattr(model, "fit_to_data"):  # e.g. FastNet's whitening filters, from training images
+            model.fit_to_data(next(iter(BatchLoader(data.train, 5000, device, shuffle=False)))[0])
+        return model
+
+    def example(self, data: ImageData) -> ExampleBatch:
+        return example_like(torch.empty(1, *data.train.images.shape[1:]), torch.empty(1, dtype=torch.long))
+
+    def flip_tta(self, cfg: DictConfig) -> bool:
+        return bool(cfg.training.eval_flip_tta)
+
+    def describe(self, data: ImageData) -> str:
+        return f"{len(data.train)} train, {len(data.test)} test images"
+
+
+class CharLMTask(Task):
+    """Next-character prediction over fixed windows of `block_size` characters (adaptive_sparse/text.py).
+
+    A sample is one training window (its loss: the mean over its tokens); `random_phase` shifts
+    the window grid each epoch. Validation scores every character of the validation split once.
+    """
+
+    name, metric, higher_is_better, column = "char_lm", "val_loss", False, "Val Loss"
+
+    def __init__(self, block_size: int, random_phase: bool = False, proxy: Any = None):
+        super().__init__(proxy)
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ConfigError(f"task.block_size={block_size!r} is not allowed: an integer >= 1")
+        self.block_size, self.random_phase = block_size, bool(random_phase)
+
+    def check_data(self, data: Any, dataset_name: str) -> None:
+        from adaptive_sparse.text import TextData
+
+        if not isinstance(data, TextData):
+            raise ConfigError(f"dataset={dataset_name} is not a text dataset; task=char_lm needs one "
+                              "(e.g. dataset=shakespeare_char); for images: task=classification")
+
+    def num_outputs(self, data) -> int:
+        return data.vocab_size
+
+    def model_kwargs(self, data) -> dict[str, Any]:
+        return {"vocab_size": data.vocab_size}
+
+    def train_loader(self, data, cfg: DictConfig, device: torch.device, shard: tuple[int, int] | None):
+        from adaptive_sparse.text import TrainWindows
+
+        t = cfg.training
+        return TrainWindows(data.train, self.block_size, t.batch_size, device, random_phase=self.random_phase,
+                            limit_batches=t.limit_train_batches, seed=cfg.seed, shard=shard)
+
+    def eval_loader(self, data, cfg: DictConfig, device: torch.device, indices: torch.Tensor | None):
+        from adaptive_sparse.text import EvalWindows
+
+        return EvalWindows(data.val, self.block_size, cfg.training.eval_batch_size, device, indices=indices)
+
+    def eval_size(self, data) -> int:
+        from adaptive_sparse.text import EvalWindows
+
+        return EvalWindows(data.val, self.block_size, 1, torch.device("cpu")).num_samples
+
+    def prepare_model(self, model: nn.Module, data, cfg: DictConfig, device: torch.device) -> nn.Module:
+        capacity = getattr(model, "block_size", None)
+        if capacity is None:
+            raise ConfigError(f"model={type(model).__name__} is not a language model; task=char_lm needs "
+                              "model=gpt")
+        if self.block_size > capacity:
+            raise ConfigError(f"task.block_size={self.block_size} is larger than model.block_size={capacity} "
+                              "(the model's position embeddings); raise model.block_size or lower task.block_size")
+        if cfg.training.eval_flip_tta:
+            raise ConfigError("training.eval_flip_tta=true mirrors images; it has no meaning for task=char_lm")
+        return model
+
+    def example(self, data) -> ExampleBatch:
+        window = torch.empty(1, self.block_size, dtype=torch.long)
+        return example_like(window, window)
+
+    def metrics(self, mean_loss: float, accuracy: float) -> dict[str, float]:
+        # bits per character: the loss in nats over ln 2; val_acc is next-character accuracy
+        return {"val_loss": mean_loss, "val_acc": accuracy, "val_bpc": mean_loss / math.log(2)}
+
+    def describe(self, data) -> str:
+        from adaptive_sparse.text import window_count
+
+        windows = window_count(len(data.train), self.block_size, self.random_phase)
+        return (f"{len(data.train)} train characters ({windows} windows of {self.block_size}), "
+                f"{len(data.val)} validation characters, vocabulary {data.vocab_size}")
+

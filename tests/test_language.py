@@ -1,0 +1,239 @@
+"""The language task (task=char_lm): causal attention that never looks ahead, text windows with
+stable indices, per-sequence losses, the GPT, and bad combinations refused by name."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from adaptive_sparse.attention import DenseAttention, SparseAttention, select_keys, IndexerFeatures
+from adaptive_sparse.config import ConfigError
+from adaptive_sparse.data import DatasetError
+from adaptive_sparse.gpt import GPT
+from adaptive_sparse.significance import BatchScores
+from adaptive_sparse.step import evaluation_sums
+from adaptive_sparse.text import EvalWindows, TokenSplit, TrainWindows, load_shakespeare_char, window_count
+
+from conftest import compose_config, read_run, run_train
+
+DIM, HEADS = 24, 3
+KERNELS = [("token", "gather"), ("token", "mask"), ("block", "gather")]
+
+
+def causal_pair(**settings) -> tuple[SparseAttention, DenseAttention]:
+    torch.manual_seed(0)
+    sparse = SparseAttention(DIM, HEADS, **settings)
+    dense = DenseAttention(DIM, HEADS)
+    dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if not k.startswith("indexer.")})
+    return sparse, dense
+
+
+# ------------------------------------------------------------------ causal sparse attention
+@pytest.mark.parametrize("granularity,kernel", KERNELS)
+@pytest.mark.parametrize("n", [64, 37, 1])
+def test_causal_sparse_equals_dense_causal_when_top_k_covers_every_key(granularity, kernel, n):
+    sparse, dense = causal_pair(top_k=128, granularity=granularity, block_size=8, kernel=kernel)
+    x = torch.randn(2, n, DIM)
+    outs, grads = [], []
+    for module in (sparse, dense):
+        leaf = x.clone().requires_grad_(True)
+        out = module(leaf, is_causal=True)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([leaf.grad, module.qkv.weight.grad, module.proj.weight.grad])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for g_sparse, g_dense in zip(*grads):
+        torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity,kernel", KERNELS)
+@pytest.mark.parametrize("warmup", [False, True])
+def test_no_output_depends_on_a_later_token(granularity, kernel, warmup):
+    """Change every token after position t: the outputs at positions <= t, and the indexer's
+    choice for them, stay the same, with top_k well below the length (keys are dropped)."""
+    sparse, _ = causal_pair(top_k=16, local_window=0, global_tokens=1, granularity=granularity, block_size=8,
+                            kernel=kernel)
+    sparse.dense_warmup = warmup
+    x = torch.randn(2, 48, DIM)
+    for t in (0, 7, 8, 20, 46):
+        later = x.clone()
+        later[:, t + 1:] = torch.randn_like(later[:, t + 1:])
+        torch.testing.assert_close(sparse(later, is_causal=True)[:, :t + 1], sparse(x, is_causal=True)[:, :t + 1],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_causal_selection_scores_no_future_key():
+    """Token granularity, by hand: 6 keys, top_k 3, the indexer preferring the last keys. Query 0
+    has one past key: its other picks are padding (future) and the kernels mask them."""
+    key_score = torch.arange(6.0).view(1, 6, 1)  # key s scores s for every query
+    features = IndexerFeatures(torch.ones(1, 6, 1, 1), torch.ones(1, 6, 1), key_score)
+    idx = select_keys(features, top_k=3, global_keys=0, local_radius=0, query_chunk=4, causal=True)  # [1, 6, 3]
+    for t in range(6):
+        past = sorted(s for s in idx[0, t].tolist() if s <= t)
+        best = sorted(range(t + 1), reverse=True)[:3]  # itself (forced) and its highest-scoring past keys
+        assert past == sorted(best)
+
+
+def test_indexer_loss_is_finite_with_future_padding():
+    sparse, _ = causal_pair(top_k=16, local_window=0, granularity="token")
+    sparse.train()
+    sparse(torch.randn(2, 32, DIM), is_causal=True)  # queries 0..14 have fewer than 16 past keys
+    assert torch.isfinite(sparse.indexer_loss) and sparse.indexer_loss >= 0
+
+
+# ------------------------------------------------------------------ the GPT
+def test_gpt_ties_weights_shapes_logits_and_refuses_long_windows():
+    model = GPT(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=8)
+    assert model.head.weight is model.token_embedding.weight
+    assert model(torch.zeros(3, 16, dtype=torch.long)).shape == (3, 16, 11)
+    with pytest.raises(ValueError, match="block_size=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_gpt_is_causal_end_to_end():
+    torch.manual_seed(0)
+    model = GPT(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=8).eval()
+    tokens = torch.randint(11, (1, 16))
+    changed = tokens.clone()
+    changed[0, 9:] = (changed[0, 9:] + 1) % 11
+    torch.testing.assert_close(model(changed)[:, :9], model(tokens)[:, :9])
+
+
+# ------------------------------------------------------------------ per-sequence scores
+def test_a_sequence_scores_the_mean_of_its_token_losses():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]])  # one sequence, 2 tokens, 2 classes
+    targets = torch.tensor([[1, 0]])
+    scores = BatchScores.from_logits(logits, targets)
+    # token 1: p(1) = 3/4 -> -ln(3/4); token 2: p(0) = 1/2 -> ln 2
+    assert scores.loss.item() == pytest.approx((-math.log(0.75) + math.log(2)) / 2)
+    entropy_1 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert scores.entropy.item() == pytest.approx((entropy_1 + math.log(2)) / 2)
+
+
+# ------------------------------------------------------------------ windows
+def test_training_windows_have_stable_indices_and_a_shared_phase():
+    split = TokenSplit(torch.arange(23))
+    assert window_count(23, 4, random_phase=False) == 5  # (23 - 1) // 4
+    assert window_count(23, 4, random_phase=True) == 4   # (23 - 1 - 3) // 4
+    loader = TrainWindows(split, 4, batch_size=5, device=torch.device("cpu"), shuffle=False)
+    inputs, targets, idx = next(iter(loader))
+    assert idx.tolist() == [0, 1, 2, 3, 4]
+    assert inputs[2].tolist() == [8, 9, 10, 11] and targets[2].tolist() == [9, 10, 11, 12]
+    phased = TrainWindows(split, 4, batch_size=4, device=torch.device("cpu"), shuffle=False, random_phase=True,
+                          seed=3)
+    for _ in range(3):
+        inputs, targets, _ = next(iter(phased))
+        assert torch.equal(inputs[1] - inputs[0], torch.full((4,), 4))  # one grid shifted whole
+        assert 0 <= inputs[0, 0].item() <= 3 and inputs[-1, -1].item() + 1 <= 22
+
+
+def test_validation_scores_every_character_after_the_first_once():
+    split = TokenSplit(torch.arange(11))  # 10 targets; T = 4: windows at 0 and 4, then a tail at 6
+    loader = EvalWindows(split, 4, batch_size=8, device=torch.device("cpu"))
+    inputs, targets, _ = next(iter(loader))
+    assert inputs.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [6, 7, 8, 9]]
+    assert targets.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [-100, -100, 9, 10]]
+    scored = targets[targets >= 0]
+    assert sorted(scored.tolist()) == list(range(1, 11))
+
+
+def test_evaluation_sums_count_scored_positions_only():
+    class Uniform(torch.nn.Module):
+        def forward(self, tokens):
+            return torch.zeros(*tokens.shape, 5)  # every next token equally likely among 5
+    loader = EvalWindows(TokenSplit(torch.arange(11) % 5), 4, batch_size=2, device=torch.device("cpu"))
+    loss_sum, _, count = evaluation_sums(Uniform(), loader)
+    assert count == 10 and loss_sum == pytest.approx(10 * math.log(5))
+
+
+# ------------------------------------------------------------------ the corpus
+def write_corpus(tmp_path, text: str = "to be, or not to be: that is the question.\n" * 40):
+    path = tmp_path / "corpus" / "input.txt"
+    path.parent.mkdir()
+    path.write_text(text)
+    return path
+
+
+def text_cfg(tmp_path, **extra):
+    return OmegaConf.create({"root": str(tmp_path / "corpus"), "search_roots": [], "file_name": "input.txt",
+                             "download": False, "url": "", "cache_dir": str(tmp_path / "cache"),
+                             "train_fraction": 0.9, **extra})
+
+
+def test_corpus_is_split_ninety_ten_with_a_sorted_vocabulary_and_cached(tmp_path):
+    write_corpus(tmp_path)
+    data = load_shakespeare_char(text_cfg(tmp_path))
+    assert len(data.train) == int(0.9 * 1720) and len(data.train) + len(data.val) == 1720  # 43 characters x 40
+    assert data.vocab == tuple(sorted(set("to be, or not to be: that is the question.\n")))
+    assert data.decode(data.train.tokens[:5]) == "to be"
+    assert len(list((tmp_path / "cache").glob("char-corpus-*.pt"))) == 1
+    assert torch.equal(load_shakespeare_char(text_cfg(tmp_path)).train.tokens, data.train.tokens)
+
+
+def test_a_missing_corpus_is_refused_by_name(tmp_path):
+    with pytest.raises(DatasetError, match="no input.txt there"):
+        load_shakespeare_char(text_cfg(tmp_path))
+    assert not (tmp_path / "corpus").exists()  # nothing created by a failed load
+
+
+def test_offline_download_says_to_set_the_root(tmp_path):
+    cfg = text_cfg(tmp_path, root=None, search_roots=[str(tmp_path / "data")], download=True,
+                   url="http://127.0.0.1:9/input.txt")
+    with pytest.raises(DatasetError, match="dataset.root"):
+        load_shakespeare_char(cfg)
+    assert not (tmp_path / "data").exists()
+
+
+# ------------------------------------------------------------------ refused combinations
+def test_a_text_dataset_with_the_classification_task_is_refused(tmp_path):
+    write_corpus(tmp_path)
+    cfg = compose_config(["dataset=shakespeare_char"])
+    with pytest.raises(ConfigError, match="not an image dataset"):
+        instantiate(cfg.task).check_data(load_shakespeare_char(text_cfg(tmp_path)), "shakespeare_char")
+
+
+def test_an_image_dataset_with_char_lm_is_refused():
+    from adaptive_sparse.data import make_synthetic
+
+    cfg = compose_config(["task=char_lm", "model=gpt", "dataset=synthetic"])
+    with pytest.raises(ConfigError, match="not a text dataset"):
+        instantiate(cfg.task).check_data(make_synthetic(cfg.dataset), "synthetic")
+
+
+def test_a_window_longer_than_the_model_is_refused():
+    cfg = compose_config(["task=char_lm", "model=gpt", "dataset=shakespeare_char", "task.block_size=128"])
+    task = instantiate(cfg.task)
+    model = instantiate(cfg.model, vocab_size=65)
+    with pytest.raises(ConfigError, match="task.block_size=128 is larger than model.block_size=64"):
+        task.prepare_model(model, None, cfg, torch.device("cpu"))
+
+
+def test_the_window_follows_the_model_by_default_and_the_proxy_is_a_small_gpt():
+    cfg = compose_config(["task=char_lm", "model=gpt", "dataset=shakespeare_char", "model.block_size=256",
+                          "gate=sundew_proxy"])
+    task = instantiate(cfg.task)
+    assert task.block_size == 256
+    gate = instantiate(cfg.gate, num_samples=8, num_classes=65, model_kwargs={"vocab_size": 65})
+    assert isinstance(gate.scorer.model, GPT) and gate.scorer.model.block_size == 256
+
+
+# ------------------------------------------------------------------ through train.py
+def test_char_lm_trains_through_train_py_with_a_packed_memory_gate(tmp_path):
+    write_corpus(tmp_path, "".join(chr(97 + (i * 7) % 13) for i in range(6000)))
+    result = run_train(tmp_path / "run", "task=char_lm", "dataset=shakespeare_char", "model=gpt",
+                       f"dataset.root={tmp_path / 'corpus'}", f"dataset.cache_dir={tmp_path / 'cache'}",
+                       "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.block_size=32",
+                       "gate=sundew_memory", "gate.target_rate=0.5", "gate.pack=true", "training.batch_size=16",
+                       "training.epochs=2", "wandb.mode=disabled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records, summary = read_run(tmp_path / "run")
+    assert (summary["task"], summary["metric"], summary["higher_is_better"]) == ("char_lm", "val_loss", False)
+    windows = (5400 - 1) // 32  # 168 training windows of the 90% split
+    assert summary["samples_seen"] == 2 * windows
+    assert summary["val_bpc"] == pytest.approx(summary["val_loss"] / math.log(2))
+    assert abs(records[1]["activation_rate"] - 0.5) < 0.05
+    assert "Val Loss" in (tmp_path / "run" / "train.log").read_text()

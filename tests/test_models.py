@@ -1,0 +1,74 @@
+"""timm-style: every registered model (conf/model/*) with every attention it takes (conf/attention/*)
+and its task, on a tiny batch: output shape, finite values, a gradient on every trainable
+parameter, and FLOPs that the meter can count."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from adaptive_sparse.attention import auxiliary_loss
+from adaptive_sparse.metering import FlopMeter
+from adaptive_sparse.significance import BatchScores
+
+from conftest import CONF_DIR, compose_config
+
+LANGUAGE_MODELS = {"gpt"}  # models with positions: task=char_lm; the others classify images
+
+
+def model_cases() -> list[tuple[str, str]]:
+    cases = []
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
+        takes_attention = "attention" in OmegaConf.load(path)
+        attentions = sorted(p.stem for p in (CONF_DIR / "attention").glob("*.yaml")) if takes_attention else ["dense"]
+        cases += [(path.stem, attention) for attention in attentions]
+    return cases
+
+
+def build(model: str, attention: str):
+    """(model, task, a tiny batch of inputs and targets) as train.py would build them."""
+    language = model in LANGUAGE_MODELS
+    overrides = [f"model={model}", f"attention={attention}"]
+    if language:
+        overrides += ["task=char_lm", "dataset=shakespeare_char", "model.block_size=32"]
+    cfg = compose_config(overrides)
+    task = instantiate(cfg.task)
+    torch.manual_seed(0)
+    if language:
+        net = instantiate(cfg.model, vocab_size=65)
+        inputs, targets = torch.randint(65, (2, 32)), torch.randint(65, (2, 32))
+    else:
+        net = instantiate(cfg.model, num_classes=10)
+        inputs, targets = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
+    return net, task, inputs, targets
+
+
+def test_every_model_config_is_covered():
+    assert {"cnn", "vit", "fastnet", "gpt"} <= {m for m, _ in model_cases()}
+    assert ("gpt", "sparse") in model_cases() and ("vit", "sparse") in model_cases()
+
+
+@pytest.mark.parametrize("model,attention", model_cases())
+def test_forward_backward_finite_with_a_gradient_on_every_trainable_parameter(model, attention):
+    net, task, inputs, targets = build(model, attention)
+    net.train()
+    logits = net(inputs)
+    expected = (*targets.shape, 65) if model in LANGUAGE_MODELS else (len(targets), 10)
+    assert logits.shape == expected and torch.isfinite(logits).all()
+    loss = BatchScores.from_logits(logits, targets).loss.mean()
+    aux = auxiliary_loss(net)  # sparse attention: the indexer learns from its own KL loss
+    (loss if aux is None else loss + aux.weighted).backward()
+    missing = [name for name, p in net.named_parameters()
+               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    assert not missing, f"no finite gradient for {missing}"
+    assert task.metric == ("val_loss" if model in LANGUAGE_MODELS else "val_acc")
+
+
+@pytest.mark.parametrize("model,attention", model_cases())
+def test_flops_are_counted_per_sample(model, attention):
+    net, _, inputs, targets = build(model, attention)
+    from adaptive_sparse.metering import example_like
+
+    meter = FlopMeter(net, example_like(inputs, targets))
+    assert 0 < meter.forward_per_sample < meter.train_per_sample
