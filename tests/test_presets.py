@@ -89,8 +89,15 @@ def test_launcher_configs_compose():
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_runs(name: str, tmp_path: Path):
     # single runs (no -m): presets that sweep run their first setting; gpu runs on the CPU here
-    result = run_train(tmp_path, f"+experiment={name}", *TINY, "dataset.num_train=256",
+    if compose_with_hydra([f"+experiment={name}"]).hydra.runtime.choices.task == "char_lm":
+        corpus = tmp_path / "corpus.txt"  # a small text in place of tiny-shakespeare
+        corpus.write_text("".join(chr(97 + (i * 7) % 13) for i in range(8000)))
+        data = [f"dataset.root={corpus}", f"dataset.cache_dir={tmp_path / 'cache'}", "training.epochs=1",
+                "wandb.mode=disabled"]
+    else:
+        data = [*TINY, "dataset.num_train=256"]
+    result = run_train(tmp_path / "run", f"+experiment={name}", *data,
                        "training.limit_train_batches=2", "device=cpu", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    records, summary = read_run(tmp_path)
+    records, summary = read_run(tmp_path / "run")
     assert len(records) == 1 and summary["epochs"] == 1
