@@ -24,8 +24,10 @@ that have no record yet are listed as not yet run.
   their recorded times move with whichever run is their neighbour. Without such a measurement the
   schedule nearest in recorded wall-clock stands in, and the page says so.
 
+Runs are judged by the metric their summary.json names (`metric`: val_acc for classification,
+val_loss for task=char_lm, where lower is better), with the goals of `GOALS` in its unit.
 Intervals are 95% Student-t intervals over seeds (none for one seed); paired differences take
-the same seed of both arms. Times are training wall-clock (evaluation excluded) as recorded by
+the same seed of both arms (arm minus baseline: positive is better for accuracy, negative for a loss). Times are training wall-clock (evaluation excluded) as recorded by
 each run, as a share of full training's mean.
 """
 from __future__ import annotations
@@ -63,9 +65,19 @@ run_queue = sibling_script("run_queue", "run_queue.py")
 
 GATES = ("sundew_memory", "random", "sundew_proxy")  # plot colours, in this order
 TITLE = "Convergence study: does gating beat simply training less?"
-MARGIN_TIME = 0.5   # "time to full training's final accuracy minus 0.5 points"
-MARGIN_LOSSLESS = 0.3  # the goal's "reaches full training's final accuracy (within 0.3 points)"
-GOAL_POINTS = 1.0   # the goal's "beats time-matched full training by at least 1.0 point"
+
+
+@dataclass(frozen=True)
+class Goals:
+    """A study's goals at budget 0.5, in its metric's unit (points of accuracy, or nats)."""
+    beat: float            # beat full training at equal time by at least this (interval excluding 0)
+    time_margin: float     # the arms table's "time to full training's final metric, this much worse"
+    lossless: float        # or: come within this of full training's final metric ...
+    lossless_share: float  # ... in at most this share of its time
+
+
+GOALS = {"val_acc": Goals(beat=1.0, time_margin=0.5, lossless=0.3, lossless_share=0.5),
+         "val_loss": Goals(beat=0.02, time_margin=0.02, lossless=0.01, lossless_share=0.6)}
 # the scripts/bench_gates.py configuration that runs each study arm's gate, by (gate, packed, selection)
 BENCH_CONFIGS = {("random", False, None): "random", ("random", True, None): "random-packed",
                  ("sundew_memory", False, None): "sundew-memory", ("sundew_memory", True, None): "sundew-memory-packed",
@@ -108,6 +120,7 @@ class ArmKey:
 
 
 STUDY_PRECISION = ["bf16"]  # the full-training runs' precision; arms in another one say so
+METRIC = [report.records.Metric()]  # what the study's runs are judged by (set by build_study)
 
 
 @dataclass
@@ -116,7 +129,7 @@ class Arm:
     runs: dict[int, report.Run] = field(default_factory=dict)  # by seed
 
     def finals(self, seeds=None) -> dict[int, float]:
-        return {s: r.summary["val_acc"] for s, r in self.runs.items() if seeds is None or s in seeds}
+        return {s: r.summary[METRIC[0].key] for s, r in self.runs.items() if seeds is None or s in seeds}
 
     def times(self) -> list[float]:
         return [r.summary["train_time_s"] for r in self.runs.values()]
@@ -164,7 +177,7 @@ class Study:
     arms: dict[ArmKey, Arm]
     full: Arm
     full_time: float  # mean training seconds of full training
-    full_acc: float   # its mean final accuracy
+    full_acc: float   # its mean final metric (accuracy, or loss)
     idle: dict[tuple[str, float, bool, str | None], float] = field(default_factory=dict)  # see idle_shares
 
     def none_over(self, epochs: int) -> Arm | None:
@@ -209,12 +222,21 @@ def build_study(runs: list[report.Run], bench_files: list[Path] = ()) -> Study:
         raise SystemExit("no gate=none run: the study needs full training to compare with")
     full = max(nones, key=lambda a: (a.key.epochs, len(a.runs)))
     STUDY_PRECISION[0] = full.key.precision
+    METRIC[0] = report.records.metric_of(r.summary for r in runs if r.complete)
     return Study(arms, full, statistics.fmean(full.times()), statistics.fmean(full.finals().values()),
                  idle_shares(list(bench_files)))
 
 
-def time_to(run: report.Run, accuracy: float) -> float | None:
-    return report.time_to_accuracy(run, accuracy)
+def time_to(run: report.Run, target: float) -> float | None:
+    return report.records.time_to_metric(run.epochs, target, METRIC[0])
+
+
+def goals() -> Goals:
+    return GOALS[METRIC[0].key]
+
+
+def digits() -> int:
+    return METRIC[0].digits
 
 
 def paired(arm: Arm, other: Arm | None) -> tuple[tuple[float, float | None], int] | None:
@@ -231,10 +253,12 @@ def paired(arm: Arm, other: Arm | None) -> tuple[tuple[float, float | None], int
 # --------------------------------------------------------------------------- tables
 
 def arms_table(study: Study) -> str:
-    goal = study.full_acc - MARGIN_TIME
-    head = ["arm", "seeds", "final val acc (%)", "train time (s)", "share of full's time",
-            "share of full's FLOPs", "optimiser steps / full's",
-            f"time to {goal:.2f}% (full - {MARGIN_TIME} pt), share of full's"]
+    metric, margin = METRIC[0], goals().time_margin
+    goal = metric.worse_by(study.full_acc, margin)
+    target = (f"{goal:.2f}% (full - {margin} pt)" if metric.is_accuracy
+              else f"{goal:.4f} (full + {margin} nats)")
+    head = ["arm", "seeds", f"final {metric.name}", "train time (s)", "share of full's time",
+            "share of full's FLOPs", "optimiser steps / full's", f"time to {target}, share of full's"]
     full_flops = statistics.fmean(r.summary["flops_executed"] for r in study.full.runs.values())
     full_steps = statistics.fmean(optimizer_steps(r) for r in study.full.runs.values())
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -246,7 +270,8 @@ def arms_table(study: Study) -> str:
         cell = (fmt(interval(done)) if len(done) == len(reached)
                 else f"not reached by {len(reached) - len(done)} of {len(reached)}")
         lines.append(f"| {arm.key.label} | {','.join(map(str, sorted(arm.runs)))} | "
-                     f"{fmt(interval(list(arm.finals().values())))} | {fmt(interval(arm.times()), 0)} | "
+                     f"{fmt(interval(list(arm.finals().values())), 2 if metric.is_accuracy else 4)} | "
+                     f"{fmt(interval(arm.times()), 0)} | "
                      f"{study.share(arm):.3f} | {flops:.3f} | {steps:.3f} | {cell} |")
     return "\n".join(lines)
 
@@ -260,15 +285,16 @@ def optimizer_steps(run: report.Run) -> int:
 
 def versus(result: tuple[tuple[float, float | None], int] | None, note: str = "") -> list[str]:
     """Two table cells: a paired difference (with `note` after it) and its number of seeds."""
-    return ["–", "–"] if result is None else [fmt(result[0]) + note, str(result[1])]
+    return ["–", "–"] if result is None else [fmt(result[0], digits()) + note, str(result[1])]
 
 
 def differences_table(study: Study) -> tuple[str, list[tuple[str, float, tuple[float, float | None], int]]]:
+    unit = METRIC[0].unit
     head = ["gated arm", "share of full's time, recorded", "share of full's time, idle",
-            "vs none over b·E epochs: equal FLOPs (points)", "seeds",
-            "vs none at equal idle time (points)", "seeds",
-            "vs the none schedule nearest in recorded wall-clock (points)", "seeds",
-            "vs random, same budget and packing (points)", "seeds"]
+            f"vs none over b·E epochs: equal FLOPs ({unit})", "seeds",
+            f"vs none at equal idle time ({unit})", "seeds",
+            f"vs the none schedule nearest in recorded wall-clock ({unit})", "seeds",
+            f"vs random, same budget and packing ({unit})", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     forest = []
     for arm in study.arms.values():
@@ -303,16 +329,18 @@ def goal_verdict(study: Study) -> str:
     """The issue's goal at budget 0.5, met or missed, with the figures: judged against full
     training at the gate's time (Study.time_matched); the equal-FLOPs schedule is quoted beside it."""
     lines = []
+    metric, goal = METRIC[0], goals()
     for arm in study.arms.values():
         k = arm.key
         if k.gate == "none" or k.rate != 0.5:
             continue
         epochs, same_time, how = study.time_matched(arm)
         result = paired(arm, same_time)
-        beat = (result is not None and result[0][1] is not None and result[0][0] >= GOAL_POINTS
-                and result[0][0] - result[0][1] > 0)
-        lossless = [time_to(r, study.full_acc - MARGIN_LOSSLESS) for r in arm.runs.values()]
-        in_half = sum(t is not None and t <= 0.5 * study.full_time for t in lossless)
+        gain = None if result is None else metric.sign * result[0][0]  # > 0: the gate is better
+        beat = (result is not None and result[0][1] is not None and gain >= goal.beat
+                and gain - result[0][1] > 0)
+        lossless = [time_to(r, metric.worse_by(study.full_acc, goal.lossless)) for r in arm.runs.values()]
+        in_half = sum(t is not None and t <= goal.lossless_share * study.full_time for t in lossless)
         if beat or in_half == len(lossless):
             verdict = "met"
         elif result is None:
@@ -321,13 +349,14 @@ def goal_verdict(study: Study) -> str:
             verdict = "undecided (fewer than two paired seeds)"
         else:
             verdict = "missed"
-        diff = "–" if result is None else f"{fmt(result[0])} points over {result[1]} seed(s)"
+        diff = "–" if result is None else f"{fmt(result[0], digits())} {metric.unit} over {result[1]} seed(s)"
         flops = paired(arm, study.matched(0.5))
         flops_text = "" if flops is None else (f"; against {study.matched(0.5).key.epochs} epochs (equal FLOPs): "
-                                               f"{fmt(flops[0])} over {flops[1]}")
+                                               f"{fmt(flops[0], digits())} over {flops[1]}")
+        share = "half" if goal.lossless_share == 0.5 else f"{goal.lossless_share:g} of"
         lines.append(f"- {k.label}: against full training over {epochs} epochs ({how}): {diff}{flops_text}; "
-                     f"within {MARGIN_LOSSLESS} points of full training in at most half its time on {in_half} "
-                     f"of {len(lossless)} seeds: goal **{verdict}**")
+                     f"within {goal.lossless} {metric.unit} of full training in at most {share} its time on "
+                     f"{in_half} of {len(lossless)} seeds: goal **{verdict}**")
     return "\n".join(lines) or "- no gated arm at budget 0.5 yet"
 
 
@@ -381,7 +410,8 @@ def plot_frontier(study: Study, path: Path, idle: bool = False) -> None:
                     markerfacecolor=colour if arm.key.packed else "white", linestyle="none",
                     label=f"{arm.key.label} (n={len(arm.runs)})")
     clock = "measured idle (none: epochs / E; gates: idle_bench share)" if idle else "as recorded"
-    ax.set(xlabel=f"training wall-clock, share of full training's, {clock}", ylabel="final validation accuracy (%)")
+    ax.set(xlabel=f"training wall-clock, share of full training's, {clock}",
+           ylabel=report.metric_axis(METRIC[0], final=True))
     ax.set_title("mean over seeds, bars: 95% interval; filled: packed", fontsize=9)
     report._finish(fig, ax, path)
 
@@ -396,11 +426,16 @@ def plot_curves(study: Study, budget: float, path: Path) -> None:
         xs, mean, _, _ = report._curve(row, "epoch_time_s")
         ax.plot([x / study.full_time for x in xs], mean, marker=".", color="black" if i == 0 else f"C{i}",
                 linestyle="--" if arm.key.gate == "none" else "-", label=f"{arm.key.label} (n={len(arm.runs)})")
-    ax.axhline(study.full_acc - MARGIN_TIME, color="grey", linewidth=0.8, linestyle=":")
-    ax.set(xlabel="training wall-clock, share of full training's", ylabel="validation accuracy (%)",
-           ylim=(max(0, study.full_acc - 25), study.full_acc + 3))
-    ax.set_title(f"budget {budget}: mean over seeds; dotted: full training's final accuracy - {MARGIN_TIME}",
-                 fontsize=9)
+    metric, margin = METRIC[0], goals().time_margin
+    ax.axhline(metric.worse_by(study.full_acc, margin), color="grey", linewidth=0.8, linestyle=":")
+    if metric.is_accuracy:
+        ax.set(ylim=(max(0, study.full_acc - 25), study.full_acc + 3))
+        target = f"full training's final accuracy - {margin}"
+    else:
+        ax.set(ylim=(study.full_acc - 0.1, study.full_acc + 0.6))
+        target = f"full training's final loss + {margin}"
+    ax.set(xlabel="training wall-clock, share of full training's", ylabel=report.metric_axis(metric))
+    ax.set_title(f"budget {budget}: mean over seeds; dotted: {target}", fontsize=9)
     report._finish(fig, ax, path)
 
 
@@ -410,8 +445,10 @@ def plot_differences(forest: list, path: Path) -> None:
         ax.errorbar([mean], [i], xerr=[half or 0], marker="o", capsize=3, color="C0" if half else "C1")
     ax.set_yticks(range(len(forest)), [f"{label} (n={n})" for label, _, _, n in forest], fontsize=7)
     ax.axvline(0, color="grey", linewidth=0.8)
-    ax.axvline(GOAL_POINTS, color="grey", linewidth=0.8, linestyle=":")
-    ax.set(xlabel="final accuracy minus full training's over the named epochs, same seed (points)")
+    metric = METRIC[0]
+    ax.axvline(metric.sign * goals().beat, color="grey", linewidth=0.8, linestyle=":")
+    what = "accuracy" if metric.is_accuracy else "loss"
+    ax.set(xlabel=f"final {what} minus full training's over the named epochs, same seed ({metric.unit})")
     ax.set_title("paired difference, bars: 95% interval (orange: one seed, no interval); dotted: the goal",
                  fontsize=8)
     ax.grid(alpha=0.3)
@@ -421,6 +458,14 @@ def plot_differences(forest: list, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- page
+
+def full_text(study: Study) -> str:
+    """Full training's final metric over seeds: '80.48 ± 0.60%' or 'val_loss 1.5000 ± 0.0100'."""
+    figure = interval(list(study.full.finals().values()))
+    if METRIC[0].is_accuracy:
+        return f"{fmt(figure)}%"
+    return f"{METRIC[0].key} {fmt(figure, 4)}"
+
 
 def default_idle_benches(source: Path) -> list[Path]:
     """The idle benchmarks beside a record file (idle_bench*.json); none for a sweep directory."""
@@ -453,7 +498,7 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
         f"Made by `{command}` from {sum(len(a.runs) for a in study.arms.values())} "
         f"runs. Model {facts['model']}, dataset {facts['dataset']} ({facts.get('data_source', '?')}), "
         f"precision {facts.get('precision', '?')}, {facts['hardware']}; full training: {study.full.key.epochs} "
-        f"epochs, {fmt(interval(list(study.full.finals().values())))}% in {study.full_time:.0f} s.", "",
+        f"epochs, {full_text(study)} in {study.full_time:.0f} s.", "",
         "## The goal at budget 0.5", "", goal_verdict(study), "",
         "## Every arm", "", arms_table(study), "",
         "Intervals: 95% Student-t over seeds. Time: training wall-clock as each run recorded it "

@@ -39,6 +39,7 @@ from adaptive_sparse.sweeps import parse_overrides, sweep_group_name  # noqa: E4
 NOT_ROW_KEYS = {"seed", *OmegaConf.load(ROOT / "conf" / "config.yaml")
                 .hydra.job.config.override_dirname.exclude_keys}
 LOSSLESS_MARGIN = 0.3  # accuracy points: "reaches full training's accuracy" means within this
+LOSSLESS_MARGIN_NATS = 0.01  # the same for a loss (task=char_lm): within this many nats
 DEFAULT = "(default)"  # the table's value for a varying key a run does not override
 # Row keys come first in this order when they vary, then any other key alphabetically.
 KEY_ORDER = ("experiment", "gate", "gate.target_rate", "attention", "model", "training.epochs")
@@ -68,9 +69,10 @@ class Row:
     label: dict[str, str]
     runs: list[Run]
     figures: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # (mean, sd)
+    metric: records.Metric = records.Metric()  # what the runs are judged by (summary.json's `metric`)
     speedup: float | None = None
-    # seconds each run needed to come within LOSSLESS_MARGIN points of the gate=none runs'
-    # mean final accuracy, as a share of their mean training time (None: never came within)
+    # seconds each run needed to come within the lossless margin of the gate=none runs' mean
+    # final metric, as a share of their mean training time (None: never came within)
     time_to_baseline: list[float | None] = field(default_factory=list)
 
     @property
@@ -133,7 +135,7 @@ def collect_runs(source: str | Path) -> list[Run]:
 
 
 # per-epoch keys a record keeps: what the reports and the time-to-accuracy figures read
-RECORD_EPOCH_KEYS = ("epoch", "val_acc", "val_loss", "train_loss", "epoch_time_s", "scoring_time_s",
+RECORD_EPOCH_KEYS = ("epoch", "val_acc", "val_loss", "val_bpc", "train_loss", "epoch_time_s", "scoring_time_s",
                      "train_step_time_s", "activation_rate", "threshold", "budget", "samples_trained",
                      "optimizer_steps", "flops_executed", "flops_scoring", "compute_savings", "lr",
                      "indexer_loss")
@@ -187,6 +189,10 @@ def _baseline_key(label: dict[str, str]) -> tuple:
                  if k not in ("gate", "experiment") and not k.startswith("gate."))
 
 
+def lossless_margin(metric: records.Metric) -> float:
+    return LOSSLESS_MARGIN if metric.is_accuracy else LOSSLESS_MARGIN_NATS
+
+
 def summarise(runs: list[Run]) -> list[Row]:
     """Rows over the varying keys of the complete runs, with means, SDs and speedups.
 
@@ -195,13 +201,14 @@ def summarise(runs: list[Run]) -> list[Row]:
     by this row's mean train_time_s. None when the sweep has no such gate=none run.
     """
     complete = [r for r in runs if r.complete]
+    metric = records.metric_of(r.summary for r in complete)
     keys = varying_keys(complete)
     rows: dict[tuple, Row] = {}
     for run in complete:
         label = {k: run.overrides.get(k, DEFAULT) for k in keys}
-        rows.setdefault(tuple(label.items()), Row(label, [])).runs.append(run)
+        rows.setdefault(tuple(label.items()), Row(label, [], metric=metric)).runs.append(run)
     for row in rows.values():
-        for key in ("val_acc", "train_time_s", "compute_savings", "sample_savings",
+        for key in (metric.key, "train_time_s", "compute_savings", "sample_savings",
                     "activation_rate", "target_rate"):
             values = [r.summary[key] for r in row.runs if r.summary[key] is not None]
             row.figures[key] = mean_sd(values) if values else None  # target_rate: None for gate=infobatch
@@ -211,9 +218,10 @@ def summarise(runs: list[Run]) -> list[Row]:
         if baseline:
             baseline_time = statistics.fmean(r.summary["train_time_s"] for r in baseline)
             row.speedup = baseline_time / row.figures["train_time_s"][0]
-            goal = statistics.fmean(r.summary["val_acc"] for r in baseline) - LOSSLESS_MARGIN
-            row.time_to_baseline = [None if (t := time_to_accuracy(r, goal)) is None else t / baseline_time
-                                    for r in row.runs]
+            goal = metric.worse_by(statistics.fmean(r.summary[metric.key] for r in baseline),
+                                   lossless_margin(metric))
+            row.time_to_baseline = [None if (t := records.time_to_metric(r.epochs, goal, metric)) is None
+                                    else t / baseline_time for r in row.runs]
     return list(rows.values())
 
 
@@ -245,13 +253,17 @@ def _pm(figure: tuple[float, float | None], scale: float = 1.0, digits: int = 2)
 
 def table_markdown(rows: list[Row]) -> str:
     keys = list(rows[0].label) if rows and rows[0].label else []
-    head = [*(keys or ["runs"]), "seeds", "val acc (%)", "train time (s)", "speedup vs none",
-            f"time to none's acc - {LOSSLESS_MARGIN} pt (share of none's)",
+    metric = rows[0].metric if rows else records.Metric()
+    target = (f"none's acc - {LOSSLESS_MARGIN} pt" if metric.is_accuracy
+              else f"none's {metric.key.replace('_', ' ')} + {LOSSLESS_MARGIN_NATS} nats")
+    head = [*(keys or ["runs"]), "seeds", metric.name, "train time (s)", "speedup vs none",
+            f"time to {target} (share of none's)",
             "compute savings (%)", "sample savings (%)", "activation rate achieved / target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         f = row.figures
-        cells = [*(row.label.values() if keys else ["all"]), str(len(row.runs)), _pm(f["val_acc"]),
+        cells = [*(row.label.values() if keys else ["all"]), str(len(row.runs)),
+                 _pm(f[metric.key], digits=2 if metric.is_accuracy else 4),
                  _pm(f["train_time_s"], digits=1),
                  "–" if row.speedup is None else f"{row.speedup:.2f}x", _time_to_baseline_cell(row),
                  _pm(f["compute_savings"], 100, 1), _pm(f["sample_savings"], 100, 1),
@@ -279,14 +291,15 @@ def _cumulative(run: Run, key: str) -> list[float]:
 
 
 def _curve(row: Row, x_key: str) -> tuple[list[float], list[float], list[float], list[float]]:
-    """Per evaluated epoch over the row's seeds: mean cumulative x, and mean, min, max val_acc."""
+    """Per evaluated epoch over the row's seeds: mean cumulative x, and mean, min, max of the metric."""
+    key = row.metric.key
     n = min(len(r.epochs) for r in row.runs)
     xs, mean, low, high = [], [], [], []
     for e in range(n):
-        if any(r.epochs[e]["val_acc"] is None for r in row.runs):  # training.eval_every_epochs > 1
+        if any(r.epochs[e][key] is None for r in row.runs):  # training.eval_every_epochs > 1
             continue
         xs.append(statistics.fmean(_cumulative(r, x_key)[e] for r in row.runs))
-        accs = [r.epochs[e]["val_acc"] for r in row.runs]
+        accs = [r.epochs[e][key] for r in row.runs]
         mean.append(statistics.fmean(accs))
         low.append(min(accs))
         high.append(max(accs))
@@ -300,12 +313,18 @@ def _plot_accuracy(rows: list[Row], x_key: str, x_label: str, path: Path) -> Non
         line, = ax.plot(xs, mean, marker="o", label=row.name)
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
         for run in row.runs:  # each seed faintly, so one-epoch runs show their spread too
-            evaluated = [(x, rec["val_acc"]) for x, rec in zip(_cumulative(run, x_key), run.epochs)
-                         if rec["val_acc"] is not None]
+            evaluated = [(x, rec[row.metric.key]) for x, rec in zip(_cumulative(run, x_key), run.epochs)
+                         if rec[row.metric.key] is not None]
             ax.plot(*zip(*evaluated), marker=".", color=line.get_color(), alpha=0.35, linewidth=0.8)
-    ax.set(xlabel=x_label, ylabel="validation accuracy (%)")
+    ax.set(xlabel=x_label, ylabel=metric_axis(rows[0].metric) if rows else "validation accuracy (%)")
     ax.set_title("mean over seeds, shaded min to max; faint: each seed", fontsize=9)
     _finish(fig, ax, path)
+
+
+def metric_axis(metric: records.Metric, final: bool = False) -> str:
+    """An axis label: 'validation accuracy (%)', or 'validation loss (nats)' (with 'final ' before)."""
+    name = "validation accuracy (%)" if metric.is_accuracy else f"validation {metric.key[4:]} (nats)"
+    return f"final {name}" if final else name
 
 
 def _plot_pareto(rows: list[Row], path: Path) -> None:
@@ -318,15 +337,17 @@ def _plot_pareto(rows: list[Row], path: Path) -> None:
     for colour, (gate, gate_rows) in enumerate(by_gate.items()):
         gate_rows.sort(key=lambda row: row.figures["train_time_s"][0])
         xs = [row.figures["train_time_s"][0] for row in gate_rows]
-        ys = [row.figures["val_acc"][0] for row in gate_rows]
-        spread = [[y - min(r.summary["val_acc"] for r in row.runs) for y, row in zip(ys, gate_rows)],
-                  [max(r.summary["val_acc"] for r in row.runs) - y for y, row in zip(ys, gate_rows)]]
+        key = gate_rows[0].metric.key
+        ys = [row.figures[key][0] for row in gate_rows]
+        spread = [[y - min(r.summary[key] for r in row.runs) for y, row in zip(ys, gate_rows)],
+                  [max(r.summary[key] for r in row.runs) - y for y, row in zip(ys, gate_rows)]]
         ax.errorbar(xs, ys, yerr=spread, marker="o", capsize=3, color=f"C{colour}", label=gate)
         for x, y, row in zip(xs, ys, gate_rows):
             if row.figures["target_rate"] is not None and gate != "none":
                 ax.annotate(f"{row.figures['target_rate'][0]:g}", (x, y), textcoords="offset points",
                             xytext=(4, -10), fontsize=7, color=f"C{colour}")
-    ax.set(xlabel="training wall-clock (s, evaluation excluded)", ylabel="final validation accuracy (%)")
+    ax.set(xlabel="training wall-clock (s, evaluation excluded)",
+           ylabel=metric_axis(rows[0].metric, final=True) if rows else "final validation accuracy (%)")
     ax.set_title("mean over seeds, bars min to max; labels: target rate", fontsize=9)
     _finish(fig, ax, path)
 
@@ -404,7 +425,8 @@ def report_markdown(sweep_dir: Path, runs: list[Run], rows: list[Row], plots: li
                   "whose other differing overrides (all but `gate`, `gate.*`, `+experiment` and `seed`) equal "
                   "the row's, divided by the row's mean training time; – where the sweep has no "
                   "such run. Time to none's accuracy: the training seconds until a run's first "
-                  f"evaluated epoch within {LOSSLESS_MARGIN} points of the mean final accuracy of those "
+                  f"evaluated epoch within {lossless_text(rows[0].metric)} of the mean final "
+                  f"{'accuracy' if rows[0].metric.is_accuracy else rows[0].metric.key.replace('_', ' ')} of those "
                   "`gate=none` runs, divided by their mean training time (lossless at half the "
                   "wall-clock is 0.5 or less). Compute savings: 1 - FLOPs executed / FLOPs of full training, counted "
                   "with torch.utils.flop_counter; sample savings: 1 - activation rate.", "",
@@ -413,6 +435,10 @@ def report_markdown(sweep_dir: Path, runs: list[Run], rows: list[Row], plots: li
     parts += ["## Incomplete runs", ""]
     parts += [f"- `{r.path.name}`: {r.problem}" for r in incomplete] or ["none"]
     return "\n".join(parts) + "\n"
+
+
+def lossless_text(metric: records.Metric) -> str:
+    return f"{LOSSLESS_MARGIN} points" if metric.is_accuracy else f"{LOSSLESS_MARGIN_NATS} nats"
 
 
 def write_report(source: str | Path) -> tuple[Path, list[Row], list[Run]]:
@@ -452,12 +478,14 @@ def build_wandb_report(groups: list[str], project: str, entity: str, rows: list[
 
     group_by = [f"summary.{k}" if k in ("gate", "model", "attention") else f"config.{k}"
                 for k in (rows[0].label if rows else {})]
+    metric = rows[0].metric if rows else records.Metric()
+    wandb_key = "val/acc" if metric.is_accuracy else f"val/{metric.key[4:]}"  # tracking.WANDB_KEYS' names
     runsets = [wr.Runset(entity=entity, project=project, name=g, filters=f"Group = '{g}'",
                          groupby=group_by) for g in groups]
     panels = [
-        wr.ScatterPlot(title=PLOTS["pareto"], x=wr.SummaryMetric("train_time_s"), y=wr.SummaryMetric("val_acc")),
-        wr.LinePlot(title=PLOTS["accuracy_vs_time"], x="time/train_cumulative_s", y=["val/acc"]),
-        wr.LinePlot(title=PLOTS["accuracy_vs_flops"], x="flops/executed_cumulative", y=["val/acc"]),
+        wr.ScatterPlot(title=PLOTS["pareto"], x=wr.SummaryMetric("train_time_s"), y=wr.SummaryMetric(metric.key)),
+        wr.LinePlot(title=PLOTS["accuracy_vs_time"], x="time/train_cumulative_s", y=[wandb_key]),
+        wr.LinePlot(title=PLOTS["accuracy_vs_flops"], x="flops/executed_cumulative", y=[wandb_key]),
         wr.ScatterPlot(title=PLOTS["activation_rate"], x=wr.SummaryMetric("target_rate"),
                        y=wr.SummaryMetric("activation_rate"), log_x=True, log_y=True),
         wr.LinePlot(title="the gate's threshold", x="Step", y=["gate/threshold"]),
