@@ -24,10 +24,10 @@ def _without_timings(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in TIMING_KEYS}
 
 
-def _kill_after_first_epoch(run_dir) -> None:
+def _kill_after_first_epoch(run_dir, settings=DETERMINISTIC) -> None:
     """Start train.py, SIGKILL it as soon as epoch 1's metrics line (written after its
     checkpoint) appears."""
-    process = subprocess.Popen([sys.executable, "train.py", f"hydra.run.dir={run_dir}", *DETERMINISTIC],
+    process = subprocess.Popen([sys.executable, "train.py", f"hydra.run.dir={run_dir}", *settings],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -42,17 +42,31 @@ def _kill_after_first_epoch(run_dir) -> None:
     assert process.returncode == -signal.SIGKILL
 
 
-def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
+def language_settings(tmp_path) -> list[str]:
+    """A small GPT on a small corpus, the window grid's random phase on (its draw is resumable
+    state too), sundew with memory scoring, packed."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(chr(97 + (i * 7) % 13) for i in range(12000)))
+    return ["task=char_lm", "dataset=shakespeare_char", "model=gpt", f"dataset.root={corpus}",
+            f"dataset.cache_dir={tmp_path / 'cache'}", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",
+            "model.block_size=32", "task.random_phase=true", "gate=sundew_memory", "gate.target_rate=0.5",
+            "gate.pack=true", "training.batch_size=32", "training.epochs=3", "deterministic=true",
+            "training.num_threads=1", "wandb.mode=disabled"]
+
+
+@pytest.mark.parametrize("task", ["classification", "char_lm"])
+def test_killed_run_resumes_to_the_same_final_metrics(tmp_path, task):
+    settings = DETERMINISTIC if task == "classification" else language_settings(tmp_path)
     reference = tmp_path / "uninterrupted"
-    assert run_train(reference, *DETERMINISTIC).returncode == 0
+    assert run_train(reference, *settings).returncode == 0
     killed = tmp_path / "killed"
-    _kill_after_first_epoch(killed)
+    _kill_after_first_epoch(killed, settings)
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["epoch"] >= 1
     # a stale line of an epoch the checkpoint does not cover must not survive the resume
     with (killed / "metrics.jsonl").open("a") as handle:
         handle.write(json.dumps({"epoch": 99, "stale": True}) + "\n")
 
-    result = run_train(killed, *DETERMINISTIC, "resume=true")
+    result = run_train(killed, *settings, "resume=true")
     assert result.returncode == 0, result.stderr[-3000:]
     resumed_records, resumed_summary = read_run(killed)
     reference_records, reference_summary = read_run(reference)
