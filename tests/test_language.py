@@ -237,3 +237,20 @@ def test_char_lm_trains_through_train_py_with_a_packed_memory_gate(tmp_path):
     assert summary["val_bpc"] == pytest.approx(summary["val_loss"] / math.log(2))
     assert abs(records[1]["activation_rate"] - 0.5) < 0.05
     assert "Val Loss" in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("gate", ["none", "random", "sundew", "sundew_memory", "sundew_proxy", "infobatch",
+                                  "selective_backprop"])
+def test_every_gate_trains_on_sequences(tmp_path, gate):
+    write_corpus(tmp_path, "".join(chr(97 + (i * 7) % 13) for i in range(6000)))
+    result = run_train(tmp_path / "run", "task=char_lm", "dataset=shakespeare_char", "model=gpt",
+                       f"dataset.root={tmp_path / 'corpus'}", f"dataset.cache_dir={tmp_path / 'cache'}",
+                       "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.block_size=32",
+                       f"gate={gate}", "training.batch_size=32", "training.epochs=1", "wandb.mode=disabled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, summary = read_run(tmp_path / "run")
+    assert summary["gate"] == gate and summary["samples_seen"] == 168  # (5400 - 1) // 32 windows
+    assert math.isfinite(summary["val_loss"]) and summary["val_loss"] < math.log(13) + 1
+    # scoring forwards are counted only where the gate scores: sundew (forward, proxy), selective backprop
+    scores = gate in ("sundew", "sundew_proxy", "selective_backprop")
+    assert (summary["flops_scoring"] > 0) == scores
