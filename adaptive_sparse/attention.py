@@ -474,8 +474,9 @@ def set_attention_epoch(model: nn.Module, epoch: int) -> None:
     While any layer warms up, every parameter outside the indexers is frozen (requires_grad
     False), so only the indexers train, and the frozen weights cost no backward pass and get no
     optimiser update (Adam skips parameters without a gradient; zeroing their gradients instead
-    would still let weight decay and momentum move them). Afterwards every parameter is
-    trainable again. A model without SparseAttention is left untouched.
+    would still let weight decay and momentum move them). Afterwards each parameter trains
+    again as it did before the warm-up: one frozen on purpose (FastNet's whitening filters, a
+    frozen embedding) stays frozen. A model without SparseAttention is left untouched.
     """
     sparse = [m for m in model.modules() if isinstance(m, SparseAttention)]
     if not sparse:
@@ -485,5 +486,11 @@ def set_attention_epoch(model: nn.Module, epoch: int) -> None:
     warming_up = any(m.dense_warmup for m in sparse)
     indexer_params = {id(p) for m in sparse for p in m.indexer.parameters()}
     for param in model.parameters():
-        if id(param) not in indexer_params:
-            param.requires_grad_(not warming_up)
+        if id(param) in indexer_params:
+            continue
+        if warming_up:
+            if not hasattr(param, "trains_after_warmup"):  # its own setting, kept once
+                param.trains_after_warmup = param.requires_grad
+            param.requires_grad_(False)
+        else:
+            param.requires_grad_(getattr(param, "trains_after_warmup", param.requires_grad))

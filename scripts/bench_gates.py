@@ -95,6 +95,9 @@ def row_for(name: str, runs: list[dict], epoch: int, accuracies: list[float], pe
         "compute_savings": median("compute_savings"),
         "sample_savings": median("sample_savings"),
         "val_acc": statistics.median(s["val_acc"] for s in summaries),
+        # the figure the run's task is judged by (val_acc; val_loss for task=char_lm)
+        "metric": summaries[0].get("metric", "val_acc"),
+        "metric_value": statistics.median(s[summaries[0].get("metric", "val_acc")] for s in summaries),
         "mfu_train_step": step_flops_per_s / peak,
         "time_to_acc_s": {f"{a:g}": _median_or_none([time_to_accuracy(r["records"], a) for r in runs])
                           for a in accuracies},

@@ -222,6 +222,16 @@ def test_warmup_epochs_run_dense_attention_and_train_only_the_indexer():
     assert not torch.allclose(sparse(x), dense(x))  # 8 of 23 keys: no longer dense
 
 
+def test_a_parameter_frozen_on_purpose_stays_frozen_after_the_warmup():
+    sparse, _ = sparse_and_dense(top_k=8, local_window=1, warmup_epochs=1)
+    model = torch.nn.Sequential(torch.nn.Linear(DIM, DIM), torch.nn.Linear(DIM, DIM), sparse)
+    model[0].weight.requires_grad_(False)  # e.g. a frozen embedding or FastNet's whitening filters
+    for epoch in (1, 2, 3):
+        set_attention_epoch(model, epoch)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"0.weight"}
+
+
 # ------------------------------------------------------------------ through train.py
 def test_vit_with_sparse_attention_composes_from_config():
     cfg = compose_config(["model=vit", "attention=sparse", "attention.top_k=24"])
