@@ -15,6 +15,9 @@ from adaptive_sparse.significance import BatchScores
 from conftest import CONF_DIR, compose_config
 
 LANGUAGE_MODELS = {"gpt"}  # models with positions: task=char_lm; the others classify images
+# smaller than their defaults, so the fast tier stays fast: the same code paths, fewer channels and blocks
+SMALL = {"vit": ["model.depth=2", "model.embed_dim=48", "model.num_heads=2"],
+         "fastnet": ["model.widths=[16,32,32]"], "gpt": ["model.n_layer=2", "model.block_size=32"]}
 
 
 def model_cases() -> list[tuple[str, str]]:
@@ -29,9 +32,9 @@ def model_cases() -> list[tuple[str, str]]:
 def build(model: str, attention: str):
     """(model, task, a tiny batch of inputs and targets) as train.py would build them."""
     language = model in LANGUAGE_MODELS
-    overrides = [f"model={model}", f"attention={attention}"]
+    overrides = [f"model={model}", f"attention={attention}", *SMALL.get(model, [])]
     if language:
-        overrides += ["task=char_lm", "dataset=shakespeare_char", "model.block_size=32"]
+        overrides += ["task=char_lm", "dataset=shakespeare_char"]
     cfg = compose_config(overrides)
     task = instantiate(cfg.task)
     torch.manual_seed(0)
