@@ -184,4 +184,20 @@ class RunLog:
 
 def environment_facts(device: torch.device) -> dict[str, Any]:
     return {"device": str(device), "hardware": hardware_description(device),
-            "torch": torch.__version__, "cpu_count": os.cpu_count(), "num_threads": torch.get_num_threads()}
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), "num_threads": torch.get_num_threads(),
+            **code_version()}
+
+
+def code_version(root: Path = Path(__file__).resolve().parents[1]) -> dict[str, Any]:
+    """The git commit the code ran from and whether its tracked files had uncommitted changes
+    (None for both outside a git checkout): what a record needs to say which code made it."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                 capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": bool(changes.strip())}
