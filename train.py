@@ -169,7 +169,7 @@ def main(cfg: DictConfig) -> float:
             dist.merge_epoch(tally, gate, memory_at_start)  # torchrun: global counts, one sample memory
 
             # -------------------------------------------------------------- evaluation
-            validation = dict.fromkeys(task.metrics(0.0, 0.0))  # null in epochs without evaluation
+            validation = dict.fromkeys(task.metric_keys)  # null in epochs without evaluation
             if epoch % train_cfg.eval_every_epochs == 0 or epoch == train_cfg.epochs:
                 with timer.phase("eval"):  # torchrun: each rank a slice of the validation set, sums reduced
                     validation = task.metrics(*dist.evaluate(evaluation_sums(model, val_loader, precision,
@@ -208,7 +208,7 @@ def main(cfg: DictConfig) -> float:
         energy_meter.close()
 
         summary = summarise(history, gate.target_rate, flop_meter)
-        summary.update(**task.summary(), **{k: history[-1][k] for k in validation},
+        summary.update(**task.summary(), **{k: history[-1].get(k) for k in task.metric_keys},
                        gate=choices.gate, model=choices.model, attention=choices.attention,
                        dataset=choices.dataset, data_source=data.source, seed=cfg.seed,
                        scoring=cfg.gate.get("scoring"), selection=cfg.gate.get("selection"),

@@ -6,7 +6,6 @@ batch; the others get None and cost nothing before selection.
 """
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Callable
 

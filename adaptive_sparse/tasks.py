@@ -72,6 +72,11 @@ class Task:
         """The validation record's figures from the mean loss and the accuracy (%)."""
         return {"val_loss": mean_loss, "val_acc": accuracy}
 
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """The record keys `metrics` fills (null in an epoch without evaluation)."""
+        return tuple(self.metrics(0.0, 0.0))
+
     def describe(self, data: Any) -> str:
         raise NotImplementedError
 

@@ -35,11 +35,8 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from adaptive_sparse.attention import DenseAttention, SparseAttention, auxiliary_loss  # noqa: E402
-from adaptive_sparse.tracking import hardware_description  # noqa: E402
+from adaptive_sparse.attention import DenseAttention, SparseAttention, auxiliary_loss
+from adaptive_sparse.tracking import hardware_description
 
 # the sparse variants: attention.granularity, and for token granularity attention.kernel
 VARIANTS = {"token": {"granularity": "token"}, "token-mask": {"granularity": "token", "kernel": "mask"},

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from adaptive_sparse.records import short_source, time_to_accuracy
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # adaptive_sparse, when run as `python scripts/bench_gates.py`
-from adaptive_sparse.records import short_source, time_to_accuracy  # noqa: E402
 CONFIGS = {
     "none": ["gate=none"],
     "random": ["gate=random"],

@@ -29,10 +29,10 @@ matplotlib.use("Agg")  # files only: no display on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # adaptive_sparse, when run as `python scripts/report.py`
-from adaptive_sparse import records  # noqa: E402
+from adaptive_sparse import records  # noqa: E402  (installed: pip install -r requirements.txt)
 from adaptive_sparse.sweeps import parse_overrides, sweep_group_name  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Overrides that never tell rows apart: seeds are averaged over; the rest name places and
 # logging, not experiments (the same keys that sweep sub-directory names leave out).
