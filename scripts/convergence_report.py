@@ -432,7 +432,7 @@ def plot_curves(study: Study, budget: float, path: Path) -> None:
     arms = [study.full, *(a for a in [study.matched(budget)] if a)]
     arms += [a for a in study.arms.values() if a.key.gate != "none" and a.key.rate == budget]
     for i, arm in enumerate(arms):
-        row = report.Row({}, list(arm.runs.values()))
+        row = report.Row({}, list(arm.runs.values()), metric=METRIC[0])
         xs, mean, _, _ = report._curve(row, "epoch_time_s")
         ax.plot([x / study.full_time for x in xs], mean, marker=".", color="black" if i == 0 else f"C{i}",
                 linestyle="--" if arm.key.gate == "none" else "-", label=f"{arm.key.label} (n={len(arm.runs)})")

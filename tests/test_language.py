@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from adaptive_sparse.attention import DenseAttention, SparseAttention, select_keys, IndexerFeatures
+from adaptive_sparse.attention import IndexerFeatures, select_keys
 from adaptive_sparse.config import ConfigError
 from adaptive_sparse.data import DatasetError
 from adaptive_sparse.gpt import GPT
@@ -18,24 +18,17 @@ from adaptive_sparse.step import evaluation_sums
 from adaptive_sparse.text import EvalWindows, TokenSplit, TrainWindows, load_shakespeare_char, window_count
 
 from conftest import compose_config, read_run, run_train
+from test_attention import DIM, sparse_and_dense  # a sparse layer and a dense one sharing their weights
 
-DIM, HEADS = 24, 3
 KERNELS = [("token", "gather"), ("token", "mask"), ("block", "gather")]
 
-
-def causal_pair(**settings) -> tuple[SparseAttention, DenseAttention]:
-    torch.manual_seed(0)
-    sparse = SparseAttention(DIM, HEADS, **settings)
-    dense = DenseAttention(DIM, HEADS)
-    dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if not k.startswith("indexer.")})
-    return sparse, dense
 
 
 # ------------------------------------------------------------------ causal sparse attention
 @pytest.mark.parametrize("granularity,kernel", KERNELS)
 @pytest.mark.parametrize("n", [64, 37, 1])
 def test_causal_sparse_equals_dense_causal_when_top_k_covers_every_key(granularity, kernel, n):
-    sparse, dense = causal_pair(top_k=128, granularity=granularity, block_size=8, kernel=kernel)
+    sparse, dense = sparse_and_dense(top_k=128, granularity=granularity, block_size=8, kernel=kernel)
     x = torch.randn(2, n, DIM)
     outs, grads = [], []
     for module in (sparse, dense):
@@ -54,7 +47,7 @@ def test_causal_sparse_equals_dense_causal_when_top_k_covers_every_key(granulari
 def test_no_output_depends_on_a_later_token(granularity, kernel, warmup):
     """Change every token after position t: the outputs at positions <= t, and the indexer's
     choice for them, stay the same, with top_k well below the length (keys are dropped)."""
-    sparse, _ = causal_pair(top_k=16, local_window=0, global_tokens=1, granularity=granularity, block_size=8,
+    sparse, _ = sparse_and_dense(top_k=16, local_window=0, global_tokens=1, granularity=granularity, block_size=8,
                             kernel=kernel)
     sparse.dense_warmup = warmup
     x = torch.randn(2, 48, DIM)
@@ -78,7 +71,7 @@ def test_causal_selection_scores_no_future_key():
 
 
 def test_indexer_loss_is_finite_with_future_padding():
-    sparse, _ = causal_pair(top_k=16, local_window=0, granularity="token")
+    sparse, _ = sparse_and_dense(top_k=16, local_window=0, granularity="token")
     sparse.train()
     sparse(torch.randn(2, 32, DIM), is_causal=True)  # queries 0..14 have fewer than 16 past keys
     assert torch.isfinite(sparse.indexer_loss) and sparse.indexer_loss >= 0
