@@ -34,6 +34,7 @@ from adaptive_sparse.metering import FlopMeter, PhaseTimer, Tally
 from adaptive_sparse.models import count_parameters
 from adaptive_sparse.optim import build_scheduler
 from adaptive_sparse.packing import SelectionPacker, TrainBatch
+from adaptive_sparse.records import Metric
 from adaptive_sparse.scorers import ModelScorer
 from adaptive_sparse.step import evaluation_sums, inject_nan_at_step, train_on_subset
 from adaptive_sparse.tracking import RunLog, environment_facts, table_header, table_row
@@ -217,15 +218,13 @@ def main(cfg: DictConfig) -> float:
         run_log.write_summary(summary)
     dist.close()
     log.info("final %s %s, activation rate %.4f (target %s), compute savings %.1f%%, "
-             "sample savings %.1f%%, training time %.1fs", task.metric, metric_text(summary, task.metric),
+             "sample savings %.1f%%, training time %.1fs", task.metric,
+             Metric(task.metric, task.higher_is_better).value_text(summary[task.metric]),
              summary["activation_rate"],
              summary["target_rate"], 100 * summary["compute_savings"], 100 * summary["sample_savings"],
              summary["train_time_s"])
     return summary[task.metric]
 
-
-def metric_text(summary: dict, metric: str) -> str:
-    return f"{summary[metric]:.2f}%" if metric == "val_acc" else f"{summary[metric]:.4f}"
 
 
 def summarise(history: list[dict], target_rate: float, flop_meter: FlopMeter) -> dict:

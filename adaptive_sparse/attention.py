@@ -113,6 +113,11 @@ def forced_keys(query_pos: torch.Tensor, num_keys: int, global_keys: int, local_
     return forced & (offset >= 0) if causal else forced
 
 
+def later_than(n: int, device: torch.device) -> torch.Tensor:
+    """[n, n] True where column s comes after row t (s > t): the causal mask of n positions."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+
+
 def future_keys(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
     """True where a key lies after its query: key_pos > query_pos, broadcast (e.g. [T, 1] and [T, K])."""
     return key_pos > query_pos
@@ -402,19 +407,18 @@ class SparseAttention(DenseAttention):
         if not train_indexer:
             return out, None, None
         n = q.shape[2]
-        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)  # [N, N]: s > t
         with torch.no_grad():
             scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # [B, H, N, N]
-            target = (scores.masked_fill(future, float("-inf")) if causal else scores).softmax(-1).mean(1)
+            if causal:
+                scores = scores.masked_fill(later_than(n, q.device), float("-inf"))
+            target = scores.softmax(-1).mean(1)
             if self.granularity == "block":
                 bs, nb = self.block_size, -(-n // self.block_size)
                 target = pool_blocks(target, bs)  # [B, NB, N]: mean over each block's queries
                 target = F.pad(target, (0, nb * bs - n)).view(*target.shape[:2], nb, bs).sum(-1)  # [B, NB, NB]
         logits = index_scores(features.query, features.weight, features.key)  # [B, N or NB, N or NB]
         if causal:  # future tokens, or future blocks (j > i): never a target, never a logit
-            size = logits.shape[1]
-            logits = logits.masked_fill(torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1),
-                                        float("-inf"))
+            logits = logits.masked_fill(later_than(logits.shape[1], q.device), float("-inf"))
         return out, target, logits
 
 

@@ -27,9 +27,8 @@ def example_like(inputs: torch.Tensor, targets: torch.Tensor) -> ExampleBatch:
     return example
 
 
-def class_example(sample_shape: tuple[int, ...], num_classes: int = 0) -> ExampleBatch:
-    """Batches of float inputs of `sample_shape` with one class label each (num_classes: unused,
-    any label is a valid shape)."""
+def class_example(sample_shape: tuple[int, ...]) -> ExampleBatch:
+    """Batches of float inputs of `sample_shape` (an image's [3, H, W]) with one class label each."""
     return example_like(torch.empty(1, *sample_shape), torch.empty(1, dtype=torch.long))
 
 

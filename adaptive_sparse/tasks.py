@@ -22,7 +22,7 @@ from torch import nn
 
 from adaptive_sparse.config import ConfigError
 from adaptive_sparse.data import BatchLoader, ImageData, IndexedBatches
-from adaptive_sparse.metering import ExampleBatch, example_like
+from adaptive_sparse.metering import ExampleBatch, class_example, example_like
 
 
 class Task:
@@ -123,7 +123,7 @@ class ClassificationTask(Task):
         return model
 
     def example(self, data: ImageData) -> ExampleBatch:
-        return example_like(torch.empty(1, *data.train.images.shape[1:]), torch.empty(1, dtype=torch.long))
+        return class_example(tuple(data.train.images.shape[1:]))
 
     def flip_tta(self, cfg: DictConfig) -> bool:
         return bool(cfg.training.eval_flip_tta)
@@ -173,9 +173,9 @@ class CharLMTask(Task):
         return EvalWindows(data.val, self.block_size, cfg.training.eval_batch_size, device, indices=indices)
 
     def eval_size(self, data) -> int:
-        from adaptive_sparse.text import EvalWindows
+        from adaptive_sparse.text import eval_window_starts
 
-        return EvalWindows(data.val, self.block_size, 1, torch.device("cpu")).num_samples
+        return len(eval_window_starts(len(data.val), self.block_size))
 
     def prepare_model(self, model: nn.Module, data, cfg: DictConfig, device: torch.device) -> nn.Module:
         capacity = getattr(model, "block_size", None)

@@ -159,6 +159,13 @@ class TrainWindows(IndexedBatches):
         return windows[:, :-1], windows[:, 1:]
 
 
+def eval_window_starts(num_tokens: int, block_size: int) -> list[int]:
+    """Where the validation windows start: at stride T, then one window ending at the split's end
+    when T does not divide N - 1 (its first targets were scored by the window before)."""
+    full, tail = divmod(num_tokens - 1, block_size)
+    return [i * block_size for i in range(full)] + ([num_tokens - 1 - block_size] if tail else [])
+
+
 class EvalWindows(IndexedBatches):
     """Every character of a split after the first, scored exactly once: windows at stride T,
     and when T does not divide N - 1, one last window ending at the split's end whose already
@@ -170,8 +177,8 @@ class EvalWindows(IndexedBatches):
         if n < t + 1:
             raise DatasetError(f"the validation split ({n} characters) is shorter than one window of "
                                f"task.block_size + 1 = {t + 1}")
-        full, tail = divmod(n - 1, t)
-        starts = [i * t for i in range(full)] + ([n - 1 - t] if tail else [])
+        starts = eval_window_starts(n, t)
+        tail = (n - 1) % t
         super().__init__(len(starts), batch_size, device, shuffle=False, indices=indices)
         self.tokens = split.tokens.to(device)
         self.starts = torch.tensor(starts, device=device)  # [W]

@@ -39,6 +39,11 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict]:
     return [json.loads(line) for line in lines], json.loads((run_dir / "summary.json").read_text())
 
 
+def cyclic_text(n: int) -> str:
+    """n characters cycling through 13 letters in a fixed order: a corpus a tiny GPT learns in seconds."""
+    return "".join(chr(97 + (i * 7) % 13) for i in range(n))
+
+
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)

@@ -17,7 +17,7 @@ from adaptive_sparse.significance import BatchScores
 from adaptive_sparse.step import evaluation_sums
 from adaptive_sparse.text import EvalWindows, TokenSplit, TrainWindows, load_shakespeare_char, window_count
 
-from conftest import compose_config, read_run, run_train
+from conftest import compose_config, cyclic_text, read_run, run_train
 from test_attention import DIM, sparse_and_dense  # a sparse layer and a dense one sharing their weights
 
 KERNELS = [("token", "gather"), ("token", "mask"), ("block", "gather")]
@@ -215,7 +215,7 @@ def test_the_window_follows_the_model_by_default_and_the_proxy_is_a_small_gpt():
 
 # ------------------------------------------------------------------ through train.py
 def test_char_lm_trains_through_train_py_with_a_packed_memory_gate(tmp_path):
-    write_corpus(tmp_path, "".join(chr(97 + (i * 7) % 13) for i in range(6000)))
+    write_corpus(tmp_path, cyclic_text(6000))
     result = run_train(tmp_path / "run", "task=char_lm", "dataset=shakespeare_char", "model=gpt",
                        f"dataset.root={tmp_path / 'corpus'}", f"dataset.cache_dir={tmp_path / 'cache'}",
                        "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.block_size=32",
@@ -234,7 +234,7 @@ def test_char_lm_trains_through_train_py_with_a_packed_memory_gate(tmp_path):
 @pytest.mark.parametrize("gate", ["none", "random", "sundew", "sundew_memory", "sundew_proxy", "infobatch",
                                   "selective_backprop"])
 def test_every_gate_trains_on_sequences(tmp_path, gate):
-    write_corpus(tmp_path, "".join(chr(97 + (i * 7) % 13) for i in range(6000)))
+    write_corpus(tmp_path, cyclic_text(6000))
     result = run_train(tmp_path / "run", "task=char_lm", "dataset=shakespeare_char", "model=gpt",
                        f"dataset.root={tmp_path / 'corpus'}", f"dataset.cache_dir={tmp_path / 'cache'}",
                        "model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.block_size=32",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, TINY, compose_with_hydra, read_run, run_train
+from conftest import CONF_DIR, TINY, compose_with_hydra, cyclic_text, read_run, run_train
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # the report's "Next Steps" (and the extra sweeps) -> the preset that answers each
@@ -91,7 +91,7 @@ def test_preset_runs(name: str, tmp_path: Path):
     # single runs (no -m): presets that sweep run their first setting; gpu runs on the CPU here
     if compose_with_hydra([f"+experiment={name}"]).hydra.runtime.choices.task == "char_lm":
         corpus = tmp_path / "corpus.txt"  # a small text in place of tiny-shakespeare
-        corpus.write_text("".join(chr(97 + (i * 7) % 13) for i in range(8000)))
+        corpus.write_text(cyclic_text(8000))
         data = [f"dataset.root={corpus}", f"dataset.cache_dir={tmp_path / 'cache'}", "training.epochs=1",
                 "wandb.mode=disabled"]
     else:
