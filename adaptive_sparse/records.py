@@ -1,5 +1,5 @@
-"""Figures read off a run's per-epoch records (metrics.jsonl), shared by the report and the
-benchmarks. Light on purpose (no torch), like sweeps.py: scripts/report.py imports it."""
+"""Figures read off a run's per-epoch records (metrics.jsonl), shared by the analysis library
+(adaptive_sparse.analysis) and the benchmarks. Light on purpose (no torch), like sweeps.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,6 +39,11 @@ class Metric:
     @property
     def digits(self) -> int:
         return 2 if self.is_accuracy else 3
+
+    def axis_label(self, final: bool = False) -> str:
+        """'validation accuracy (%)', or 'validation loss (nats)' (with 'final ' before)."""
+        name = "validation accuracy (%)" if self.is_accuracy else f"validation {self.key[4:]} (nats)"
+        return f"final {name}" if final else name
 
     def value_text(self, value: float) -> str:
         return f"{value:.2f}%" if self.is_accuracy else f"{value:.4f}"

@@ -1,10 +1,13 @@
-"""What identifies a job inside a sweep: its overrides, its W&B group and tags.
+"""What identifies a job inside a sweep: its overrides, its W&B group and tags, its name in a
+study's queue.
 
-Shared by train.py's W&B set-up (tracking.RunLog) and scripts/report.py, so a sweep's
-W&B group and its report agree on names. Light on purpose (no torch): report.py imports it.
+Shared by train.py's W&B set-up (tracking.RunLog), the analysis library (adaptive_sparse.analysis)
+and scripts/run_queue.py, so a sweep's W&B group, its report and its queue agree on names.
+Light on purpose (no torch): the analysis library imports it.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -40,7 +43,7 @@ def sweep_group_name(sweep_dir: str | Path) -> str:
     """The W&B group of every job of one multirun: the sweep directory's last two parts.
 
     multirun/2026-11-24/10-30-00 -> '2026-11-24_10-30-00'; hydra.sweep.dir=multirun/gates
-    -> 'multirun_gates'. report.py derives the same name from the directory it is given.
+    -> 'multirun_gates'. The sweep report derives the same name from the directory it is given.
     """
     return "_".join(Path(sweep_dir).resolve().parts[-2:])
 
@@ -59,3 +62,20 @@ def wandb_identity(wandb_cfg: Mapping[str, Any], hydra_cfg: Any | None) -> dict[
         tags += [t for t in job_tags(hydra_cfg.overrides.task, exclude) if t not in tags]
         name = name or Path(hydra_cfg.runtime.output_dir).name
     return {"group": group, "tags": tags, "name": name}
+
+
+def read_queue(path: Path) -> list[list[str]]:
+    """A study's queue file: one run (train.py overrides) per non-empty line, `#` comments aside."""
+    runs = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            runs.append(line.split())
+    return runs
+
+
+def run_name(overrides: list[str]) -> str:
+    """A queued run's directory name: '+experiment=convergence gate=random gate.pack=true seed=0'
+    -> 'convergence,gate.pack=true,gate=random,seed=0'."""
+    parts = sorted(o.lstrip("+").replace("experiment=", "") for o in overrides)
+    return re.sub(r"[^A-Za-z0-9=.,_-]", "_", ",".join(parts))

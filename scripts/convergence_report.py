@@ -26,14 +26,13 @@ that have no record yet are listed as not yet run.
 
 Runs are judged by the metric their summary.json names (`metric`: val_acc for classification,
 val_loss for task=char_lm, where lower is better), with the goals of `GOALS` in its unit.
-Intervals are 95% Student-t intervals over seeds (none for one seed); paired differences take
+Intervals are adaptive_sparse.analysis's: 95% Student-t over seeds (none for one seed); paired differences take
 the same seed of both arms (arm minus baseline: positive is better for accuracy, negative for a loss). Times are training wall-clock (evaluation excluded) as recorded by
 each run, as a share of full training's mean.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import re
@@ -42,26 +41,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-
-
-def sibling_script(module_name: str, file_name: str):
-    """A script beside this one as a module (scripts/ is no package), loaded once per process."""
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, HERE / file_name)
-    module = sys.modules[module_name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-report = sibling_script("sweep_report", "report.py")
-run_queue = sibling_script("run_queue", "run_queue.py")
+from adaptive_sparse import analysis
+from adaptive_sparse.analysis import Arm, Estimate, Run, interval, paired, pm
+from adaptive_sparse.records import Metric, metric_of
 
 GATES = ("sundew_memory", "random", "sundew_proxy")  # plot colours, in this order
 TITLE = "Convergence study: does gating beat simply training less?"
@@ -83,21 +65,6 @@ BENCH_CONFIGS = {("random", False, None): "random", ("random", True, None): "ran
                  ("sundew_memory", False, None): "sundew-memory", ("sundew_memory", True, None): "sundew-memory-packed",
                  ("sundew_proxy", False, None): "sundew-proxy", ("sundew_proxy", True, None): "sundew-proxy-packed",
                  ("sundew_proxy", False, "top"): "keep-top-proxy"}
-# two-sided 95% Student-t quantiles by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def interval(values: list[float]) -> tuple[float, float | None]:
-    """Mean and the half-width of its 95% t-interval (None for a single value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def fmt(figure: tuple[float, float | None], digits: int = 2) -> str:
-    mean, half = figure
-    return f"{mean:.{digits}f}" + ("" if half is None else f" ± {half:.{digits}f}")
 
 
 @dataclass(frozen=True)
@@ -109,9 +76,9 @@ class ArmKey:
     precision: str = "bf16"
     selection: str | None = None  # sundew's rule when it is not the default percentile
 
-    @property
-    def label(self) -> str:
-        other = "" if self.precision == STUDY_PRECISION[0] else f", {self.precision}"
+    def label(self, study_precision: str = "bf16") -> str:
+        """The arm's name on the page; its precision is named when it is not the study's."""
+        other = "" if self.precision == study_precision else f", {self.precision}"
         if self.gate == "none":
             return f"none, {self.epochs} epochs{other}"
         rate = "" if self.rate is None else f" {self.rate:g}"
@@ -119,23 +86,7 @@ class ArmKey:
         return f"{self.gate}{rate}{rule}{', packed' if self.packed else ''}{other}"
 
 
-STUDY_PRECISION = ["bf16"]  # the full-training runs' precision; arms in another one say so
-METRIC = [report.records.Metric()]  # what the study's runs are judged by (set by build_study)
-
-
-@dataclass
-class Arm:
-    key: ArmKey
-    runs: dict[int, report.Run] = field(default_factory=dict)  # by seed
-
-    def finals(self, seeds=None) -> dict[int, float]:
-        return {s: r.summary[METRIC[0].key] for s, r in self.runs.items() if seeds is None or s in seeds}
-
-    def times(self) -> list[float]:
-        return [r.summary["train_time_s"] for r in self.runs.values()]
-
-
-def arm_key(run: report.Run) -> ArmKey:
+def arm_key(run: Run) -> ArmKey:
     s = run.summary
     packed = str(run.overrides.get("gate.pack", "false")).lower() == "true"
     selection = s.get("selection") if s.get("selection") != "percentile" else None  # older records: none
@@ -143,10 +94,10 @@ def arm_key(run: report.Run) -> ArmKey:
                   s.get("precision") or "fp32", selection)
 
 
-def group_arms(runs: list[report.Run]) -> dict[ArmKey, Arm]:
+def group_arms(runs: list[Run], metric: Metric) -> dict[ArmKey, Arm]:
     arms: dict[ArmKey, Arm] = {}
     for run in (r for r in runs if r.complete):
-        arms.setdefault(arm_key(run), Arm(arm_key(run))).runs[run.summary["seed"]] = run
+        arms.setdefault(arm_key(run), Arm(arm_key(run), metric)).add(run)
     return dict(sorted(arms.items(), key=lambda kv: (kv[0].gate != "none", -kv[0].epochs, kv[0].gate,
                                                      -(kv[0].rate or 0), not kv[0].packed)))
 
@@ -176,9 +127,17 @@ def idle_shares(bench_files: list[Path]) -> dict[tuple[str, float, bool, str | N
 class Study:
     arms: dict[ArmKey, Arm]
     full: Arm
+    metric: Metric    # what the runs are judged by (their records' `metric`)
     full_time: float  # mean training seconds of full training
     full_acc: float   # its mean final metric (accuracy, or loss)
     idle: dict[tuple[str, float, bool, str | None], float] = field(default_factory=dict)  # see idle_shares
+
+    @property
+    def goals(self) -> Goals:
+        return GOALS[self.metric.key]
+
+    def label(self, arm: Arm) -> str:
+        return arm.key.label(self.full.key.precision)
 
     def none_over(self, epochs: int) -> Arm | None:
         return self.arms.get(ArmKey("none", 1.0, False, epochs, self.full.key.precision))
@@ -215,45 +174,21 @@ class Study:
         return sorted({k.rate for k in self.arms if k.gate != "none" and k.rate is not None}, reverse=True)
 
 
-def build_study(runs: list[report.Run], bench_files: list[Path] = ()) -> Study:
-    arms = group_arms(runs)
+def build_study(runs: list[Run], bench_files: list[Path] = ()) -> Study:
+    metric = metric_of(r.summary for r in runs if r.complete)
+    arms = group_arms(runs, metric)
     nones = [a for k, a in arms.items() if k.gate == "none"]
     if not nones:
         raise SystemExit("no gate=none run: the study needs full training to compare with")
     full = max(nones, key=lambda a: (a.key.epochs, len(a.runs)))
-    STUDY_PRECISION[0] = full.key.precision
-    METRIC[0] = report.records.metric_of(r.summary for r in runs if r.complete)
-    return Study(arms, full, statistics.fmean(full.times()), statistics.fmean(full.finals().values()),
+    return Study(arms, full, metric, statistics.fmean(full.times()), statistics.fmean(full.finals().values()),
                  idle_shares(list(bench_files)))
-
-
-def time_to(run: report.Run, target: float) -> float | None:
-    return report.records.time_to_metric(run.epochs, target, METRIC[0])
-
-
-def goals() -> Goals:
-    return GOALS[METRIC[0].key]
-
-
-def digits() -> int:
-    return METRIC[0].digits
-
-
-def paired(arm: Arm, other: Arm | None) -> tuple[tuple[float, float | None], int] | None:
-    """Mean (and 95% interval) of arm - other over their common seeds, and how many."""
-    if other is None:
-        return None
-    seeds = sorted(set(arm.runs) & set(other.runs))
-    if not seeds:
-        return None
-    a, b = arm.finals(seeds), other.finals(seeds)
-    return interval([a[s] - b[s] for s in seeds]), len(seeds)
 
 
 # --------------------------------------------------------------------------- tables
 
 def arms_table(study: Study) -> str:
-    metric, margin = METRIC[0], goals().time_margin
+    metric, margin = study.metric, study.goals.time_margin
     goal = metric.worse_by(study.full_acc, margin)
     target = (f"{goal:.2f}% (full - {margin} pt)" if metric.is_accuracy
               else f"{goal:.4f} (full + {margin} nats)")
@@ -261,45 +196,38 @@ def arms_table(study: Study) -> str:
     head = ["arm", "seeds", f"final {metric.name}", *([f"best {metric.name}"] if best else []), "train time (s)",
             "share of full's time", "share of full's FLOPs", "optimiser steps / full's",
             f"time to {target}, share of full's"]
-    full_flops = statistics.fmean(r.summary["flops_executed"] for r in study.full.runs.values())
+    full_flops = statistics.fmean(study.full.values("flops_executed"))
     full_steps = statistics.fmean(optimizer_steps(r) for r in study.full.runs.values())
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in study.arms.values():
-        flops = statistics.fmean(r.summary["flops_executed"] for r in arm.runs.values()) / full_flops
+        flops = statistics.fmean(arm.values("flops_executed")) / full_flops
         steps = statistics.fmean(optimizer_steps(r) for r in arm.runs.values()) / full_steps
-        reached = [time_to(r, goal) for r in arm.runs.values()]
+        reached = arm.times_to(goal)
         done = [t / study.full_time for t in reached if t is not None]
-        cell = (fmt(interval(done)) if len(done) == len(reached)
+        cell = (pm(interval(done)) if len(done) == len(reached)
                 else f"not reached by {len(reached) - len(done)} of {len(reached)}")
-        lines.append(f"| {arm.key.label} | {','.join(map(str, sorted(arm.runs)))} | "
-                     f"{fmt(interval(list(arm.finals().values())), 2 if metric.is_accuracy else 4)} | "
-                     + (f"{fmt(interval(best_values(arm)), 4)} | " if best else "")
-                     + f"{fmt(interval(arm.times()), 0)} | "
+        lines.append(f"| {study.label(arm)} | {','.join(map(str, sorted(arm.runs)))} | "
+                     f"{pm(interval(list(arm.finals().values())), 2 if metric.is_accuracy else 4)} | "
+                     + (f"{pm(interval(arm.best()), 4)} | " if best else "")
+                     + f"{pm(interval(arm.times()), 0)} | "
                      f"{study.share(arm):.3f} | {flops:.3f} | {steps:.3f} | {cell} |")
     return "\n".join(lines)
 
 
-def best_values(arm: Arm) -> list[float]:
-    """Each seed's best evaluated epoch (the lowest loss, the highest accuracy)."""
-    metric = METRIC[0]
-    pick = max if metric.higher_is_better else min
-    return [pick(e[metric.key] for e in r.epochs if e.get(metric.key) is not None) for r in arm.runs.values()]
-
-
-def optimizer_steps(run: report.Run) -> int:
+def optimizer_steps(run: Run) -> int:
     """The run's optimiser steps. Epochs recorded before the optimizer_steps key existed (the
     first gate=none epochs of the study) stepped once per batch of 64 trained samples."""
     return sum(e["optimizer_steps"] if e.get("optimizer_steps") is not None
                else math.ceil(e["samples_trained"] / 64) for e in run.epochs)
 
 
-def versus(result: tuple[tuple[float, float | None], int] | None, note: str = "") -> list[str]:
+def versus(result: Estimate | None, digits: int, note: str = "") -> list[str]:
     """Two table cells: a paired difference (with `note` after it) and its number of seeds."""
-    return ["–", "–"] if result is None else [fmt(result[0], digits()) + note, str(result[1])]
+    return ["–", "–"] if result is None else [pm(result, digits) + note, str(result.n)]
 
 
-def differences_table(study: Study) -> tuple[str, list[tuple[str, float, tuple[float, float | None], int]]]:
-    unit = METRIC[0].unit
+def differences_table(study: Study) -> tuple[str, list[tuple[str, float, Estimate]]]:
+    unit, digits = study.metric.unit, study.metric.digits
     head = ["gated arm", "share of full's time, recorded", "share of full's time, idle",
             f"vs none over b·E epochs: equal FLOPs ({unit})", "seeds",
             f"vs none at equal idle time ({unit})", "seeds",
@@ -308,30 +236,31 @@ def differences_table(study: Study) -> tuple[str, list[tuple[str, float, tuple[f
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     forest = []
     for arm in study.arms.values():
-        k = arm.key
+        k, label = arm.key, study.label(arm)
         if k.gate == "none":
             continue
         # InfoBatch sets no target rate: no budget to match, but the nearest schedule in time still pairs
         versus_flops = paired(arm, study.matched(k.rate)) if k.rate is not None else None
         share = study.idle_share(arm)
-        cells = [k.label, f"{study.share(arm):.3f}", "–" if share is None else f"{share:.3f}"]
-        cells += versus(versus_flops)
+        cells = [label, f"{study.share(arm):.3f}", "–" if share is None else f"{share:.3f}"]
+        cells += versus(versus_flops, digits)
         if share is None:
             cells += ["–", "–"]
         else:
             epochs, same_time, _ = study.time_matched(arm)
             versus_time = paired(arm, same_time)
-            cells += versus(versus_time, f" ({epochs} epochs)") if same_time else [f"– ({epochs} epochs not yet run)", "–"]
+            cells += (versus(versus_time, digits, f" ({epochs} epochs)") if same_time
+                      else [f"– ({epochs} epochs not yet run)", "–"])
             if versus_time:
-                forest.append((f"{k.label} vs {epochs} epochs (equal idle time)", k.rate, *versus_time))
+                forest.append((f"{label} vs {epochs} epochs (equal idle time)", k.rate, versus_time))
         nearest = study.nearest_in_time(arm)
-        cells += versus(paired(arm, nearest), f" ({nearest.key.epochs} epochs, {study.share(nearest):.3f})")
+        cells += versus(paired(arm, nearest), digits, f" ({nearest.key.epochs} epochs, {study.share(nearest):.3f})")
         random = study.arms.get(ArmKey("random", k.rate, k.packed, k.epochs, k.precision))
-        cells += versus(paired(arm, random) if k.gate != "random" else None)
+        cells += versus(paired(arm, random) if k.gate != "random" else None, digits)
         lines.append("| " + " | ".join(cells) + " |")
         if versus_flops:
-            forest.append((f"{k.label} vs {study.matched(k.rate).key.epochs} epochs (equal FLOPs)", k.rate,
-                           *versus_flops))
+            forest.append((f"{label} vs {study.matched(k.rate).key.epochs} epochs (equal FLOPs)", k.rate,
+                           versus_flops))
     return "\n".join(lines), forest
 
 
@@ -339,57 +268,33 @@ def goal_verdict(study: Study) -> str:
     """The issue's goal at budget 0.5, met or missed, with the figures: judged against full
     training at the gate's time (Study.time_matched); the equal-FLOPs schedule is quoted beside it."""
     lines = []
-    metric, goal = METRIC[0], goals()
+    metric, goal, digits = study.metric, study.goals, study.metric.digits
     for arm in study.arms.values():
-        k = arm.key
-        if k.gate == "none" or k.rate != 0.5:
+        if arm.key.gate == "none" or arm.key.rate != 0.5:
             continue
         epochs, same_time, how = study.time_matched(arm)
         result = paired(arm, same_time)
-        gain = None if result is None else metric.sign * result[0][0]  # > 0: the gate is better
-        beat = (result is not None and result[0][1] is not None and gain >= goal.beat
-                and gain - result[0][1] > 0)
-        lossless = [time_to(r, metric.worse_by(study.full_acc, goal.lossless)) for r in arm.runs.values()]
+        gain = None if result is None else metric.sign * result.mean  # > 0: the gate is better
+        beat = result is not None and result.half is not None and gain >= goal.beat and gain - result.half > 0
+        lossless = arm.times_to(metric.worse_by(study.full_acc, goal.lossless))
         in_half = sum(t is not None and t <= goal.lossless_share * study.full_time for t in lossless)
         if beat or in_half == len(lossless):
             verdict = "met"
         elif result is None:
             verdict = f"undecided (full training over {epochs} epochs not yet run)"
-        elif result[0][1] is None:
+        elif result.half is None:
             verdict = "undecided (fewer than two paired seeds)"
         else:
             verdict = "missed"
-        diff = "–" if result is None else f"{fmt(result[0], digits())} {metric.unit} over {result[1]} seed(s)"
+        diff = "–" if result is None else f"{pm(result, digits)} {metric.unit} over {result.n} seed(s)"
         flops = paired(arm, study.matched(0.5))
         flops_text = "" if flops is None else (f"; against {study.matched(0.5).key.epochs} epochs (equal FLOPs): "
-                                               f"{fmt(flops[0], digits())} over {flops[1]}")
+                                               f"{pm(flops, digits)} over {flops.n}")
         share = "half" if goal.lossless_share == 0.5 else f"{goal.lossless_share:g} of"
-        lines.append(f"- {k.label}: against full training over {epochs} epochs ({how}): {diff}{flops_text}; "
+        lines.append(f"- {study.label(arm)}: against full training over {epochs} epochs ({how}): {diff}{flops_text}; "
                      f"within {goal.lossless} {metric.unit} of full training in at most {share} its time on "
                      f"{in_half} of {len(lossless)} seeds: goal **{verdict}**")
     return "\n".join(lines) or "- no gated arm at budget 0.5 yet"
-
-
-def not_yet_run_section(missing: list[str], queue_file: Path | None) -> list[str]:
-    """The page's closing section: the queue's runs without a record (nothing if none)."""
-    if not missing:
-        return []
-    return ["## Not yet run", "", f"In `{queue_file}` without a record yet:", "", *(f"- `{m}`" for m in missing), ""]
-
-
-def page_locations(source: Path, out: Path | None, queue: Path | None) -> tuple[Path, Path | None]:
-    """Where a study page goes and which queue it lists: by default beside the record file
-    (for a sweep directory, into it, with no queue)."""
-    out = out or (source.parent if source.is_file() else source)
-    return out, queue or (source.parent / "queue.txt" if source.is_file() else None)
-
-
-def missing_runs(runs: list[report.Run], queue_file: Path | None) -> list[str]:
-    """The queue's runs (train.py overrides) that have no complete run here, in queue order."""
-    if queue_file is None or not queue_file.exists():
-        return []
-    have = {r.path.name for r in runs if r.complete}
-    return [" ".join(o) for o in run_queue.read_queue(queue_file) if run_queue.run_name(o) not in have]
 
 
 # --------------------------------------------------------------------------- plots
@@ -403,40 +308,39 @@ def plot_frontier(study: Study, path: Path, idle: bool = False) -> None:
             return study.share(arm)
         return arm.key.epochs / study.full.key.epochs if arm.key.gate == "none" else study.idle_share(arm)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = analysis.pyplot().subplots(figsize=(7, 4.5))
     nones = sorted((a for a in study.arms.values() if a.key.gate == "none" and a.key.precision == study.full.key.precision),
                    key=lambda a: a.key.epochs)
     ys = [interval(list(a.finals().values())) for a in nones]
     epochs = ", ".join(str(a.key.epochs) for a in nones)
-    ax.errorbar([x(a) for a in nones], [m for m, _ in ys], yerr=[h or 0 for _, h in ys], color="black",
+    ax.errorbar([x(a) for a in nones], [y.mean for y in ys], yerr=[y.half or 0 for y in ys], color="black",
                 marker="s", capsize=3, label=f"none ({epochs} epochs): train less")
     colours = {g: f"C{i}" for i, g in enumerate((*GATES, "infobatch"))}
     for arm in study.arms.values():
         if arm.key.gate == "none" or x(arm) is None:
             continue
-        mean, half = interval(list(arm.finals().values()))
+        y = interval(list(arm.finals().values()))
         colour = colours.get(arm.key.gate, "grey")
-        ax.errorbar([x(arm)], [mean], yerr=[half or 0], marker="o", capsize=3, color=colour,
+        ax.errorbar([x(arm)], [y.mean], yerr=[y.half or 0], marker="o", capsize=3, color=colour,
                     markerfacecolor=colour if arm.key.packed else "white", linestyle="none",
-                    label=f"{arm.key.label} (n={len(arm.runs)})")
+                    label=f"{study.label(arm)} (n={len(arm.runs)})")
     clock = "measured idle (none: epochs / E; gates: idle_bench share)" if idle else "as recorded"
     ax.set(xlabel=f"training wall-clock, share of full training's, {clock}",
-           ylabel=report.metric_axis(METRIC[0], final=True))
+           ylabel=study.metric.axis_label(final=True))
     ax.set_title("mean over seeds, bars: 95% interval; filled: packed", fontsize=9)
-    report._finish(fig, ax, path)
+    analysis.finish(fig, ax, path)
 
 
 def plot_curves(study: Study, budget: float, path: Path) -> None:
     """Validation accuracy against training wall-clock at one budget (mean over seeds)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = analysis.pyplot().subplots(figsize=(7, 4.5))
     arms = [study.full, *(a for a in [study.matched(budget)] if a)]
     arms += [a for a in study.arms.values() if a.key.gate != "none" and a.key.rate == budget]
     for i, arm in enumerate(arms):
-        row = report.Row({}, list(arm.runs.values()), metric=METRIC[0])
-        xs, mean, _, _ = report._curve(row, "epoch_time_s")
+        xs, mean, _, _ = analysis.curve(arm, "epoch_time_s")
         ax.plot([x / study.full_time for x in xs], mean, marker=".", color="black" if i == 0 else f"C{i}",
-                linestyle="--" if arm.key.gate == "none" else "-", label=f"{arm.key.label} (n={len(arm.runs)})")
-    metric, margin = METRIC[0], goals().time_margin
+                linestyle="--" if arm.key.gate == "none" else "-", label=f"{study.label(arm)} (n={len(arm.runs)})")
+    metric, margin = study.metric, study.goals.time_margin
     ax.axhline(metric.worse_by(study.full_acc, margin), color="grey", linewidth=0.8, linestyle=":")
     if metric.is_accuracy:
         ax.set(ylim=(max(0, study.full_acc - 25), study.full_acc + 3))
@@ -444,19 +348,20 @@ def plot_curves(study: Study, budget: float, path: Path) -> None:
     else:
         ax.set(ylim=(study.full_acc - 0.1, study.full_acc + 0.6))
         target = f"full training's final loss + {margin}"
-    ax.set(xlabel="training wall-clock, share of full training's", ylabel=report.metric_axis(metric))
+    ax.set(xlabel="training wall-clock, share of full training's", ylabel=metric.axis_label())
     ax.set_title(f"budget {budget}: mean over seeds; dotted: {target}", fontsize=9)
-    report._finish(fig, ax, path)
+    analysis.finish(fig, ax, path)
 
 
-def plot_differences(forest: list, path: Path) -> None:
+def plot_differences(study: Study, forest: list[tuple[str, float, Estimate]], path: Path) -> None:
+    plt = analysis.pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.9 + 0.35 * max(1, len(forest))))
-    for i, (label, _, (mean, half), n) in enumerate(forest):
-        ax.errorbar([mean], [i], xerr=[half or 0], marker="o", capsize=3, color="C0" if half else "C1")
-    ax.set_yticks(range(len(forest)), [f"{label} (n={n})" for label, _, _, n in forest], fontsize=7)
+    for i, (_, _, diff) in enumerate(forest):
+        ax.errorbar([diff.mean], [i], xerr=[diff.half or 0], marker="o", capsize=3, color="C0" if diff.half else "C1")
+    ax.set_yticks(range(len(forest)), [f"{label} (n={diff.n})" for label, _, diff in forest], fontsize=7)
     ax.axvline(0, color="grey", linewidth=0.8)
-    metric = METRIC[0]
-    ax.axvline(metric.sign * goals().beat, color="grey", linewidth=0.8, linestyle=":")
+    metric = study.metric
+    ax.axvline(metric.sign * study.goals.beat, color="grey", linewidth=0.8, linestyle=":")
     what = "accuracy" if metric.is_accuracy else "loss"
     ax.set(xlabel=f"final {what} minus full training's over the named epochs, same seed ({metric.unit})")
     ax.set_title("paired difference, bars: 95% interval (orange: one seed, no interval); dotted: the goal",
@@ -470,11 +375,11 @@ def plot_differences(forest: list, path: Path) -> None:
 # --------------------------------------------------------------------------- page
 
 def full_text(study: Study) -> str:
-    """Full training's final metric over seeds: '80.48 ± 0.60%' or 'val_loss 1.5000 ± 0.0100'."""
+    """Full training's final metric over seeds: '80.48 ± 2.31%' or 'val_loss 1.5000 ± 0.0100'."""
     figure = interval(list(study.full.finals().values()))
-    if METRIC[0].is_accuracy:
-        return f"{fmt(figure)}%"
-    return f"{METRIC[0].key} {fmt(figure, 4)}"
+    if study.metric.is_accuracy:
+        return f"{pm(figure)}%"
+    return f"{study.metric.key} {pm(figure, 4)}"
 
 
 def default_idle_benches(source: Path) -> list[Path]:
@@ -484,7 +389,7 @@ def default_idle_benches(source: Path) -> list[Path]:
 
 def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path | None = None,
                bench_files: list[Path] | None = None) -> Path:
-    runs = report.collect_runs(source)
+    runs = analysis.collect_runs(source)
     bench_files = default_idle_benches(source) if bench_files is None else bench_files
     study = build_study(runs, bench_files)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -494,9 +399,9 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
     for budget in study.budgets():
         plot_curves(study, budget, out_dir / f"curves_budget_{budget}.png")
     differences, forest = differences_table(study)
-    plot_differences(forest, out_dir / "paired_differences.png")
+    plot_differences(study, forest, out_dir / "paired_differences.png")
     facts = study.full.runs[min(study.full.runs)].summary
-    missing = missing_runs(runs, queue_file)
+    missing = analysis.missing_runs(runs, queue_file)
     command = (f"python scripts/convergence_report.py {source}" + ("" if title == TITLE else f' --title "{title}"')
                + ("" if bench_files == default_idle_benches(source) else
                   "".join(f" --idle-bench {b}" for b in bench_files)))
@@ -511,7 +416,7 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
         f"epochs, {full_text(study)} in {study.full_time:.0f} s.", "",
         "## The goal at budget 0.5", "", goal_verdict(study), "",
         "## Every arm", "", arms_table(study), "",
-        "Intervals: 95% Student-t over seeds. Time: training wall-clock as each run recorded it "
+        f"{analysis.INTERVAL_NOTE} Time: training wall-clock as each run recorded it "
         "(evaluation excluded), two runs sharing the machine, so a run's time depends on its "
         "neighbour. FLOPs: counted with torch.utils.flop_counter (scoring included). "
         "Optimiser steps: counted per epoch (`optimizer_steps`); for epochs run before that key "
@@ -523,7 +428,7 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
         "![final accuracy against training time as recorded, gate=none's schedules as the frontier](frontier.png)", "",
         *(line for b in study.budgets() for line in (f"![curves at budget {b}](curves_budget_{b}.png)", "")),
         "![paired differences](paired_differences.png)", "",
-        *not_yet_run_section(missing, queue_file),
+        *analysis.not_yet_run_section(missing, queue_file),
         ""])
     path = out_dir / "README.md"
     path.write_text(text)
@@ -540,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a scripts/bench_gates.py JSON measured idle at the study's settings, to match "
                              "time (repeatable; default: idle_bench*.json beside the record file)")
     args = parser.parse_args(argv)
-    out, queue_file = page_locations(args.source, args.out, args.queue)
+    out, queue_file = analysis.page_locations(args.source, args.out, args.queue)
     path = write_page(args.source, out, args.title, queue_file, args.idle_bench)
     print(path.read_text())
     return 0

@@ -22,28 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from adaptive_sparse.sweeps import read_queue, run_name
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def read_queue(path: Path) -> list[list[str]]:
-    runs = []
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            runs.append(line.split())
-    return runs
-
-
-def run_name(overrides: list[str]) -> str:
-    """'+experiment=convergence gate=random gate.pack=true seed=0' -> 'convergence,gate.pack=true,gate=random,seed=0'."""
-    parts = sorted(o.lstrip("+").replace("experiment=", "") for o in overrides)
-    return re.sub(r"[^A-Za-z0-9=.,_-]", "_", ",".join(parts))
 
 
 def alive(pid: int) -> bool:

@@ -27,17 +27,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from omegaconf import OmegaConf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from adaptive_sparse import analysis
+from adaptive_sparse.analysis import Run, interval, pm
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import convergence_report as convergence  # noqa: E402
-
-report, interval, fmt = convergence.report, convergence.interval, convergence.fmt
 CONF = HERE.parent / "conf"
 DEFAULT_TOP_K = OmegaConf.load(CONF / "attention" / "sparse.yaml").top_k
 RECIPE_WARMUP = OmegaConf.load(CONF / "experiment" / "vit_recipe_sparse.yaml").attention.warmup_epochs
@@ -47,7 +42,7 @@ GOAL_TOP_K = 32
 
 @dataclass
 class ViTRun:
-    run: report.Run
+    run: Run
     kind: str  # dense | recipe | restart | scratch | combined
     seed: int
     top_k: int | None  # sparse attention's keys per query; None for dense
@@ -82,7 +77,7 @@ class ViTRun:
                      if self.backbone_epoch(r["epoch"]) == backbone_epochs), None)
 
 
-def classify(run: report.Run) -> ViTRun:
+def classify(run: Run) -> ViTRun:
     s, o = run.summary, run.overrides
     top_k = int(o.get("attention.top_k", DEFAULT_TOP_K)) if s["attention"] == "sparse" else None
     if o.get("experiment") == "vit_combined":
@@ -101,7 +96,7 @@ def classify(run: report.Run) -> ViTRun:
     return ViTRun(run, "scratch", s["seed"], top_k)
 
 
-def vit_runs(runs: list[report.Run], extra: bool = False) -> list[ViTRun]:
+def vit_runs(runs: list[Run], extra: bool = False) -> list[ViTRun]:
     found = [classify(r) for r in runs if r.complete and r.summary.get("model") == "vit"]
     for r in found:
         r.extra = extra
@@ -156,14 +151,14 @@ def goal_section(runs: list[ViTRun]) -> str:
         return "\n".join(lines)
     against_restart = [c for c in controls if c is not None]
     control_line = ([f"Recipe minus dense restarted from the same weights with a fresh Adam (what sparse "
-                     f"attention and the warm-up cost by themselves): {fmt(interval(against_restart))} points "
+                     f"attention and the warm-up cost by themselves): {pm(interval(against_restart))} points "
                      f"over {len(against_restart)} seed(s)."] if against_restart else [])
     within = sum(d >= -GOAL_POINTS for d in known)
     verdict = ("met" if within == len(known) and len(known) >= 2 else
                "missed" if within < len(known) else "undecided (fewer than two seeds)")
     return "\n".join([*lines, "",
                       f"Recipe minus dense at equal backbone epochs, top_k {GOAL_TOP_K}: "
-                      f"{fmt(interval(known))} points over {len(known)} seed(s); within "
+                      f"{pm(interval(known))} points over {len(known)} seed(s); within "
                       f"{GOAL_POINTS:g} point of dense on {within} of {len(known)}: goal **{verdict}**.",
                       *([""] + control_line if control_line else [])])
 
@@ -237,9 +232,9 @@ def keep_ratio_table(runs: list[ViTRun]) -> str:
         cells = []
         for arm in (recipe, scratch):
             finals = [r.final for r in arm.values()]
-            cells += [fmt(interval(finals)) if finals else "–", ",".join(map(str, sorted(arm))) or "–"]
+            cells += [pm(interval(finals)) if finals else "–", ",".join(map(str, sorted(arm))) or "–"]
         ref = [line[s] for s in recipe if s in line]
-        lines.append(f"| {k} | {' | '.join(cells)} | {fmt(interval(ref)) if ref else '–'} |")
+        lines.append(f"| {k} | {' | '.join(cells)} | {pm(interval(ref)) if ref else '–'} |")
     return "\n".join(lines)
 
 
@@ -266,7 +261,7 @@ def combined_table(runs: list[ViTRun]) -> str:
 # --------------------------------------------------------------------------- plots
 
 def plot_epochs(runs: list[ViTRun], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = analysis.pyplot().subplots(figsize=(7, 4.5))
     styles = {"dense": ("black", "-"), "restart": ("grey", ":"), "scratch": ("C1", "--"), "recipe": ("C0", "-")}
     for kind, (colour, style) in styles.items():
         for seed, r in sorted(at_goal(runs, kind).items()):
@@ -279,40 +274,41 @@ def plot_epochs(runs: list[ViTRun], path: Path) -> None:
                     label=r.name)
     ax.set(xlabel="backbone training epochs", ylabel="validation accuracy (%)")
     ax.set_title("ViT on CIFAR-10: dense, sparse from scratch, and DeepSeek's recipe", fontsize=9)
-    report._finish(fig, ax, path)
+    analysis.finish(fig, ax, path)
 
 
 def plot_keep_ratio(runs: list[ViTRun], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = analysis.pyplot().subplots(figsize=(6, 4))
     for kind, colour in (("recipe", "C0"), ("scratch", "C1")):
         ks = sorted({r.top_k for r in runs if r.kind == kind})
         finals = [interval([r.final for r in of(runs, kind, k).values()]) for k in ks]
         if ks:
-            ax.errorbar(ks, [m for m, _ in finals], yerr=[h or 0 for _, h in finals], color=colour, marker="o",
+            ax.errorbar(ks, [f.mean for f in finals], yerr=[f.half or 0 for f in finals], color=colour, marker="o",
                         capsize=3, label=kind)
     dense = [d.run.summary["val_acc"] for d in of(runs, "dense").values()]
     if dense:
         ax.axhline(statistics.fmean(dense), color="black", linewidth=1, label="dense (mean)")
     ax.set(xlabel="attention.top_k (keys per query, of 65)", ylabel="final validation accuracy (%)")
-    report._finish(fig, ax, path)
+    analysis.finish(fig, ax, path)
 
 
 # --------------------------------------------------------------------------- page
 
 def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None) -> Path:
-    own = report.collect_runs(sources[0])
-    runs = vit_runs(own) + [r for source in sources[1:] for r in vit_runs(report.collect_runs(source), extra=True)]
+    own = analysis.collect_runs(sources[0])
+    runs = vit_runs(own) + [r for source in sources[1:] for r in vit_runs(analysis.collect_runs(source), extra=True)]
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_epochs(runs, out_dir / "accuracy_by_epoch.png")
     plot_keep_ratio(runs, out_dir / "keep_ratio.png")
     facts = next((r.run.summary for r in runs if r.kind == "dense"), runs[0].run.summary if runs else {})
-    missing = convergence.missing_runs(own, queue_file)
+    missing = analysis.missing_runs(own, queue_file)
     command = "python scripts/vit_recipe_report.py " + " ".join(
         [str(sources[0]), *(f"--extra {s}" for s in sources[1:])])
     text = "\n".join([
         "# Sparse-attention ViT: DeepSeek's two-stage recipe, the keep-ratio curve, the combined claim", "",
         f"Made by `{command}` from {len(runs)} runs. Dataset {facts.get('dataset', '?')} "
-        f"({facts.get('data_source', '?')}), precision {facts.get('precision', '?')}, {facts.get('hardware', '?')}.",
+        f"({facts.get('data_source', '?')}), precision {facts.get('precision', '?')}, {facts.get('hardware', '?')}. "
+        f"{analysis.INTERVAL_NOTE}",
         "", "## The goal: recipe-trained sparse within a point of dense at equal epochs (top_k 32 of 65)", "",
         goal_section(runs), "",
         "## Accuracy after each backbone epoch", "", epochs_table(runs), "",
@@ -325,7 +321,7 @@ def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None) -> P
         "## The combined claim (sundew 6% with sparse attention)", "", combined_table(runs), "",
         "Speedups here divide recorded training times of runs that shared the machine; the idle "
         "benchmark in docs/sparse-attention.md (the report's combined claim, measured) is the one to quote.", "",
-        *convergence.not_yet_run_section(missing, queue_file),
+        *analysis.not_yet_run_section(missing, queue_file),
         ""])
     path = out_dir / "README.md"
     path.write_text(text)
@@ -340,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where README.md and the plots go (default: beside the record)")
     parser.add_argument("--queue", type=Path, help="the study's queue file (default: queue.txt beside the record)")
     args = parser.parse_args(argv)
-    out, queue_file = convergence.page_locations(args.source, args.out, args.queue)
+    out, queue_file = analysis.page_locations(args.source, args.out, args.queue)
     print(write_page([args.source, *args.extra], out, queue_file).read_text())
     return 0
 

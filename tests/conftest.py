@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -37,6 +39,11 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict]:
     """(metrics.jsonl records, summary.json) of a finished run."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines], json.loads((run_dir / "summary.json").read_text())
+
+
+def load_script(name: str) -> SimpleNamespace:
+    """scripts/NAME.py (scripts/ is no package) run as a module, its top-level names as attributes."""
+    return SimpleNamespace(**runpy.run_path(str(ROOT / "scripts" / f"{name}.py")))
 
 
 def cyclic_text(n: int) -> str:

@@ -1,13 +1,9 @@
 """scripts/bench_gates.py's arithmetic on fabricated runs (the benchmark itself is long)."""
-import importlib.util
-
 import pytest
 
-from conftest import ROOT
+from conftest import load_script
 
-spec = importlib.util.spec_from_file_location("bench_gates", ROOT / "scripts" / "bench_gates.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = load_script("bench_gates")
 
 
 def fake_run(epoch_times, accs, flops_executed, rate, scoring_time=0.0):

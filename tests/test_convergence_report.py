@@ -1,21 +1,17 @@
-"""scripts/convergence_report.py and report.py's record files, on fabricated runs: figures by hand."""
+"""scripts/convergence_report.py's budget study and the analysis library's record files, on
+fabricated runs: figures by hand."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import yaml
 
-from conftest import ROOT
+from adaptive_sparse import analysis
+from conftest import load_script
 
-for name, file in (("sweep_report", "report.py"), ("convergence_report", "convergence_report.py")):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / file)
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-report, convergence = sys.modules["sweep_report"], sys.modules["convergence_report"]
+convergence = load_script("convergence_report")
 
 
 def fake_run(root: Path, gate: str, seed: int, epochs: int, acc: float, time_s: float,
@@ -45,9 +41,9 @@ def fabricate(root: Path) -> None:
 
 def test_record_file_round_trips_the_runs_and_drops_absolute_paths(tmp_path):
     fabricate(tmp_path / "sweep")
-    runs = report.collect_runs(tmp_path / "sweep")
-    assert report.export_records(runs, tmp_path / "sweep", tmp_path / "runs.jsonl") == 8
-    again = report.collect_runs(tmp_path / "runs.jsonl")
+    runs = analysis.collect_runs(tmp_path / "sweep")
+    assert analysis.export_records(runs, tmp_path / "sweep", tmp_path / "runs.jsonl") == 8
+    again = analysis.collect_runs(tmp_path / "runs.jsonl")
     assert [(r.overrides, r.summary["val_acc"], len(r.epochs)) for r in again] == \
         [(r.overrides, r.summary["val_acc"], len(r.epochs)) for r in runs]
     assert "/data/" not in (tmp_path / "runs.jsonl").read_text()
@@ -56,14 +52,14 @@ def test_record_file_round_trips_the_runs_and_drops_absolute_paths(tmp_path):
 
 def test_paired_differences_and_intervals_by_hand(tmp_path):
     fabricate(tmp_path / "sweep")
-    study = convergence.build_study(report.collect_runs(tmp_path / "sweep"))
+    study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"))
     assert study.full_acc == 81.0 and study.full_time == 100.0
     gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "bf16")]
-    (mean, half), n = convergence.paired(gated, study.matched(0.5))
+    mean, half, n = analysis.paired(gated, study.matched(0.5))
     # differences 3 and 4: mean 3.5, sd 0.7071, half-width t(1) 12.706 * 0.7071 / sqrt(2) = 6.353
     assert n == 2 and mean == 3.5 and round(half, 3) == 6.353
-    (mean, _), _ = convergence.paired(gated, study.arms[convergence.ArmKey("random", 0.5, True, 4, "bf16")])
-    assert mean == 2.25  # (1 + 3.5) / 2
+    assert analysis.paired(gated, study.arms[convergence.ArmKey("random", 0.5, True, 4, "bf16")]).mean == 2.25
+    # (1 + 3.5) / 2: random's seeds 72.0, 72.5 against gated 73.0, 76.0
     assert study.share(gated) == 0.52
     assert study.nearest_in_time(gated) is study.matched(0.5)  # 52 s: the 2-epoch schedule's 50 s, not 100 s
 
@@ -80,7 +76,7 @@ def test_page_states_the_goal_and_lists_what_is_missing(tmp_path):
     # no idle benchmark: equal time is the schedule nearest in recorded time (52 s: 2 epochs' 50 s)
     assert ("sundew_memory 0.5, packed: against full training over 2 epochs (nearest in recorded "
             "wall-clock; no idle measurement): 3.50 ± 6.35 points over 2 seed(s)") in text
-    assert "goal **missed**" in text
+    assert "goal **missed**" in text and analysis.INTERVAL_NOTE in text
     assert "- `gate=random seed=7`" in text and "seed=0`" not in text  # the queue's runs without a record
     assert path.name == "README.md"  # report.py's report.md can sit beside it
     for plot in ("frontier.png", "curves_budget_0.5.png", "paired_differences.png"):
@@ -94,11 +90,16 @@ def test_selection_rule_other_than_percentile_is_its_own_arm(tmp_path):
         fake_run(tmp_path / "sweep", "sundew_proxy", seed, 4, acc, 50.0, rate=0.5)
         summary = next((tmp_path / "sweep").glob(f"sundew_proxy_0.5_False_4_{seed}")) / "summary.json"
         summary.write_text(json.dumps({**json.loads(summary.read_text()), "selection": "top"}))
-    study = convergence.build_study(report.collect_runs(tmp_path / "sweep"))
+    study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"))
     top = study.arms[convergence.ArmKey("sundew_proxy", 0.5, False, 4, "bf16", "top")]
-    assert top.key.label == "sundew_proxy 0.5, top" and study.budgets() == [0.5]
-    (mean, _), n = convergence.paired(top, study.matched(0.5))
-    assert (mean, n) == (1.0, 2)  # 71 - 70 and 73 - 72
+    assert study.label(top) == "sundew_proxy 0.5, top" and study.budgets() == [0.5]
+    difference = analysis.paired(top, study.matched(0.5))
+    assert (difference.mean, difference.n) == (1.0, 2)  # 71 - 70 and 73 - 72
+
+
+def test_an_arm_in_another_precision_than_full_training_says_so():
+    fp32 = convergence.ArmKey("none", 1.0, False, 20, "fp32")
+    assert fp32.label("bf16") == "none, 20 epochs, fp32" and fp32.label("fp32") == "none, 20 epochs"
 
 
 def test_one_seed_leaves_the_goal_undecided(tmp_path):
@@ -114,7 +115,7 @@ def test_a_gate_without_a_target_rate_pairs_only_with_the_nearest_schedule_in_ti
     fabricate(tmp_path / "sweep")
     for seed, acc in enumerate((79.0, 80.0)):  # InfoBatch: no target rate; 90 s is nearest full training's 100 s
         fake_run(tmp_path / "sweep", "infobatch", seed, 4, acc, 90.0, rate=None, pack=True)
-    study = convergence.build_study(report.collect_runs(tmp_path / "sweep"))
+    study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"))
     table, forest = convergence.differences_table(study)
     # against full training (80.0, 82.0): -1.0 and -2.0 -> mean -1.50, t(1) 12.706 * 0.7071 / sqrt(2) = 6.35
     assert "| infobatch, packed | 0.900 | – | – | – | – | – | -1.50 ± 6.35 (4 epochs, 1.000) | 2 | – | – |" in table
@@ -153,7 +154,7 @@ def test_equal_time_comes_from_the_idle_benchmark_rounded_up_to_whole_epochs(tmp
 def test_equal_time_rounds_to_the_nearest_whole_epoch(tmp_path):
     fabricate(tmp_path / "sweep")
     bench = write_bench(tmp_path / "idle.json", {"sundew-memory-packed": 1.9})  # 4 / 1.9 = 2.105 epochs
-    study = convergence.build_study(report.collect_runs(tmp_path / "sweep"), [bench])
+    study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"), [bench])
     gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "bf16")]
     epochs, arm, how = study.time_matched(gated)
     assert (epochs, arm, how) == (2, study.matched(0.5), "equal time: the gate's epoch costs 0.526 of full training's, idle")
@@ -175,10 +176,10 @@ def test_a_loss_metric_is_judged_lower_is_better(tmp_path):
             summary = {**json.loads((run / "summary.json").read_text()), "val_loss": loss,
                        "metric": "val_loss", "higher_is_better": False, "task": "char_lm"}
             (run / "summary.json").write_text(json.dumps(summary))
-    study = convergence.build_study(report.collect_runs(root))
+    study = convergence.build_study(analysis.collect_runs(root))
     assert study.full_acc == 1.51
     gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "bf16")]
-    (mean, half), n = convergence.paired(gated, study.matched(0.5))
+    mean, half, n = analysis.paired(gated, study.matched(0.5))
     # differences -0.03 and -0.04: mean -0.035, sd 0.00707, half-width 12.706 * 0.00707 / sqrt(2) = 0.0635
     assert n == 2 and round(mean, 4) == -0.035 and round(half, 4) == 0.0635
     text = convergence.write_page(root, tmp_path / "page").read_text()

@@ -1,5 +1,4 @@
 """scripts/run_queue.py: a study's runs in order, claimed once, finished ones skipped, dead claims taken over."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -7,11 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
-spec = importlib.util.spec_from_file_location("study_queue", ROOT / "scripts" / "run_queue.py")
-queue = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(queue)
+queue = load_script("run_queue")
 
 
 def test_run_names_are_short_sorted_and_safe():

@@ -1,20 +1,22 @@
-"""scripts/report.py on fabricated run directories: figures by hand, incomplete runs, plots, W&B."""
+"""The sweep report (adaptive_sparse.analysis, run by scripts/report.py) on fabricated run
+directories: figures and intervals by hand, incomplete runs, plots, W&B."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
+import runpy
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
-from conftest import ROOT
+from adaptive_sparse import analysis as report
+from adaptive_sparse.records import Metric
+from conftest import CONF_DIR, ROOT
 
-spec = importlib.util.spec_from_file_location("sweep_report", ROOT / "scripts" / "report.py")
-report = sys.modules["sweep_report"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-spec.loader.exec_module(report)
+T1 = 12.706  # t(0.975, 1): two seeds' interval is T1 * sd / sqrt(2) = T1 * |a - b| / 2
 
 
 def fake_run(sweep: Path, name: str, overrides: list[str], *, gate: str, train_time: float | None,
@@ -56,47 +58,88 @@ def sweep(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def test_interval_by_hand():
+    # [1, 2, 3]: mean 2, sd 1, t(0.975, 2) = 4.303: half-width 4.303 * 1 / sqrt(3) = 2.484
+    figure = report.interval([1.0, 2.0, 3.0])
+    assert figure.mean == 2.0 and figure.n == 3 and round(figure.half, 3) == 2.484
+    assert report.pm(figure) == "2.00 ± 2.48" and report.pm(figure, 1, 100) == "200.0 ± 248.4"
+    single = report.interval([5.0])
+    assert single == (5.0, None, 1) and report.pm(single) == "5.00"  # a single seed: no interval
+
+
+def test_t_quantiles_beyond_the_table_follow_the_expansion():
+    # published two-sided 95% quantiles: df 11, 20, 30, 60
+    for df, t in ((11, 2.201), (20, 2.086), (30, 2.042), (60, 2.000)):
+        assert report.t95(df) == pytest.approx(t, abs=1e-3)
+    assert report.t95(10) == 2.228 and report.t95(10) > report.t95(11) > report.t95(1000) > 1.96
+
+
 def test_rows_by_hand(sweep: Path):
     runs = report.collect_runs(sweep)
     assert [r.complete for r in runs] == [True, True, True, True, False]
-    none, sundew = report.summarise(runs)
-    assert none.label == {"gate": "none"} and sundew.label == {"gate": "sundew"}
-    assert len(sundew.runs) == 2  # the unfinished seed 2 is not averaged in
-    # means and sample SDs over two seeds: sd(a, b) = |a - b| / sqrt(2)
-    assert sundew.figures["val_acc"] == pytest.approx((42.0, 4 / math.sqrt(2)))
-    assert sundew.figures["train_time_s"] == pytest.approx((5.0, 2 / math.sqrt(2)))
-    assert sundew.figures["activation_rate"] == pytest.approx((0.06, 0.02 / math.sqrt(2)))
-    assert sundew.figures["compute_savings"] == pytest.approx((0.94, 0.02 / math.sqrt(2)))
-    assert none.figures["train_time_s"] == pytest.approx((11.0, math.sqrt(2)))
+    rows = report.summarise(runs)
+    none, sundew = rows
+    assert none.key.overrides == {"gate": "none"} and sundew.key.overrides == {"gate": "sundew"}
+    assert sorted(sundew.runs) == [0, 1]  # by seed; the unfinished seed 2 is not averaged in
+    # means and 95% intervals over two seeds: half-width T1 * |a - b| / 2
+    assert sundew.figure("val_acc") == pytest.approx((42.0, T1 * 4 / 2, 2))
+    assert sundew.figure("train_time_s") == pytest.approx((5.0, T1 * 2 / 2, 2))
+    assert sundew.figure("activation_rate") == pytest.approx((0.06, T1 * 0.02 / 2, 2))
+    assert sundew.figure("compute_savings") == pytest.approx((0.94, T1 * 0.02 / 2, 2))
+    assert none.figure("train_time_s") == pytest.approx((11.0, T1 * 2 / 2, 2))
     # speedup: mean gate=none time 11 s / mean sundew time 5 s
-    assert sundew.speedup == pytest.approx(2.2) and none.speedup == pytest.approx(1.0)
+    assert report.speedup(sundew, rows) == pytest.approx(2.2) and report.speedup(none, rows) == pytest.approx(1.0)
     # lossless goal: none's mean final accuracy 52 - 0.3 = 51.7; sundew's epochs (30, 40) and
     # (34, 44) never reach it; none's seed 1 does (54) after its 12 s, of none's mean 11 s
-    assert sundew.time_to_baseline == [None, None]
-    assert none.time_to_baseline == [None, pytest.approx(12 / 11)]
+    assert report.time_to_baseline(sundew, rows) == [None, None]
+    assert report.time_to_baseline(none, rows) == [None, pytest.approx(12 / 11)]
+
+
+def test_two_runs_of_one_seed_in_one_row_are_refused(sweep: Path):
+    fake_run(sweep, "5_gate=none,seed=0,again", ["gate=none", "seed=0", "resume=auto"], gate="none",
+             train_time=10.0)  # resume= never tells rows apart: a second seed 0 of gate=none
+    with pytest.raises(ValueError, match="two runs of seed 0"):
+        report.summarise(report.collect_runs(sweep))
 
 
 def test_time_to_full_training_accuracy_by_hand(sweep: Path):
     fake_run(sweep, "5_gate=random,seed=0", ["gate=random", "seed=0", "dataset.root=/data/cifar10"],
              gate="random", train_time=4.0, val_acc=62.0, rate=0.25, target=0.25)
     path, rows, _ = report.write_report(sweep)
-    random_row = next(row for row in rows if row.label == {"gate": "random"})
+    random_row = next(row for row in rows if row.key.overrides == {"gate": "random"})
     # epochs at 52 and 62 %, 2 s each: 52 >= 51.7 after 2 s, of none's mean 11 s
-    assert random_row.time_to_baseline == [pytest.approx(2 / 11)]
-    assert "| random | 1 | 62.00 | 4.0 | 2.75x | 0.18 |" in path.read_text()
+    assert report.time_to_baseline(random_row, rows) == [pytest.approx(2 / 11)]
+    assert "| random | 1 | 62.00 | 4.0 | 2.75x | 0.18 |" in path.read_text()  # one seed: no ±
 
 
 def test_table_and_report_list_the_incomplete_run(sweep: Path):
     path, rows, _ = report.write_report(sweep)
     table = report.table_markdown(rows)
-    assert ("| sundew | 2 | 42.00 ± 2.83 | 5.0 ± 1.4 | 2.20x | not reached by 2 of 2 | 94.0 ± 1.4 | 94.0 ± 1.4 "
-            "| 0.0600 ± 0.0141 / 0.06 |") in table
-    assert ("| none | 2 | 52.00 ± 2.83 | 11.0 ± 1.4 | 1.00x | not reached by 1 of 2 | 0.0 ± 0.0 | 0.0 ± 0.0 "
+    # 95% intervals: val acc 40, 44 -> 12.706 * 2 = 25.41; times 4, 6 s -> 12.7; rates 0.05, 0.07 -> 0.1271
+    assert ("| sundew | 2 | 42.00 ± 25.41 | 5.0 ± 12.7 | 2.20x | not reached by 2 of 2 | 94.0 ± 12.7 | 94.0 ± 12.7 "
+            "| 0.0600 ± 0.1271 / 0.06 |") in table
+    assert ("| none | 2 | 52.00 ± 25.41 | 11.0 ± 12.7 | 1.00x | not reached by 1 of 2 | 0.0 ± 0.0 | 0.0 ± 0.0 "
             "| 1.0000 ± 0.0000 / 1 |") in table
     text = path.read_text()
-    assert table in text
+    assert table in text and report.INTERVAL_NOTE in text  # the page states its convention
     assert "- `4_gate=sundew,seed=2`: no summary.json: failed or still running (1 of 2 epochs" in text
     assert "dataset.root=/data/cifar10" in text  # a fixed setting, reported once, not a row
+
+
+def test_keys_that_never_make_rows_are_the_sweep_directory_name_exclusions():
+    exclude = OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys
+    assert report.NOT_ROW_KEYS == {"seed", *exclude}
+
+
+def test_the_library_imports_without_matplotlib_or_torch():
+    code = "import sys, adaptive_sparse.analysis; print(sorted({'matplotlib', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_metric_axis_labels():
+    assert Metric().axis_label() == "validation accuracy (%)"
+    assert Metric("val_loss", False).axis_label(final=True) == "final validation loss (nats)"
 
 
 def test_plots_are_written_small(sweep: Path):
@@ -113,16 +156,17 @@ def test_speedup_is_matched_on_the_other_varying_keys(tmp_path: Path):
              ("none", "sparse"): 8.0, ("sundew", "sparse"): 2.0}
     for i, ((gate, attention), t) in enumerate(times.items()):
         fake_run(tmp_path, f"{i}", [f"gate={gate}", f"attention={attention}"], gate=gate, train_time=t)
-    rows = {tuple(r.label.values()): r for r in report.summarise(report.collect_runs(tmp_path))}
-    assert rows[("sundew", "dense")].speedup == pytest.approx(10 / 5)
-    assert rows[("sundew", "sparse")].speedup == pytest.approx(8 / 2)
+    rows = report.summarise(report.collect_runs(tmp_path))
+    by_setting = {tuple(r.key.overrides.values()): r for r in rows}
+    assert report.speedup(by_setting[("sundew", "dense")], rows) == pytest.approx(10 / 5)
+    assert report.speedup(by_setting[("sundew", "sparse")], rows) == pytest.approx(8 / 2)
 
 
 def test_no_speedup_without_a_gate_none_run(tmp_path: Path):
     fake_run(tmp_path, "0", ["gate=random"], gate="random", train_time=3.0)
     fake_run(tmp_path, "1", ["gate=sundew"], gate="sundew", train_time=4.0)
     rows = report.summarise(report.collect_runs(tmp_path))
-    assert [r.speedup for r in rows] == [None, None]
+    assert [report.speedup(r, rows) for r in rows] == [None, None]
     assert "| – |" in report.table_markdown(rows)
 
 
@@ -149,8 +193,12 @@ def test_wandb_report_is_built_for_the_sweep_group(sweep: Path):
 
 
 def test_wandb_flag_without_network_keeps_the_local_report(sweep: Path, monkeypatch, capsys):
+    """The command line, scripts/report.py, run as python runs it."""
     monkeypatch.setattr(report, "network_reachable", lambda *a, **k: False)
-    assert report.main([str(sweep), "--wandb"]) == 0
+    monkeypatch.setattr(sys, "argv", ["scripts/report.py", str(sweep), "--wandb"])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(ROOT / "scripts" / "report.py"), run_name="__main__")
+    assert exit.value.code == 0
     out = capsys.readouterr().out
     assert "W&B Report not published: api.wandb.ai is unreachable" in out
     assert "incomplete:" in out and (sweep / "report.md").exists()
@@ -168,10 +216,10 @@ def test_a_gate_without_target_and_runs_evaluated_only_at_the_end(tmp_path: Path
     fake_run(tmp_path, "2_gate=random,seed=0", ["gate=random", "seed=0"], gate="random",
              train_time=5.0, rate=0.25, target=0.25)
     path, rows, _ = report.write_report(tmp_path)
-    infobatch = next(row for row in rows if row.label["gate"] == "infobatch")
-    assert infobatch.figures["target_rate"] is None
-    assert infobatch.figures["val_acc"] == pytest.approx((50.5, math.sqrt(0.5)))
-    assert report._curve(infobatch, "epoch_time_s") == ([8.0], [50.5], [50.0], [51.0])  # epoch 2 only
+    infobatch = next(row for row in rows if row.key.overrides["gate"] == "infobatch")
+    assert infobatch.figure("target_rate") is None
+    assert infobatch.figure("val_acc") == pytest.approx((50.5, T1 * 1 / 2, 2))
+    assert report.curve(infobatch, "epoch_time_s") == ([8.0], [50.5], [50.0], [51.0])  # epoch 2 only
     assert "0.7000 ± 0.0000 / none" in path.read_text()
 
 
@@ -183,5 +231,5 @@ def test_presets_side_by_side_share_the_gate_none_baseline(tmp_path: Path):
     fake_run(tmp_path / "gated", "0_gate=random", ["+experiment=gate_ablation", "gate=random"],
              gate="random", train_time=3.0, rate=0.25, target=0.25)
     rows = report.summarise(report.collect_runs(tmp_path))
-    random_row = next(row for row in rows if row.label["gate"] == "random")
-    assert random_row.speedup == pytest.approx(4.0)
+    random_row = next(row for row in rows if row.key.overrides["gate"] == "random")
+    assert report.speedup(random_row, rows) == pytest.approx(4.0)

@@ -2,18 +2,15 @@
 backbone's, its goal against dense at equal epochs, and its cost including the dense epochs."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import yaml
 
-from conftest import ROOT
+from adaptive_sparse import analysis
+from conftest import load_script
 
-spec = importlib.util.spec_from_file_location("vit_recipe_report", ROOT / "scripts" / "vit_recipe_report.py")
-vit = sys.modules["vit_recipe_report"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(vit)
+vit = load_script("vit_recipe_report")
 
 
 def fake_run(root: Path, name: str, overrides: list[str], attention: str, seed: int,
@@ -49,7 +46,7 @@ def fabricate(root: Path) -> None:
 
 def test_recipe_epochs_map_onto_the_backbone_and_the_goal_is_judged_per_seed(tmp_path):
     fabricate(tmp_path / "sweep")
-    runs = vit.vit_runs(vit.report.collect_runs(tmp_path / "sweep"))
+    runs = vit.vit_runs(analysis.collect_runs(tmp_path / "sweep"))
     recipe = vit.of(runs, "recipe", 32)[0]
     assert (recipe.start_epoch, recipe.warmup, recipe.top_k) == (4, 1, 32)
     assert [recipe.backbone_epoch(e) for e in (1, 2)] == [None, 5]
@@ -65,7 +62,7 @@ def test_recipe_epochs_map_onto_the_backbone_and_the_goal_is_judged_per_seed(tmp
 
 def test_epochs_table_keys_and_costs_by_hand(tmp_path):
     fabricate(tmp_path / "sweep")
-    runs = vit.vit_runs(vit.report.collect_runs(tmp_path / "sweep"))
+    runs = vit.vit_runs(analysis.collect_runs(tmp_path / "sweep"))
     table = vit.epochs_table(runs)
     assert "| 5 | 52.00 | 50.00 | 51.00 | 47.00 | 51.50 | 48.50 |" in table
     assert "| 4 + indexer warm-up |  |  |  |  | 49.00 | 50.00 |" in table
@@ -84,5 +81,5 @@ def test_page_lists_queue_lines_without_a_record(tmp_path):
     queue = tmp_path / "queue.txt"
     queue.write_text("+experiment=vit_recipe_dense seed=7\n")
     page = vit.write_page([tmp_path / "sweep"], tmp_path / "out", queue).read_text()
-    assert "`+experiment=vit_recipe_dense seed=7`" in page
+    assert "`+experiment=vit_recipe_dense seed=7`" in page and analysis.INTERVAL_NOTE in page
     assert (tmp_path / "out" / "accuracy_by_epoch.png").stat().st_size > 0
