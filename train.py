@@ -35,6 +35,7 @@ from adaptive_sparse.models import count_parameters
 from adaptive_sparse.optim import build_scheduler
 from adaptive_sparse.packing import SelectionPacker, TrainBatch
 from adaptive_sparse.records import Metric
+from adaptive_sparse.sampler import SelectingBatchSampler
 from adaptive_sparse.scorers import ModelScorer
 from adaptive_sparse.step import evaluation_sums, inject_nan_at_step, train_on_subset
 from adaptive_sparse.tracking import RunLog, environment_facts, table_header, table_row
@@ -97,7 +98,11 @@ def main(cfg: DictConfig) -> float:
                        total_epochs=train_cfg.epochs, device=device)
     packer = SelectionPacker(train_cfg.batch_size, enabled=gate.pack)  # gate.pack: full training batches
     dist.attach(gate, packer)  # torchrun: global activation rate; ranks step together
-    log.info("gate: %s, target rate %s%s", choices.gate, gate.target_rate, ", packed" if gate.pack else "")
+    if gate.select_before_loading:  # gates deciding from memory: the loader serves only what they select
+        SelectingBatchSampler.serving(train_loader, gate, dist)
+    select = train_loader.served_selection if gate.select_before_loading else gate.select
+    log.info("gate: %s, target rate %s%s%s", choices.gate, gate.target_rate, ", packed" if gate.pack else "",
+             ", selected before loading" if gate.select_before_loading else "")
     energy_meter = make_energy_meter(cfg.energy.kind, device, cfg.energy.get("country_iso_code", "USA"))
 
     # ------------------------------------------------------------------ checkpoint / resume
@@ -146,12 +151,13 @@ def main(cfg: DictConfig) -> float:
                     # 1. score: one forward over the whole batch, no autograd (only if the gate asks)
                     with timer.phase("scoring"):
                         scores = scorer.score(inputs, targets, precision) if gate.needs_scores else None
-                    scored = len(idx) if scores is not None else 0
-                    tally.add_batch(len(idx), scored, scored * scorer.forward_flops)
-                    # 2. select: the gate picks the batch positions to train on
+                    # 2. select: the gate picks the batch positions to train on (selected before
+                    #    loading, it already has: the batch holds just those, and `select` says so)
                     with timer.phase("select"):
-                        selection = gate.select(idx, scores)
+                        selection = select(idx, scores)
                         packer.add(inputs, targets, idx, selection)
+                    scored = len(idx) if scores is not None else 0
+                    tally.add_batch(selection.seen(len(idx)), scored, scored * scorer.forward_flops)
                     # 3. train: forward and backward on the selected samples only (packed: once a
                     #    full batch of them waits), then the proxy scorer, if any, learns from them
                     for batch in packer.ready():
@@ -160,7 +166,7 @@ def main(cfg: DictConfig) -> float:
                     if scheduler is not None and per_batch:
                         scheduler.step()
                     if step % cfg.wandb.log_every_steps == 0:
-                        run_log.log_step(step, {"train/batch_rate": len(selection.index) / len(idx),
+                        run_log.log_step(step, {"train/batch_rate": len(selection.index) / selection.seen(len(idx)),
                                                 "gate/threshold": gate.threshold,
                                                 "train/batch_loss": tally.last_batch_loss})
                 for batch in packer.drain():  # packed: the epoch's remainder, so none waits past it
@@ -213,6 +219,7 @@ def main(cfg: DictConfig) -> float:
                        gate=choices.gate, model=choices.model, attention=choices.attention,
                        dataset=choices.dataset, data_source=data.source, seed=cfg.seed,
                        scoring=cfg.gate.get("scoring"), selection=cfg.gate.get("selection"),
+                       select_before_loading=gate.select_before_loading,
                        precision=precision, energy_kwh=energy_meter.kwh, energy_source=energy_meter.source,
                        params=count_parameters(model), **environment_facts(device))
         run_log.write_summary(summary)

@@ -3,10 +3,18 @@
 The public names below load on first use (PEP 562), so that light modules such as
 `adaptive_sparse.records` stay importable without torch.
 
-    from adaptive_sparse import SundewGate, BatchScores
+    from adaptive_sparse import SundewGate
     gate = SundewGate(target_rate=0.5, num_samples=len(dataset), scoring="memory")
-    selection = gate.select(idx, None)            # positions of the batch to train
-    gate.observe(idx[selection.index], BatchScores(losses, entropies))
+    keep = gate.select(idx, None).index              # positions of the batch to train
+    gate.observe(idx[keep], losses, logits)          # their per-sample losses (and logits)
+
+or, loading only what the gate selects (adaptive_sparse/sampler.py):
+
+    sampler = SelectingBatchSampler(gate, len(dataset), batch_size=128)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=4)
+    loss = sampler.update(losses, logits)            # per batch: the loss to backpropagate
+
+docs/library.md is the manual.
 """
 from __future__ import annotations
 
@@ -18,9 +26,9 @@ __version__ = "0.4.0"
 _PUBLIC = {
     "Gate": "gates", "NoGate": "gates", "RandomGate": "gates", "SundewGate": "gates",
     "InfoBatchGate": "gates", "SelectiveBackpropGate": "gates", "Selection": "gates",
-    "BatchScores": "significance", "SelectionPacker": "packing", "TrainBatch": "packing",
+    "SelectingBatchSampler": "sampler", "BatchScores": "significance", "SelectionPacker": "packing", "TrainBatch": "packing",
     "FlopMeter": "metering", "train_on_subset": "step",
-    "ClassificationTask": "tasks", "CharLMTask": "tasks", "GPT": "gpt",
+    "SimpleCNN": "models", "FastNet": "models", "ClassificationTask": "tasks", "CharLMTask": "tasks", "GPT": "gpt",
     "DenseAttention": "attention", "SparseAttention": "attention",
 }
 __all__ = sorted(_PUBLIC)

@@ -254,17 +254,45 @@ class IndexedBatches:
     def fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        self.start_epoch()
+    def index_batches(self) -> list[torch.Tensor]:
+        """The epoch's batches of dataset indices (CPU), drawn from the generator: this is the
+        order the epoch serves, whether or not a gate selects from it before loading."""
         order = self.indices
         if self.shuffle:
             order = order[torch.randperm(len(order), generator=self.generator)]
         if self.shard is not None:
             rank, per_rank = self.shard[0], self._samples_served()
             order = order[rank * per_rank:(rank + 1) * per_rank]
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.device)  # [B]
+        return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]  # each [B]
+
+    def select_before_loading(self, sampler) -> None:
+        """Serve only what `sampler` (a SelectingBatchSampler) selects from each batch of the
+        order: skipped samples are never fetched (or augmented). `served_selection` then
+        answers the loop's question "which of this batch to train": all of it."""
+        self.selector = sampler
+
+    selector = None  # a SelectingBatchSampler, or None: serve every sample
+    served = None    # selecting before loading: the Look whose samples the last batch holds
+
+    def served_selection(self, idx: torch.Tensor, scores=None):
+        """The selection behind the batch just served: every row, with the gate's weights and
+        the number of samples it looked at."""
+        return self.served.served_selection(idx.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self.start_epoch()
+        if self.selector is None:
+            batches = self.index_batches()
+        else:  # the gate decides for the whole epoch first (exact for gates that decide from memory)
+            looks = self.selector.plan(self.index_batches())
+            batches = (self._serve(look) for look in looks)
+        for idx in batches:
+            idx = idx.to(self.device)  # [B], or [k] selected before loading
             yield *self.fetch(idx), idx
+
+    def _serve(self, look) -> torch.Tensor:
+        self.served = look
+        return look.chosen
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

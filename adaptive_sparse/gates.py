@@ -15,7 +15,7 @@ from adaptive_sparse.controller import PIController
 from adaptive_sparse.scorers import ProxyScorer
 from adaptive_sparse.selection import PercentileRule, PriorityRule, ThresholdRule, stochastic_round
 from adaptive_sparse.significance import (BatchScores, FreshScoring, MemoryScoring, SampleMemory, ScoreHistory,
-                                          SignificanceModel)
+                                          SignificanceModel, prediction_entropy)
 
 
 def local_rate(keep: torch.Tensor) -> float:
@@ -34,6 +34,13 @@ class Selection:
     """
     index: torch.Tensor                 # [k] positions within the batch, ascending
     weight: torch.Tensor | None = None  # [k] per-sample loss weights, or None
+    # samples the gate looked at to choose these: None, the batch itself; a number when the
+    # batch holds only the chosen samples, selected before loading (adaptive_sparse/sampler.py)
+    looked_at: int | None = None
+
+    def seen(self, batch_size: int) -> int:
+        """How many samples this selection chose from, given the batch it came with."""
+        return batch_size if self.looked_at is None else self.looked_at
 
 
 class Gate:
@@ -45,6 +52,12 @@ class Gate:
     `num_classes` is the number of outputs a sample's loss is over (classes, or a language
     model's vocabulary); `model_kwargs` (the task's arguments for a model, e.g. vocab_size)
     build a proxy scorer and are ignored by gates without one.
+
+    `select_before_loading` (config `gate.select_before_loading`: auto, true or false): whether
+    the loop asks for the epoch's selections before the loader reads any sample, so skipped
+    samples are never loaded (adaptive_sparse/sampler.py). Only a gate that decides without a
+    scoring forward of the loaded batch can (`can_select_before_loading`); auto means
+    wherever it can.
     """
 
     needs_scores = False
@@ -52,7 +65,8 @@ class Gate:
 
     def __init__(self, target_rate: float = 1.0, num_samples: int = 0, num_classes: int = 10,
                  seed: int = 0, total_epochs: int = 1, pack: bool = False,
-                 device: torch.device | str = "cpu", model_kwargs: dict | None = None):
+                 device: torch.device | str = "cpu", model_kwargs: dict | None = None,
+                 select_before_loading: bool | str = "auto"):
         if not 0.0 < target_rate <= 1.0:
             raise ValueError(f"gate.target_rate must be in (0, 1], got {target_rate}")
         self.target_rate = float(target_rate)
@@ -63,6 +77,26 @@ class Gate:
         # keep mask -> achieved rate fed to a controller; under torchrun it is all-reduced so
         # every rank's controller sees the global rate and holds the same threshold
         self.rate_reducer: Callable[[torch.Tensor], float] = local_rate
+        if select_before_loading not in ("auto", True, False):
+            raise ValueError(f"gate.select_before_loading={select_before_loading!r} is not allowed: auto, true or false")
+        self.before_loading_wanted = select_before_loading
+
+    @property
+    def can_select_before_loading(self) -> bool:
+        """True when no decision needs a scoring forward: then the epoch's selections can be
+        made from the dataset indices alone, before anything is loaded, and they are the ones
+        the gate would make after loading (each sample's decision reads only state that the
+        epoch has not touched yet: its own memory from earlier epochs, the controller's budget)."""
+        return not self.needs_scores
+
+    @property
+    def select_before_loading(self) -> bool:
+        """The resolved switch; true where impossible is refused by name."""
+        if self.before_loading_wanted is True and not self.can_select_before_loading:
+            raise ValueError(f"gate.select_before_loading=true: {type(self).__name__} with these settings needs a "
+                             "scoring forward of each loaded batch, so it cannot select before loading "
+                             "(use auto or false)")
+        return self.can_select_before_loading if self.before_loading_wanted == "auto" else self.before_loading_wanted
 
     @property
     def threshold(self) -> float | None:
@@ -78,8 +112,20 @@ class Gate:
         """Gate-specific figures for the epoch record."""
         return {}
 
-    def observe(self, trained_idx: torch.Tensor, trained: BatchScores) -> None:
-        """Called after the training forward with the trained samples' losses and entropies."""
+    def observe(self, trained_idx: torch.Tensor, trained: BatchScores | torch.Tensor,
+                logits: torch.Tensor | None = None) -> None:
+        """Hand back what the training forward learnt about the trained samples [k]: their
+        BatchScores, or plain per-sample losses [k] (then `logits`, [k, C] or [k, T, V], give
+        each one's prediction entropy; without them it counts as 0)."""
+        if not isinstance(trained, BatchScores):
+            losses = trained.detach().float()
+            entropy = prediction_entropy(logits.detach()) if logits is not None else torch.zeros_like(losses)
+            trained = BatchScores(losses, entropy)
+        device = self.device
+        self.learn(trained_idx.to(device), BatchScores(trained.loss.to(device), trained.entropy.to(device)))
+
+    def learn(self, trained_idx: torch.Tensor, trained: BatchScores) -> None:
+        """What a gate keeps from the trained samples' scores (nothing, here)."""
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -95,8 +141,9 @@ class NoGate(Gate):
 
     def __init__(self, target_rate: float = 1.0, num_samples: int = 0, num_classes: int = 10,
                  seed: int = 0, total_epochs: int = 1, pack: bool = False, device: torch.device | str = "cpu",
-                 model_kwargs: dict | None = None):
-        super().__init__(1.0, num_samples, num_classes, seed, total_epochs, pack, device)
+                 model_kwargs: dict | None = None, select_before_loading: bool | str = "auto"):
+        super().__init__(1.0, num_samples, num_classes, seed, total_epochs, pack, device,
+                         select_before_loading=select_before_loading)
 
 
 class RandomGate(Gate):
@@ -150,8 +197,9 @@ class SundewGate(Gate):
                  min_selected: int = 1, norm_momentum: float = 0.05, seed: int = 0,
                  total_epochs: int = 1, proxy: Callable[..., torch.nn.Module] | None = None,
                  proxy_lr: float = 1e-3, pack: bool = False, device: torch.device | str = "cpu",
-                 model_kwargs: dict | None = None):
-        super().__init__(target_rate, num_samples, num_classes, seed, total_epochs, pack, device)
+                 model_kwargs: dict | None = None, select_before_loading: bool | str = "auto"):
+        super().__init__(target_rate, num_samples, num_classes, seed, total_epochs, pack, device,
+                         select_before_loading=select_before_loading)
         for key, value, allowed in (("scoring", scoring, ("forward", "memory", "proxy")),
                                     ("selection", selection, ("percentile", "threshold", "top"))):
             if value not in allowed:
@@ -202,6 +250,11 @@ class SundewGate(Gate):
     def threshold(self) -> float | None:
         return self.controller.threshold if isinstance(self.rule, ThresholdRule) else None
 
+    @property
+    def can_select_before_loading(self) -> bool:
+        # memory scoring, never refreshed: every epoch decides from remembered losses alone
+        return self.scoring == "memory" and self.source.refresh_every == 0
+
     def epoch_metrics(self) -> dict[str, float]:
         return {} if isinstance(self.rule, ThresholdRule) else {"budget": self.controller.threshold}
 
@@ -219,7 +272,7 @@ class SundewGate(Gate):
         weight = 1.0 / (len(idx) * prob[index]) if prob is not None and self.unbiased else None
         return Selection(index, weight)
 
-    def observe(self, trained_idx: torch.Tensor, trained: BatchScores) -> None:
+    def learn(self, trained_idx: torch.Tensor, trained: BatchScores) -> None:
         self.source.observe(trained_idx, trained)
 
     def state_dict(self) -> dict:
@@ -252,8 +305,9 @@ class InfoBatchGate(Gate):
     def __init__(self, prune_ratio: float = 0.5, anneal_after: float = 0.875, num_samples: int = 0,
                  num_classes: int = 10, seed: int = 0, total_epochs: int = 1,
                  target_rate: float | None = None, pack: bool = False, device: torch.device | str = "cpu",
-                 model_kwargs: dict | None = None):
-        super().__init__(1.0, num_samples, num_classes, seed, total_epochs, pack, device)
+                 model_kwargs: dict | None = None, select_before_loading: bool | str = "auto"):
+        super().__init__(1.0, num_samples, num_classes, seed, total_epochs, pack, device,
+                         select_before_loading=select_before_loading)
         if target_rate is not None:
             raise ValueError("gate=infobatch has no target_rate: set gate.prune_ratio "
                              "(its rate is about 1 - prune_ratio * the share of samples below the mean loss)")
@@ -287,7 +341,7 @@ class InfoBatchGate(Gate):
         scale = torch.where(well_learned[index], 1.0 / (1.0 - self.prune_ratio), 1.0)
         return Selection(index, scale / b)  # the batch mean, with pruned samples made up for
 
-    def observe(self, trained_idx: torch.Tensor, trained: BatchScores) -> None:
+    def learn(self, trained_idx: torch.Tensor, trained: BatchScores) -> None:
         self.memory.record(trained_idx, trained)
         self.memory.record_trained(trained_idx)
 
@@ -314,8 +368,9 @@ class SelectiveBackpropGate(Gate):
     def __init__(self, target_rate: float = 0.5, beta: float | None = None, history_size: int = 4096,
                  num_samples: int = 0, num_classes: int = 10, seed: int = 0, total_epochs: int = 1,
                  pack: bool = False, device: torch.device | str = "cpu",
-                 model_kwargs: dict | None = None):
-        super().__init__(target_rate, num_samples, num_classes, seed, total_epochs, pack, device)
+                 model_kwargs: dict | None = None, select_before_loading: bool | str = "auto"):
+        super().__init__(target_rate, num_samples, num_classes, seed, total_epochs, pack, device,
+                         select_before_loading=select_before_loading)
         self.beta = 1.0 / self.target_rate - 1.0 if beta is None else float(beta)
         if self.beta < 0:
             raise ValueError(f"gate.beta={beta} is not allowed: a number >= 0")

@@ -12,7 +12,7 @@ about r times full training's optimiser steps.
 Weights: a gate's `Selection.weight` makes a loader batch's weighted sum an estimate of that
 batch's mean loss (its weights sum to 1 in expectation). A packed batch gathers samples from
 several loader batches, so each weight is first scaled by its loader batch's size (a relative
-weight: 1 is an ordinary sample), and the packed step's objective is sum(w * loss) / sum(w):
+weight: 1 is an ordinary sample; selected before loading, by the number the gate looked at), and the packed step's objective is sum(w * loss) / sum(w):
 the weighted mean, whatever the number of loader batches it spans.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ class SelectionPacker:
         if self.enabled:  # relative weights, comparable across loader batches of any size
             self.weighted |= weight is not None
             weight = (torch.ones(len(chosen), device=targets.device) if weight is None
-                      else weight.float() * len(targets))
+                      else weight.float() * selection.seen(len(targets)))
         self.waiting.append(TrainBatch(inputs[chosen], targets[chosen], idx[chosen], weight))
 
     def ready(self) -> Iterator[TrainBatch]:

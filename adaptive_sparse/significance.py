@@ -42,12 +42,22 @@ class BatchScores:
         loss = F.nll_loss(log_probs, targets.reshape(-1), reduction="none")
         if label_smoothing:  # (1 - s) * CE(label) + s * mean over classes of CE(class)
             loss = (1.0 - label_smoothing) * loss - label_smoothing * log_probs.mean(dim=-1)
-        entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-        per_sample = loss.numel() // b if b else 1  # T tokens (1 for a class)
-        return cls(loss.view(b, per_sample).mean(1), entropy.view(b, per_sample).mean(1))
+        return cls(per_sample_mean(loss, b), per_sample_mean(-(log_probs.exp() * log_probs).sum(dim=-1), b))
 
     def detach(self) -> "BatchScores":
         return BatchScores(self.loss.detach(), self.entropy.detach())
+
+
+def per_sample_mean(values: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """[B*T] per-position values -> [B] per-sample means (T = 1 for a class per sample)."""
+    per_sample = values.numel() // num_samples if num_samples else 1
+    return values.view(num_samples, per_sample).mean(1)
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """[B] each sample's prediction entropy in nats from logits [B, C] (or [B, T, V]: the mean over T)."""
+    log_probs = F.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
+    return per_sample_mean(-(log_probs.exp() * log_probs).sum(dim=-1), len(logits))
 
 
 class SampleMemory:

@@ -1,0 +1,225 @@
+"""Selection before loading: a batch sampler that yields only the samples a gate selects.
+
+A gate that decides without a scoring forward (random, sundew with memory scoring, InfoBatch:
+`gate.can_select_before_loading`) can make an epoch's decisions from dataset indices alone.
+`SelectingBatchSampler` does, at the start of each epoch: it draws the epoch's order, lets the
+gate select from each batch-sized stretch of it (a *look*), and yields the selected indices
+packed into full batches. Skipped samples are then never read, decoded or augmented. Three
+lines in any loop over a map-style dataset:
+
+    sampler = SelectingBatchSampler(gate, len(dataset), batch_size=128)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=4)
+    loss = sampler.update(per_sample_losses, logits)   # in the loop: the loss to backpropagate
+
+Why deciding a whole epoch first is exact: each sample appears once per epoch, and a memory
+gate's decision about it reads only its own memory, which this epoch has not touched yet,
+and the controller's budget, which moves with the rates of the looks before it. The losses
+handed back during the epoch update the memory for the next one, as they would have done
+had the gate selected after loading.
+
+Under torchrun (torch.distributed initialised) each rank looks at its own slice of one global
+order, the gate's controller works on the global rate, the ranks' selections are pooled and
+dealt out again so every rank yields the same number of non-empty batches (collectives line
+up), and the per-sample memories are merged when the epoch's last batch is handed back.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+from adaptive_sparse.data import IndexedBatches
+from adaptive_sparse.distributed import Distributed
+from adaptive_sparse.gates import Gate, Selection, local_rate
+
+
+@dataclass
+class Look:
+    """One batch-sized stretch of the epoch's order, as the gate saw it before loading."""
+    looked_at: torch.Tensor  # [B] dataset indices
+    selection: Selection     # positions within `looked_at` to train, and their loss weights
+
+    @property
+    def chosen(self) -> torch.Tensor:
+        return self.looked_at[self.selection.index]  # [k] dataset indices
+
+    def relative_weight(self) -> torch.Tensor | None:
+        """[k] loss weights with 1 for an ordinary sample (None: all equal), comparable across looks."""
+        weight = self.selection.weight
+        return None if weight is None else weight.float() * len(self.looked_at)
+
+    def served_selection(self, device: torch.device) -> Selection:
+        """For a batch that holds exactly the chosen samples: all of its rows, the gate's weights,
+        and how many samples the gate chose them from."""
+        weight = self.selection.weight
+        return Selection(torch.arange(len(self.selection.index), device=device),
+                         None if weight is None else weight.to(device), looked_at=len(self.looked_at))
+
+
+def ranks_from_torch_distributed(device: torch.device) -> Distributed:
+    """The process's place among torchrun's ranks (inactive when torch.distributed is not set up)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return Distributed()
+    return Distributed(True, torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
+
+
+class SelectingBatchSampler(Sampler[list[int]]):
+    """Yields, each epoch, only the dataset indices `gate` selects, in batches of `batch_size`.
+
+    The epoch's order is one permutation of range(num_samples) (or of `indices`) from `seed`'s
+    generator, in looks of `batch_size` (under torchrun: this rank's slice, as train.py's loader
+    slices). With `pack` (the default) the selected indices of consecutive looks fill whole
+    batches, the last one possibly short; without it each look's selection is one batch (empty
+    ones are skipped). Hand every batch's per-sample losses back with `update`, in the order the
+    batches came: the gate learns from them, and `update` returns the batch's training loss
+    (the gate's weights applied). `state_dict` holds the order's generator, the epoch and the
+    gate, so a run resumes exactly at an epoch boundary.
+    """
+
+    def __init__(self, gate: Gate, num_samples: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 pack: bool = True, limit_batches: int | None = None, indices: torch.Tensor | None = None,
+                 ranks: Distributed | None = None, sync_memory: bool = True, order: IndexedBatches | None = None):
+        if not gate.can_select_before_loading:
+            raise ValueError(f"{type(gate).__name__} with these settings needs a scoring forward of each loaded "
+                             "batch, so it cannot select before loading: select after loading instead")
+        self.gate, self.batch_size, self.pack = gate, int(batch_size), bool(pack)
+        self.ranks = ranks if ranks is not None else ranks_from_torch_distributed(gate.device)
+        shard = (self.ranks.rank, self.ranks.world_size) if self.ranks.active else None
+        # the epoch's order; train.py passes its own loader, which serves what this sampler plans
+        self.order = order if order is not None else IndexedBatches(
+            num_samples, batch_size, torch.device("cpu"), shuffle=shuffle, limit_batches=limit_batches,
+            seed=seed, indices=indices, shard=shard)
+        if self.ranks.active and gate.rate_reducer is local_rate:
+            gate.rate_reducer = self.ranks.global_rate  # one controller budget for all ranks
+        self.sync_memory = sync_memory and self.ranks.active
+        self.epoch = 0
+        self.batches: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # this epoch's, once planned
+        self.pending: deque[tuple[torch.Tensor, torch.Tensor | None]] = deque()  # yielded, losses not yet back
+        self.updates_left = 0
+        self.memory_at_start: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ the epoch's decisions
+    def plan(self, index_batches: list[torch.Tensor]) -> list[Look]:
+        """The gate's selection from each look of the epoch's order, in order."""
+        looks = []
+        for idx in index_batches:
+            idx = idx.to(self.gate.device)  # [B]: where the gate keeps its per-sample memory
+            looks.append(Look(idx, self.gate.select(idx, None)))
+        return looks
+
+    @classmethod
+    def serving(cls, loader: IndexedBatches, gate: Gate, ranks: Distributed) -> "SelectingBatchSampler":
+        """train.py's use: `loader` keeps its order and serves (fetches) only what this plans;
+        the ranks' memories are merged by the loop, at epoch end, as for any gate."""
+        sampler = cls(gate, loader.num_samples, loader.batch_size, ranks=ranks, sync_memory=False,
+                      pack=gate.pack, order=loader)
+        loader.select_before_loading(sampler)
+        return sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch `epoch` (1-based); without it each iteration is the next epoch."""
+        self.epoch = int(epoch) - 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.ranks.active and not self.pack:
+            raise ValueError("under torchrun the sampler packs (pack=True): every rank must yield as many batches")
+        self._merge_rank_memories()  # the last epoch's, if its last losses never came back
+        self.epoch += 1
+        self.gate.start_epoch(self.epoch)
+        self.memory_at_start = self.ranks.snapshot_gate_memory(self.gate) if self.sync_memory else None
+        looks = self.plan(self.order.index_batches())
+        self.batches = self._batches_of(looks)
+        self.pending.clear()
+        self.updates_left = len(self.batches)
+        for idx, weight in self.batches:
+            self.pending.append((idx, weight))
+            yield idx.tolist()
+
+    def __len__(self) -> int:
+        """The epoch's number of batches, exact once it is planned (from its first batch on);
+        before that, the last epoch's, or on the first the number the target rate implies."""
+        if self.batches is not None:
+            return len(self.batches)
+        per_rank = self.order._samples_served()
+        rate = self.gate.target_rate if self.gate.target_rate is not None else 1.0
+        return max(1, math.ceil(rate * per_rank / self.batch_size)) if self.pack else len(self.order)
+
+    def _batches_of(self, looks: list[Look]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        if not self.pack:
+            return [(look.chosen, look.relative_weight()) for look in looks if len(look.chosen)]
+        chosen, weight = self._pooled(looks)
+        if not self.ranks.active:
+            return list(zip(chosen.split(self.batch_size),
+                            weight.split(self.batch_size) if weight is not None else [None] * len(chosen)))
+        return self._dealt(chosen, weight)
+
+    def _pooled(self, looks: list[Look]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every look's chosen indices in order [n], with relative weights [n] (None: all 1);
+        under torchrun, every rank's, in rank order."""
+        chosen = torch.cat([look.chosen.cpu() for look in looks]) if looks else torch.empty(0, dtype=torch.long)
+        weighted = any(look.selection.weight is not None for look in looks)
+        weight = torch.cat([(w.cpu() if (w := look.relative_weight()) is not None
+                             else torch.ones(len(look.chosen))) for look in looks]) if weighted else None
+        if self.ranks.active:
+            parts = self.ranks.gather((chosen, weight))
+            chosen = torch.cat([c for c, _ in parts])
+            weight = torch.cat([w if w is not None else torch.ones(len(c)) for c, w in parts]) \
+                if any(w is not None for _, w in parts) else None
+        return chosen, weight
+
+    def _dealt(self, chosen: torch.Tensor, weight: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The pooled selection in global steps of batch_size x world, each split evenly over the
+        ranks (sizes differ by at most one); a last step too small to give every rank a sample
+        joins the step before it."""
+        world, rank = self.ranks.world_size, self.ranks.rank
+        steps = list(range(0, len(chosen), self.batch_size * world))
+        if len(steps) > 1 and len(chosen) - steps[-1] < world:
+            steps.pop()
+        bounds = steps[1:] + [len(chosen)]
+        batches = []
+        for start, end in zip(steps, bounds):
+            mine = torch.arange(start, end).tensor_split(world)[rank]  # [about batch_size] positions
+            batches.append((chosen[mine], None if weight is None else weight[mine]))
+        return [b for b in batches if len(b[0])]
+
+    # ------------------------------------------------------------------ losses handed back
+    def update(self, losses: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Hand back the per-sample losses [k] of the oldest batch not yet handed back; returns
+        the loss to backpropagate: their mean, or their weighted mean for a gate that weights
+        (InfoBatch's rescaling). With `logits` ([k, C], or [k, T, V]) the gate also learns each
+        sample's prediction entropy (sundew's entropy signal); without them it counts as 0."""
+        if not self.pending:
+            raise RuntimeError("SelectingBatchSampler.update: no batch is waiting for its losses "
+                               "(one update per batch, in the order the loader gave them)")
+        idx, weight = self.pending.popleft()
+        if losses.shape != idx.shape:
+            raise ValueError(f"SelectingBatchSampler.update: losses of shape {tuple(losses.shape)} for a batch of "
+                             f"{len(idx)} samples (pass one loss per sample: reduction='none', then a mean over tokens)")
+        self.gate.observe(idx, losses, logits)
+        self.updates_left -= 1
+        if self.updates_left == 0:
+            self._merge_rank_memories()
+        if weight is None:
+            return losses.mean()
+        weight = weight.to(losses.device)
+        return (weight * losses).sum() / weight.sum()
+
+    def _merge_rank_memories(self) -> None:
+        """torchrun: one per-sample memory on every rank (each sample trained on one rank)."""
+        if self.memory_at_start is not None:
+            self.ranks.sync_sample_memory(self.gate, self.memory_at_start)
+            self.memory_at_start = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "order": self.order.state_dict(), "gate": self.gate.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.order.load_state_dict(state["order"])
+        self.gate.load_state_dict(state["gate"])
+        self.batches, self.pending, self.updates_left = None, deque(), 0

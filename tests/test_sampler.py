@@ -1,0 +1,195 @@
+"""Selection before loading (adaptive_sparse/sampler.py): the same decisions as selecting after
+loading, only the selected samples loaded, in any DataLoader, across ranks, through a resume."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from adaptive_sparse.data import IndexedBatches
+from adaptive_sparse.gates import InfoBatchGate, RandomGate, SelectiveBackpropGate, SundewGate
+from adaptive_sparse.sampler import SelectingBatchSampler
+from adaptive_sparse.significance import BatchScores
+from tests.conftest import read_run, run_train
+
+
+def fake_losses(idx: torch.Tensor, epoch: int) -> torch.Tensor:
+    """A loss per sample that differs by sample and falls with the epoch (deterministic)."""
+    return ((idx * 37) % 11).float() / 4 + 3.0 / epoch
+
+
+def make_gate(kind: str, n: int):
+    if kind == "random":
+        return RandomGate(0.3, n, seed=3)
+    if kind == "infobatch":
+        return InfoBatchGate(prune_ratio=0.5, anneal_after=1.0, num_samples=n, seed=3, total_epochs=3)
+    return SundewGate(0.3, n, scoring="memory", seed=3, selection=kind)
+
+
+@pytest.mark.parametrize("kind", ["random", "percentile", "top", "infobatch"])
+def test_planning_the_epoch_first_makes_the_decisions_selecting_after_loading_makes(kind):
+    """After loading, the gate selects batch by batch with the previous batches' losses already
+    handed back; before loading, it decides the whole epoch first. Same choices, 3 epochs."""
+    n, batch = 200, 16
+    after, before = make_gate(kind, n), make_gate(kind, n)
+    order_after = IndexedBatches(n, batch, torch.device("cpu"), shuffle=True, seed=5)
+    sampler = SelectingBatchSampler(before, n, batch, seed=5, pack=False)
+    for epoch in (1, 2, 3):
+        after.start_epoch(epoch)
+        chosen_after = []
+        for idx in order_after.index_batches():
+            chosen = idx[after.select(idx, None).index]
+            after.observe(chosen, BatchScores(fake_losses(chosen, epoch), torch.zeros(len(chosen))))
+            chosen_after.append(chosen)
+        chosen_before = []
+        for batch_idx in sampler:
+            chosen = torch.tensor(batch_idx)
+            sampler.update(fake_losses(chosen, epoch))
+            chosen_before.append(chosen)
+        nonempty = [c for c in chosen_after if len(c)]
+        assert [c.tolist() for c in chosen_before] == [c.tolist() for c in nonempty]
+    assert 0 < sum(map(len, chosen_before)) < n
+
+
+def test_packed_batches_are_full_and_in_selection_order():
+    n, batch = 100, 8
+    sampler = SelectingBatchSampler(RandomGate(0.5, n, seed=0), n, batch, seed=1)
+    reference = SelectingBatchSampler(RandomGate(0.5, n, seed=0), n, batch, seed=1, pack=False)
+    packed, looks = list(sampler), list(reference)
+    flat = [i for b in looks for i in b]
+    assert [i for b in packed for i in b] == flat  # the same samples, in the same order
+    assert all(len(b) == batch for b in packed[:-1]) and 0 < len(packed[-1]) <= batch
+    assert len(sampler) == len(packed) == -(-len(flat) // batch)
+    assert len(set(flat)) == len(flat)  # no sample twice in an epoch
+
+
+def test_update_returns_the_gate_weighted_loss_and_teaches_the_memory():
+    """InfoBatch in its second epoch: a sample below the first epoch's mean loss that survives
+    pruning counts 1 / (1 - 0.5) = 2 times; the rest count once."""
+    n = 8
+    gate = InfoBatchGate(prune_ratio=0.5, anneal_after=1.0, num_samples=n, total_epochs=2, seed=0)
+    sampler = SelectingBatchSampler(gate, n, 8, shuffle=False)
+    (first,) = list(sampler)
+    assert first == list(range(8))  # epoch 1: nothing seen, nothing pruned
+    losses = torch.tensor([1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0])  # mean 2: samples 0-3 are well learned
+    torch.testing.assert_close(sampler.update(losses), torch.tensor(2.0))
+    torch.testing.assert_close(gate.memory.last_loss, losses)
+    (second,) = list(sampler)
+    kept_low = [i for i in second if i < 4]
+    assert set(range(4, 8)) <= set(second) and len(kept_low) < 4
+    # by hand: weights 2 for each kept low sample (loss 1), 1 for each high one (loss 3)
+    expected = (2 * 1.0 * len(kept_low) + 3.0 * 4) / (2 * len(kept_low) + 4)
+    torch.testing.assert_close(sampler.update(losses[second]), torch.tensor(expected))
+
+
+def test_a_gate_that_needs_a_scoring_forward_is_refused_by_name():
+    for gate in (SundewGate(0.5, 10), SundewGate(0.5, 10, scoring="memory", refresh_every_epochs=2),
+                 SelectiveBackpropGate(0.5, num_samples=10)):
+        with pytest.raises(ValueError, match="scoring forward"):
+            SelectingBatchSampler(gate, 10, 4)
+    with pytest.raises(ValueError, match="gate.select_before_loading=true"):
+        SundewGate(0.5, 10, select_before_loading=True).select_before_loading
+
+
+def test_losses_of_the_wrong_shape_or_without_a_batch_are_refused():
+    sampler = SelectingBatchSampler(RandomGate(1.0, 8), 8, 4)
+    with pytest.raises(RuntimeError, match="no batch is waiting"):
+        sampler.update(torch.ones(4))
+    iter(sampler).__next__()
+    with pytest.raises(ValueError, match="one loss per sample"):
+        sampler.update(torch.ones(4, 3))
+
+
+class Counting(Dataset):
+    """Returns its index as the sample; remembers nothing (workers have their own copies)."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i)]), i % 3
+
+
+def test_dataloader_with_workers_loads_only_the_selected_and_resumes_exactly():
+    def run(sampler, epochs):
+        loader = DataLoader(Counting(), batch_sampler=sampler, num_workers=2)
+        served = []  # per epoch, its batches of sample indices
+        for _ in range(epochs):
+            served.append([])
+            for x, y in loader:
+                served[-1].append(x[:, 0].long().tolist())
+                logits = torch.zeros(len(y), 3)
+                sampler.update(torch.nn.functional.cross_entropy(logits, y, reduction="none") + x[:, 0] / 64,
+                               logits)
+        return served
+
+    gate = lambda: SundewGate(0.5, 64, scoring="memory", seed=1)
+    whole = SelectingBatchSampler(gate(), 64, 8, seed=2)
+    served = run(whole, 3)
+    first = SelectingBatchSampler(gate(), 64, 8, seed=2)
+    served_first = run(first, 2)
+    state = first.state_dict()
+    resumed = SelectingBatchSampler(gate(), 64, 8, seed=2)
+    resumed.load_state_dict(state)
+    assert served_first + run(resumed, 1) == served
+    for epoch in served:
+        flat = [i for batch in epoch for i in batch]
+        assert all(len(batch) == 8 for batch in epoch[:-1]) and len(set(flat)) == len(flat)
+        assert 24 <= len(flat) <= 40  # about half of the 64 samples loaded, each at most once
+
+
+def _sampler_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as torch_dist
+
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    gate = SundewGate(0.5, 101, scoring="memory", seed=7)  # same seed on every rank
+    sampler = SelectingBatchSampler(gate, 101, 8, seed=4)
+    epochs = []
+    for epoch in (1, 2):
+        served = []
+        for batch in sampler:
+            idx = torch.tensor(batch)
+            sampler.update(fake_losses(idx, epoch))
+            served.append(batch)
+        epochs.append(served)
+    torch.save({"epochs": epochs, "memory": gate.memory.last_loss}, f"{out}/rank{rank}.pt")
+    torch_dist.destroy_process_group()
+
+
+def test_two_ranks_yield_equal_batch_counts_of_disjoint_samples_with_one_memory(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sampler_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for epoch in (0, 1):
+        a, b = (r["epochs"][epoch] for r in ranks)
+        assert len(a) == len(b) and all(len(x) for x in a + b)  # collectives line up, no empty batch
+        flat_a, flat_b = [i for x in a for i in x], [i for x in b for i in x]
+        assert not set(flat_a) & set(flat_b) and len(set(flat_a)) == len(flat_a)
+        share = (len(flat_a) + len(flat_b)) / 100  # 101 samples: one dropped so both ranks see 50
+        assert 0.35 <= share <= 0.65
+        assert all(abs(len(x) - len(y)) <= 1 for x, y in zip(a, b))
+    torch.testing.assert_close(ranks[0]["memory"], ranks[1]["memory"], equal_nan=True)  # merged
+
+
+@pytest.mark.parametrize("gate", [["gate=sundew_memory", "gate.pack=true", "gate.target_rate=0.4"],
+                                  ["gate=infobatch", "training.epochs=3", "gate.anneal_after=1.0"]])
+def test_train_py_trains_the_same_samples_to_the_same_model_either_way(tmp_path, tiny, gate):
+    """Without augmentation the loader's rows do not depend on what else is loaded, so selecting
+    before loading must reproduce selecting after loading to the last digit."""
+    runs = {}
+    for mode in ("false", "auto"):
+        result = run_train(tmp_path / mode, *tiny, "training.epochs=2", *gate, f"gate.select_before_loading={mode}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[mode] = read_run(tmp_path / mode)
+    (after, after_summary), (before, before_summary) = runs["false"], runs["auto"]
+    assert before_summary["select_before_loading"] is True and after_summary["select_before_loading"] is False
+    for key in ("samples_trained", "samples_seen", "optimizer_steps", "train_loss", "val_loss"):
+        assert [r[key] for r in before] == [r[key] for r in after], key
+    assert before_summary["activation_rate"] < 1.0
