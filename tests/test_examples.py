@@ -1,0 +1,39 @@
+"""examples/: the plain-PyTorch scripts run as a user would run them, on a tiny image folder."""
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "imagefolder_sundew.py"
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """train/ 3 classes x 16 images, test/ 3 x 4: random 32x32 JPEGs."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 4)):
+        for name in ("cat", "dog", "frog"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    return tmp_path
+
+
+@pytest.mark.parametrize("select, workers", [pytest.param("before", "2", marks=pytest.mark.slow),  # worker start-ups
+                                             ("before", "0"), ("after", "0")])
+def test_the_imagefolder_example_trains_about_half_of_each_epoch(image_folder, tmp_path, select, workers):
+    main = runpy.run_path(str(EXAMPLE), run_name="example")["main"]
+    out = tmp_path / "epochs.json"
+    records = main(["--data", str(image_folder), "--epochs", "2", "--batch-size", "8", "--workers", workers,
+                    "--select", select, "--json", str(out)])
+    assert json.loads(out.read_text()) == records and [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert 0.3 * 48 <= record["samples_trained"] <= 0.7 * 48  # target 0.5 of 48 samples
+        assert record["activation_rate"] == record["samples_trained"] / 48
+        assert record["eval_time_s"] > 0 and record["epoch_time_s"] > 0
