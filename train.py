@@ -19,22 +19,25 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from adaptive_sparse.attention import set_attention_epoch
 from adaptive_sparse.checkpointing import Checkpointer, ResumePoint, load_initial_weights, locate_checkpoint
-from adaptive_sparse.config import (resolve_device, resolve_precision, seed_everything, threads_per_job,
-                                    validate_config)
+from adaptive_sparse.config import (refuse_unread_additions, resolve_device, resolve_precision, seed_everything,
+                                    threads_per_job, validate_config)
 from adaptive_sparse.data import load_dataset
 from adaptive_sparse.distributed import agree_on_run_dir, setup_distributed
 from adaptive_sparse.energy import make_energy_meter
+from adaptive_sparse.errors import user_errors_reported
 from adaptive_sparse.metering import FlopMeter, PhaseTimer, Tally
 from adaptive_sparse.models import count_parameters
 from adaptive_sparse.optim import build_scheduler
 from adaptive_sparse.packing import SelectionPacker, TrainBatch
 from adaptive_sparse.records import Metric
+from adaptive_sparse.rundir import RunDirLocked, lock_from_argv, remove_stale_temp_files, run_dir_lock
 from adaptive_sparse.sampler import SelectingBatchSampler
 from adaptive_sparse.scorers import ModelScorer
 from adaptive_sparse.step import evaluation_sums, inject_nan_at_step, train_on_subset
@@ -45,9 +48,18 @@ log = logging.getLogger("train")
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    """The Hydra entry point: a user's mistake ends in one logged line (exit 1), a bug in a traceback."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with user_errors_reported(log, multirun=HydraConfig.get().mode == RunMode.MULTIRUN,
+                              checkpoint=run_dir / "checkpoints" / "last.pt"), run_dir_lock(run_dir):
+        return train(cfg, run_dir)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> float:
     # ------------------------------------------------------------------ config
     validate_config(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    refuse_unread_additions(HydraConfig.get().overrides.task, cfg, Path(__file__).parent / "conf")
+    remove_stale_temp_files(run_dir)  # of a save a kill interrupted; the directory's lock is ours
     choices = HydraConfig.get().runtime.choices
     # refuses a missing checkpoint (resume=true) or overwriting one (false); auto: whichever applies
     checkpoint_path, resuming = locate_checkpoint(run_dir, cfg.resume)
@@ -262,4 +274,8 @@ def summarise(history: list[dict], target_rate: float, flop_meter: FlopMeter) ->
 
 if __name__ == "__main__":
     sys.argv = agree_on_run_dir(sys.argv)  # torchrun: one run directory for all ranks
+    try:
+        lock_from_argv(sys.argv)  # hydra.run.dir given: refuse a busy directory before Hydra writes to it
+    except RunDirLocked as busy:
+        sys.exit(f"error: {busy}")
     main()

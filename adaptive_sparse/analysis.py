@@ -39,7 +39,7 @@ from adaptive_sparse.sweeps import parse_overrides, read_queue, run_name, sweep_
 NOT_ROW_KEYS = frozenset({
     "seed", "dataset.root", "dataset.cache_dir", "progress", "resume", "training.num_threads",
     "hydra.run.dir", "hydra.sweep.dir", "wandb.mode", "wandb.project", "wandb.entity", "wandb.group",
-    "wandb.tags", "wandb.name", "wandb.log_every_steps"})
+    "wandb.tags", "wandb.name", "wandb.log_every_steps", "wandb.init_timeout_s"})
 LOSSLESS_MARGIN = 0.3  # accuracy points: "reaches full training's accuracy" means within this
 LOSSLESS_MARGIN_NATS = 0.01  # the same for a loss (task=char_lm): within this many nats
 DEFAULT = "(default)"  # the table's value for a varying key a run does not override

@@ -7,6 +7,7 @@ and sparse attention then never selects, scores or attends to a future key.
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -346,6 +347,14 @@ class SparseAttention(DenseAttention):
         self.dense_warmup = False
         self.indexer_loss: torch.Tensor | None = None
 
+    def _warn_if_dense(self, num_tokens: int) -> None:
+        """Once per module: top_k at or above the sequence keeps every key, so this is dense
+        attention (with an indexer's cost on top) under the name sparse."""
+        if self.top_k >= num_tokens and not getattr(self, "warned_dense", False):
+            self.warned_dense = True
+            warnings.warn(f"attention.top_k={self.top_k} >= the {num_tokens} tokens of a sequence: every query "
+                          "keeps every key, so sparse attention computes dense attention here; lower attention.top_k")
+
     # ------------------------------------------------------------------ selection
     def indexer_features(self, x: torch.Tensor, causal: bool = False) -> IndexerFeatures:
         """Indexer features of tokens (token granularity) or of blocks (block granularity: keys
@@ -377,6 +386,7 @@ class SparseAttention(DenseAttention):
         if attn_mask is not None:
             raise NotImplementedError("SparseAttention takes no attn_mask (is_causal=True for a decoder)")
         q, k, v = self.split_heads(x)  # 3 x [B, H, N, D]
+        self._warn_if_dense(x.shape[1])
         features = self.indexer_features(x, is_causal)
         train_indexer = self.training and torch.is_grad_enabled() and self.indexer_loss_weight > 0
         if self.dense_warmup:

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -28,9 +28,13 @@ def validate_config(cfg: DictConfig) -> None:
     rate = cfg.gate.get("target_rate")  # null: a gate without a target (gate=infobatch)
     _require(rate is None or (isinstance(rate, (int, float)) and 0 < rate <= 1), "gate.target_rate", rate,
              "a fraction in (0, 1]")
+    _require(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), "seed", cfg.seed, "an integer")
     t = cfg.training
     for key in ("epochs", "batch_size", "eval_batch_size", "eval_every_epochs"):
         _require(isinstance(t[key], int) and t[key] >= 1, f"training.{key}", t[key], "an integer >= 1")
+    floor = cfg.gate.get("min_selected")
+    _require(floor is None or (isinstance(floor, int) and 0 <= floor <= t.batch_size), "gate.min_selected", floor,
+             f"an integer from 0 to training.batch_size ({t.batch_size}); above it every sample of every batch trains")
     _require(t.limit_train_batches is None or (isinstance(t.limit_train_batches, int)
                                                and t.limit_train_batches >= 1),
              "training.limit_train_batches", t.limit_train_batches, "null or an integer >= 1")
@@ -65,6 +69,28 @@ def validate_config(cfg: DictConfig) -> None:
         root = Path(os.path.expanduser(str(cfg.dataset.root)))
         if not root.exists():
             raise ConfigError(f"dataset.root={str(root)!r} does not exist and dataset.download=false")
+
+
+def refuse_unread_additions(overrides: list[str], cfg: DictConfig, conf_dir: Path) -> None:
+    """A `+key=value` override adds a key; unless the key goes to a constructor (a node with a
+    `_target_`, which refuses arguments it does not take) or selects a config group, no code
+    reads it: most likely a misspelling, refused with the closest existing keys."""
+    import difflib
+
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++") or "=" not in override:
+            continue
+        key = override[1:].split("=", 1)[0]
+        if (conf_dir / key.replace(".", "/")).is_dir():  # +experiment=NAME: a group
+            continue
+        parent_key, _, name = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        if isinstance(parent, DictConfig) and "_target_" in parent:
+            continue
+        siblings = [str(k) for k in parent.keys() if str(k) != name] if isinstance(parent, DictConfig) else []
+        close = difflib.get_close_matches(name, siblings, n=2)
+        hint = f"; did you mean {' or '.join(f'{parent_key}.{c}'.lstrip('.') for c in close)}?" if close else ""
+        raise ConfigError(f"{override} adds a key that nothing reads{hint}")
 
 
 def _dataset_names() -> set[str]:

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from adaptive_sparse.config import ConfigError
 from adaptive_sparse.controller import PIController
 from adaptive_sparse.scorers import ProxyScorer
 from adaptive_sparse.selection import PercentileRule, PriorityRule, ThresholdRule, stochastic_round
@@ -67,8 +68,11 @@ class Gate:
                  seed: int = 0, total_epochs: int = 1, pack: bool = False,
                  device: torch.device | str = "cpu", model_kwargs: dict | None = None,
                  select_before_loading: bool | str = "auto"):
+        if target_rate is None:
+            raise ConfigError(f"gate.target_rate=null: {type(self).__name__} needs a target rate in (0, 1] "
+                              "(only gate=infobatch has none)")
         if not 0.0 < target_rate <= 1.0:
-            raise ValueError(f"gate.target_rate must be in (0, 1], got {target_rate}")
+            raise ConfigError(f"gate.target_rate must be in (0, 1], got {target_rate}")
         self.target_rate = float(target_rate)
         self.num_samples = num_samples
         self.total_epochs = int(total_epochs)

@@ -27,7 +27,7 @@ class NonFiniteLossError(FloatingPointError):
         detail = (" (on another rank)" if losses is None
                   else f" ({int((~torch.isfinite(losses)).sum())} of {len(losses)} samples)")
         super().__init__(f"non-finite training loss at epoch {epoch}, step {step}{detail}; "
-                         "stopping before the optimiser step, the last checkpoint is untouched")
+                         "stopped before the optimiser step, so none of it was applied")
         self.epoch, self.step = epoch, step
 
 

@@ -6,11 +6,13 @@ stops training: a W&B failure is a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import platform
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -123,13 +125,30 @@ class RunLog:
                         config=OmegaConf.to_container(cfg, resolve=True), **self.identity)
         if run_id is not None:  # resume: the same W&B run continues
             settings.update(id=run_id, resume="allow")
+        # a short timeout: online without a network otherwise waits ~100 s per job, in silence
+        timeout = float(wcfg.get("init_timeout_s", 30))
+        failures = []
         for mode in dict.fromkeys([wcfg.mode, "offline"]):  # online first if asked, then offline
+            before = set(self.wandb_dir.glob("*run-*"))
             try:
-                return wandb.init(mode=mode, reinit="finish_previous", **settings)
+                run = wandb.init(mode=mode, reinit="finish_previous", settings=wandb.Settings(init_timeout=timeout),
+                                 **settings)
             except Exception as err:  # no network, no API key, a broken install
-                warnings.warn(f"wandb.init(mode={mode}) failed ({err}); "
-                              + ("trying offline" if mode != "offline" else "logging to files only"))
+                failures.append(f"mode={mode}: {first_line(err)}")
+                with contextlib.suppress(Exception):  # release the run id the failed attempt reserved
+                    wandb.teardown()
+                for dead in set(self.wandb_dir.glob("*run-*")) - before:  # the failed attempt's folder
+                    shutil.rmtree(dead, ignore_errors=True)
+                continue
+            if failures:
+                warnings.warn(f"W&B {failures[0]}; logging offline instead (`wandb sync {self.wandb_dir}` later)")
+            return run
+        warnings.warn(f"W&B unavailable ({'; '.join(failures)}); logging to files only")
         return None
+
+    @property
+    def wandb_dir(self) -> Path:
+        return self.run_dir / "wandb"
 
     def _wandb_log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self.wandb_run is None:
@@ -186,6 +205,12 @@ def environment_facts(device: torch.device) -> dict[str, Any]:
     return {"device": str(device), "hardware": hardware_description(device),
             "torch": torch.__version__, "cpu_count": os.cpu_count(), "num_threads": torch.get_num_threads(),
             **code_version()}
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (its type when it has no message)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(err).__name__
 
 
 def code_version(root: Path = Path(__file__).resolve().parents[1]) -> dict[str, Any]:

@@ -173,7 +173,7 @@ def test_resume_with_another_target_rate_exits_1_with_the_keys(tmp_path, tiny):
     assert run_train(run_dir, *tiny, "gate.target_rate=0.06").returncode == 0
     result = run_train(run_dir, *tiny, "resume=true", "gate.target_rate=0.2")
     assert result.returncode == 1
-    assert "gate.target_rate: checkpoint 0.06, now 0.2" in result.stderr
+    assert "gate.target_rate: checkpoint 0.06, now 0.2" in result.stdout
 
 
 def test_fp16_trains_with_a_gradient_scaler_and_resumes_it(tmp_path, tiny):

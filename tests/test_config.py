@@ -56,7 +56,7 @@ def test_bad_values_are_refused_by_key(override, key):
 
 def test_train_refuses_bad_rate_and_unknown_option(tmp_path):
     bad_rate = run_train(tmp_path / "a", "gate.target_rate=1.5")
-    assert bad_rate.returncode != 0 and "gate.target_rate" in bad_rate.stderr
+    assert bad_rate.returncode != 0 and "gate.target_rate" in bad_rate.stdout
     unknown = run_train(tmp_path / "b", "model=nope")
     assert unknown.returncode != 0
     assert "model" in unknown.stderr and "cnn" in unknown.stderr and "vit" in unknown.stderr

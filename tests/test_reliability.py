@@ -1,0 +1,215 @@
+"""Nothing silently wrong, nothing lost: one run per directory, data checked for what it is,
+one-line errors, readable files, and preemption that saves (docs/reliability.md)."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from adaptive_sparse.attention import SparseAttention
+from adaptive_sparse.checkpointing import (FILE_MODE, CheckpointError, DiskFullError, _atomic_write,
+                                           atomic_write_text, refuse_changed_config)
+from adaptive_sparse.config import ConfigError, refuse_unread_additions, validate_config
+from adaptive_sparse.data import CIFAR10_CLASSES, DatasetError, load_cifar10
+from adaptive_sparse.gates import RandomGate
+from adaptive_sparse.rundir import RunDirLocked, lock_run_dir, remove_stale_temp_files, unlock_run_dir
+from conftest import CONF_DIR, ROOT, TINY, compose_config, read_run, run_train
+
+
+# --------------------------------------------------------------------------- one run per directory
+
+def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, timeout: float = 60.0, contains: str = "") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and contains in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never appeared (with {contains!r})")
+
+
+def test_a_second_run_into_a_busy_directory_is_refused_and_the_first_stays_whole(tmp_path):
+    run_dir = tmp_path / "run"
+    first = _start(run_dir, *TINY, "dataset.num_train=2048", "training.epochs=3", "seed=0")
+    _wait_for(run_dir / ".lock", contains="pid")
+    second = run_train(run_dir, *TINY, "seed=1")
+    first.communicate(timeout=300)
+    assert second.returncode == 1 and "is in use by another run" in second.stderr
+    assert "Traceback" not in second.stderr and first.returncode == 0
+    records, summary = read_run(run_dir)
+    assert [r["epoch"] for r in records] == [1, 2, 3] and summary["seed"] == 0
+    assert "seed=1" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # the second wrote nothing
+
+
+def test_the_lock_dies_with_its_process(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom adaptive_sparse.rundir import "
+                               f"lock_run_dir\nlock_run_dir({str(run_dir)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunDirLocked, match="in use by another run .pid"):
+        lock_run_dir(run_dir)
+    holder.kill()  # SIGKILL: no clean-up code runs, the kernel drops the lock
+    holder.wait()
+    assert lock_run_dir(run_dir) is True and lock_run_dir(run_dir) is False  # taken; then re-entrant
+    unlock_run_dir(run_dir)
+
+
+def test_temporary_files_of_an_interrupted_save_are_removed(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    stale = [tmp_path / "checkpoints" / ".last.pt.abc123.tmp", tmp_path / ".summary.json.x.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"whole")
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted(stale)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.pt"]
+
+
+# --------------------------------------------------------------------------- data checked
+
+def _folder(root: Path, classes, per_class: int = 2, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def _cfg(root: Path, tmp_path: Path, **extra) -> OmegaConf:
+    return OmegaConf.create({"name": "cifar10", "root": str(root), "download": False, "search_roots": [],
+                             "cache_dir": str(tmp_path / "cache"), **extra})
+
+
+def test_a_missing_class_folder_is_refused_by_name(tmp_path):
+    root = _folder(tmp_path / "data", CIFAR10_CLASSES)
+    for image in (root / "train" / "cat").iterdir():
+        image.unlink()
+    (root / "train" / "cat").rmdir()
+    with pytest.raises(DatasetError, match=r"only in test/: \['cat'\]"):
+        load_cifar10(_cfg(root, tmp_path))
+    (root / "test" / "cat" / "0.png").unlink(), (root / "test" / "cat" / "1.png").unlink(), (root / "test" / "cat").rmdir()
+    with pytest.raises(DatasetError, match=r"missing \['cat'\]"):  # gone from both: 9 classes, not CIFAR-10's
+        load_cifar10(_cfg(root, tmp_path, classes=list(CIFAR10_CLASSES)))
+
+
+def test_counts_are_checked_against_the_config(tmp_path):
+    root = _folder(tmp_path / "data", CIFAR10_CLASSES)
+    with pytest.raises(DatasetError, match="20 training and 20 test images, expected 50000 and 10000"):
+        load_cifar10(_cfg(root, tmp_path, classes=list(CIFAR10_CLASSES), expected_counts=[50000, 10000]))
+    assert len(load_cifar10(_cfg(root, tmp_path, expected_counts=[20, 20])).train) == 20
+
+
+def test_the_cache_is_rebuilt_when_a_file_changes_in_place(tmp_path):
+    root = _folder(tmp_path / "data", ("a", "b"))
+    cfg = _cfg(root, tmp_path)
+    before = load_cifar10(cfg).train.images[0].clone()
+    image = root / "train" / "a" / "0.png"
+    stat = image.stat()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)  # same name, same folder
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # even within the folder's mtime
+    after = load_cifar10(cfg).train.images[0]
+    assert not torch.equal(before, after) and int(after.max()) == 0
+
+
+def test_a_root_that_is_a_file_or_missing_says_so_and_creates_nothing(tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(DatasetError, match="is a file; expected a folder"):
+        load_cifar10(_cfg(a_file, tmp_path))
+    from torchvision.datasets import CIFAR10
+
+    def no_network(self):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(CIFAR10, "download", no_network)
+    missing = tmp_path / "typo" / "cifar10"
+    with pytest.raises(DatasetError, match=r"does not exist, and downloading CIFAR-10 into it failed \(<urlopen"):
+        load_cifar10(_cfg(missing, tmp_path, download=True))
+    assert not (tmp_path / "typo").exists()
+
+
+# --------------------------------------------------------------------------- errors a person can read
+
+@pytest.mark.parametrize("overrides, message", [
+    (["seed=abc"], "seed='abc' is not allowed: an integer"),
+    (["gate.min_selected=100"], "gate.min_selected=100 is not allowed: an integer from 0 to training.batch_size (64)"),
+])
+def test_silently_accepted_values_are_now_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_config(compose_config(overrides))
+
+
+def test_a_gate_that_needs_a_target_rate_refuses_null():
+    with pytest.raises(ConfigError, match="gate.target_rate=null: RandomGate needs a target rate"):
+        RandomGate(None)
+
+
+def test_a_misspelt_added_key_is_refused_with_the_closest_key():
+    cfg = compose_config(["+training.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"\+training.lrr=0.1 adds a key that nothing reads; did you mean training.lr\?"):
+        refuse_unread_additions(["+training.lrr=0.1"], cfg, CONF_DIR)
+    # a group, and a key for a constructor (which refuses what it does not take), pass
+    refuse_unread_additions(["+experiment=convergence", "+gate.extra=1"], compose_config(["+gate.extra=1"]), CONF_DIR)
+
+
+def test_top_k_covering_the_sequence_warns_once():
+    layer = SparseAttention(32, 2, top_k=16, local_window=0, global_tokens=0)
+    with pytest.warns(UserWarning, match="attention.top_k=16 >= the 8 tokens"):
+        layer(torch.randn(1, 8, 32))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(1, 8, 32))  # said once
+
+
+def test_a_full_disk_names_itself_and_leaves_the_old_file(tmp_path):
+    target = tmp_path / "summary.json"
+    target.write_text("old")
+
+    def full(handle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError, match=f"no space left on device writing {target} .the previous version is intact"):
+        _atomic_write(target, "w", full)
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_extending_a_finished_run_is_refused_with_the_way_forward(tmp_path):
+    path = tmp_path / "last.pt"
+    with pytest.raises(CheckpointError, match=f"init_from={path} training.epochs=N"):
+        refuse_changed_config(path, {"training.epochs": 1}, {"training.epochs": 2})
+
+
+def test_saved_files_are_readable_by_the_group_like_any_other(tmp_path):
+    atomic_write_text("{}", tmp_path / "summary.json")
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == FILE_MODE
+    os.umask(current := os.umask(0))
+    assert FILE_MODE == 0o666 & ~current
+
+
+def test_a_user_error_is_one_line_in_the_log_and_a_bug_keeps_its_traceback(tmp_path):
+    refused = run_train(tmp_path / "a", *TINY, "gate.scoring=nope")
+    assert refused.returncode == 1
+    assert "Traceback" not in refused.stdout + refused.stderr
+    line = "gate.scoring='nope' is not allowed: one of ('forward', 'memory', 'proxy')"
+    assert line in refused.stdout and line in (tmp_path / "a" / "train.log").read_text()
+    full = run_train(tmp_path / "b", *TINY, "gate.scoring=nope", env={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode == 1 and "Traceback" in full.stderr
