@@ -78,7 +78,10 @@ def lock_from_argv(argv: list[str]) -> None:
         return
     named = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
     if named:
-        lock_run_dir(named[-1])
+        value = named[-1]
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":  # Hydra's quoting
+            value = value[1:-1]
+        lock_run_dir(value)
 
 
 def remove_stale_temp_files(run_dir: str | os.PathLike) -> list[Path]:

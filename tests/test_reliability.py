@@ -213,3 +213,15 @@ def test_a_user_error_is_one_line_in_the_log_and_a_bug_keeps_its_traceback(tmp_p
     assert line in refused.stdout and line in (tmp_path / "a" / "train.log").read_text()
     full = run_train(tmp_path / "b", *TINY, "gate.scoring=nope", env={"HYDRA_FULL_ERROR": "1"})
     assert full.returncode == 1 and "Traceback" in full.stderr
+
+
+def test_the_command_line_lock_reads_hydra_quoting(tmp_path, monkeypatch):
+    from adaptive_sparse.rundir import lock_from_argv
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "queue" / "run a"
+    lock_from_argv(["train.py", f"hydra.run.dir='{run_dir}'"])  # as scripts/run_queue.py passes it
+    try:
+        assert (run_dir / ".lock").is_file() and [p.name for p in tmp_path.iterdir()] == ["queue"]
+    finally:
+        unlock_run_dir(run_dir)
