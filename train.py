@@ -25,7 +25,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from adaptive_sparse.attention import set_attention_epoch
-from adaptive_sparse.checkpointing import Checkpointer, ResumePoint, load_initial_weights, locate_checkpoint
+from adaptive_sparse.checkpointing import (Checkpointer, ResumePoint, capture_progress, load_initial_weights,
+                                           locate_checkpoint, restore_progress)
 from adaptive_sparse.config import (refuse_unread_additions, resolve_device, resolve_precision, seed_everything,
                                     threads_per_job, validate_config)
 from adaptive_sparse.data import load_dataset
@@ -36,11 +37,12 @@ from adaptive_sparse.metering import FlopMeter, PhaseTimer, Tally
 from adaptive_sparse.models import count_parameters
 from adaptive_sparse.optim import build_scheduler
 from adaptive_sparse.packing import SelectionPacker, TrainBatch
+from adaptive_sparse.preemption import StopRequest
 from adaptive_sparse.records import Metric
 from adaptive_sparse.rundir import RunDirLocked, lock_from_argv, remove_stale_temp_files, run_dir_lock
 from adaptive_sparse.sampler import SelectingBatchSampler
 from adaptive_sparse.scorers import ModelScorer
-from adaptive_sparse.step import evaluation_sums, inject_nan_at_step, train_on_subset
+from adaptive_sparse.step import evaluation_sums, inject_nan_at_step, signal_at_step, train_on_subset
 from adaptive_sparse.tracking import RunLog, environment_facts, table_header, table_row
 
 log = logging.getLogger("train")
@@ -102,7 +104,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         missing = load_initial_weights(model, cfg.init_from)
         log.info("init_from %s%s", cfg.init_from, f"; {len(missing)} indexer tensors not in it, left as "
                  f"initialised ({missing[0]}, ...)" if missing else "")
-    inject_nan_at_step(model, cfg.debug.inject_nan_at_step)  # test-only; null by default
+    inject_nan_at_step(model, cfg.debug.inject_nan_at_step)  # test-only faults; null by default
+    signal_at_step(model, cfg.debug.get("signal_at_step"))
 
     # ------------------------------------------------------------------ gate
     gate = instantiate(cfg.gate, num_samples=train_loader.num_samples, num_classes=task.num_outputs(data),
@@ -123,22 +126,38 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                                keep_epochs=cfg.checkpoint.keep_epochs, scaler=scaler, config=cfg)
     start = checkpoints.restore() if resuming else ResumePoint()
     if resuming:
-        log.info("resumed from %s after epoch %d (step %d)", checkpoint_path, start.epoch, start.step)
+        log.info("resumed from %s after epoch %d%s (step %d)", checkpoint_path, start.epoch,
+                 f" and part of epoch {start.epoch + 1}" if start.progress else "", start.step)
         energy_meter.resume_from(start.history[-1].get("energy_kwh") if start.history else None)
 
     # ------------------------------------------------------------------ loop
     history, step = start.history, start.step
     with RunLog(run_dir, cfg, enabled=dist.is_main, wandb_run_id=start.wandb_run_id,
-                resume_records=history if resuming else None) as run_log:
+                resume_records=history if resuming else None) as run_log, StopRequest() as stop:
         log.info(table_header(task.column))
         for epoch in range(start.epoch + 1, train_cfg.epochs + 1):
+            progress = start.progress if epoch == start.epoch + 1 else None  # stopped inside this epoch
             model.train()
-            gate.start_epoch(epoch)
+            if progress is None:  # else the gate's checkpointed state already is this epoch's
+                gate.start_epoch(epoch)
             set_attention_epoch(model, epoch)  # sparse attention: dense warm-up epochs train only the indexer
             flop_meter = flop_meter.recount_if_changed(model)  # ...and are counted at what they run
             scorer = gate.scorer or ModelScorer(model, flop_meter.forward_per_sample)  # proxy scoring: a small model
             timer, tally, indexer_losses = PhaseTimer(device), Tally(), []
             memory_at_start = dist.snapshot_gate_memory(gate)  # torchrun: merged across ranks at epoch end
+            if progress is not None:
+                memory_at_start = restore_progress(progress, timer, tally, indexer_losses, packer, device)
+
+            def stop_here(after_epoch: int) -> None:
+                """SIGTERM or Ctrl-C: save everything done so far, say how to go on, exit 128 + signal."""
+                inside = train_loader.remaining is not None  # the loader has batches of this epoch left
+                checkpoints.save(after_epoch, step, history, run_log.wandb_run_id,
+                                 progress=capture_progress(timer, tally, indexer_losses, packer, memory_at_start)
+                                 if inside else None)
+                log.info("%s: stopped %s; saved %s: run the same command with resume=true to continue exactly",
+                         stop.name, f"in epoch {epoch} after step {step}" if inside else f"after epoch {epoch}",
+                         checkpoint_path)
+                raise SystemExit(stop.exit_code)
 
             def train_selected(batch: TrainBatch) -> None:
                 """One optimiser step on exactly these samples; then the proxy scorer learns them."""
@@ -181,6 +200,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                         run_log.log_step(step, {"train/batch_rate": len(selection.index) / selection.seen(len(idx)),
                                                 "gate/threshold": gate.threshold,
                                                 "train/batch_loss": tally.last_batch_loss})
+                    if train_loader.remaining and stop.requested(dist):  # all ranks agree, after the same batch
+                        stop_here(epoch - 1)
                 for batch in packer.drain():  # packed: the epoch's remainder, so none waits past it
                     train_selected(batch)
             if scheduler is not None and not per_batch:
@@ -224,6 +245,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 checkpoints.save(epoch, step, history, run_log.wandb_run_id)
             run_log.log_epoch(record, step=step)
             log.info(table_row(record, train_cfg.epochs, task.metric))
+            if epoch < train_cfg.epochs and stop.requested(dist):  # a signal during the last batch or evaluation
+                stop_here(epoch)
         energy_meter.close()
 
         summary = summarise(history, gate.target_rate, flop_meter)

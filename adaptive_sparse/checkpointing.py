@@ -83,11 +83,32 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class ResumePoint:
-    """Where the loop starts: after `epoch` (0 for a fresh run) and global `step`."""
+    """Where the loop starts: after `epoch` (0 for a fresh run) and global `step`; `progress`,
+    when a stop signal saved the run inside epoch `epoch` + 1, is this rank's part of it done."""
     epoch: int = 0
     step: int = 0
     history: list[dict] = field(default_factory=list)
     wandb_run_id: str | None = None
+    progress: dict | None = None
+
+
+def capture_progress(timer, tally, indexer_losses: list, packer, memory_at_start: dict | None) -> dict:
+    """This rank's state of an epoch interrupted after a loader batch (the loader, the gate and
+    the RNGs are saved with every checkpoint; these exist only inside an epoch)."""
+    return {"seconds": dict(timer.seconds), "tally": tally.state_dict(),
+            "indexer_losses": [loss.detach().cpu() for loss in indexer_losses],
+            "packer": packer.state_dict(), "memory_at_start": memory_at_start}
+
+
+def restore_progress(progress: dict, timer, tally, indexer_losses: list, packer,
+                     device: torch.device) -> dict | None:
+    """Put an interrupted epoch's state back; returns its epoch-start memory snapshot (torchrun)."""
+    timer.seconds.update(progress["seconds"])
+    tally.load_state_dict(progress["tally"])
+    indexer_losses.extend(loss.to(device) for loss in progress["indexer_losses"])
+    packer.load_state_dict(progress["packer"], device)
+    snapshot = progress["memory_at_start"]
+    return None if snapshot is None else {k: v.to(device) for k, v in snapshot.items()}
 
 
 def locate_checkpoint(run_dir: Path, resume: bool | str) -> tuple[Path, bool]:
@@ -173,9 +194,11 @@ class Checkpointer:
     def kept_path(self, epoch: int) -> Path:
         return self.path.with_name(f"epoch_{epoch}.pt")
 
-    def save(self, epoch: int, step: int, history: list[dict], wandb_run_id: str | None) -> None:
+    def save(self, epoch: int, step: int, history: list[dict], wandb_run_id: str | None,
+             progress: dict | None = None) -> None:
+        """After `epoch` complete epochs; `progress` (capture_progress) when stopped inside the next."""
         rank_state = {"gate": self.gate.state_dict(), "train_loader": self.train_loader.state_dict(),
-                      "rng": capture_rng()}
+                      "rng": capture_rng(), "progress": progress}
         ranks = self.dist.gather(rank_state)  # a collective: every rank takes part
         if not self.dist.is_main:
             return
@@ -218,7 +241,8 @@ class Checkpointer:
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {self.path} does not fit this run's model, optimiser "
                                   f"or gate ({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
-        return ResumePoint(state["epoch"], state["step"], list(state["history"]), state["wandb_run_id"])
+        return ResumePoint(state["epoch"], state["step"], list(state["history"]), state["wandb_run_id"],
+                           state["ranks"][self.dist.rank].get("progress"))
 
 
 # Keys that say where things go or how they are shown, not what is trained: a resumed run may

@@ -60,9 +60,9 @@ def validate_config(cfg: DictConfig) -> None:
     _require(isinstance(every, int) and every >= 0, "checkpoint.every_epochs", every, "an integer >= 0")
     _require(cfg.distributed.backend in ("auto", "gloo", "nccl"), "distributed.backend",
              cfg.distributed.backend, "one of auto, gloo, nccl")
-    nan_step = cfg.debug.inject_nan_at_step
-    _require(nan_step is None or (isinstance(nan_step, int) and nan_step >= 1), "debug.inject_nan_at_step",
-             nan_step, "null or an integer >= 1")
+    for key in ("inject_nan_at_step", "signal_at_step"):
+        step = cfg.debug.get(key)
+        _require(step is None or (isinstance(step, int) and step >= 1), f"debug.{key}", step, "null or an integer >= 1")
     _require(cfg.dataset.name in _dataset_names(), "dataset.name", cfg.dataset.name,
              f"one of {sorted(_dataset_names())}")
     if cfg.dataset.get("root") and not cfg.dataset.get("download", False):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -311,6 +312,8 @@ class IndexedBatches:
 
     selector = None  # a SelectingBatchSampler, or None: serve every sample
     served = None    # selecting before loading: the Look whose samples the last batch holds
+    remaining = None  # during an epoch: its batches not yet served (index tensors, or Looks)
+    resumed = None    # loaded from a mid-epoch checkpoint: the batches the next iteration serves
 
     def served_selection(self, idx: torch.Tensor, scores=None):
         """The selection behind the batch just served: every row, with the gate's weights and
@@ -318,25 +321,37 @@ class IndexedBatches:
         return self.served.served_selection(idx.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        self.start_epoch()
-        if self.selector is None:
+        if self.resumed is not None:  # the rest of an interrupted epoch: its draws are already made
+            batches, self.resumed = self.resumed, None
+        else:
+            self.start_epoch()
             batches = self.index_batches()
-        else:  # the gate decides for the whole epoch first (exact for gates that decide from memory)
-            looks = self.selector.plan(self.index_batches())
-            batches = (self._serve(look) for look in looks)
-        for idx in batches:
+            if self.selector is not None:  # the gate decides for the whole epoch first (exact, see sampler.py)
+                batches = self.selector.plan(batches)
+        self.remaining = deque(batches)
+        while self.remaining:
+            item = self.remaining.popleft()
+            if self.selector is not None:
+                self.served, idx = item, item.chosen
+            else:
+                idx = item
             idx = idx.to(self.device)  # [B], or [k] selected before loading
             yield *self.fetch(idx), idx
-
-    def _serve(self, look) -> torch.Tensor:
-        self.served = look
-        return look.chosen
+        self.remaining = None
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        """The generator; in the middle of an epoch also the batches it has yet to serve."""
+        state = {"generator": self.generator.get_state()}
+        if self.remaining:
+            state["remaining"] = [item.state_dict() if self.selector is not None else item.cpu()
+                                  for item in self.remaining]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        if "remaining" in state:
+            self.resumed = [self.selector.look_from_state(item) if self.selector is not None else item
+                            for item in state["remaining"]]
 
 
 class BatchLoader(IndexedBatches):

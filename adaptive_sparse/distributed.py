@@ -87,6 +87,14 @@ class Distributed:
         torch_dist.all_reduce(buffer)
         return buffer.tolist()
 
+    def all_reduce_max(self, value: float) -> float:
+        """The largest of one number over ranks (itself for a single process)."""
+        if not self.active:
+            return value
+        buffer = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(buffer, op=torch_dist.ReduceOp.MAX)
+        return buffer.item()
+
     def global_rate(self, keep: torch.Tensor) -> float:
         """The gate's rate_reducer under torchrun: selected / seen over all ranks' batches, so
         every rank's controller sees the same achieved rate and moves to the same threshold."""

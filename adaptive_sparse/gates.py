@@ -280,8 +280,10 @@ class SundewGate(Gate):
         self.source.observe(trained_idx, trained)
 
     def state_dict(self) -> dict:
+        # the epoch's own flags too: a checkpoint from inside an epoch resumes without start_epoch
         return {**super().state_dict(), **self.rule.state_dict(), "memory": self.memory.state_dict(),
-                "proxy": self.scorer.state_dict() if self.scorer else None}
+                "proxy": self.scorer.state_dict() if self.scorer else None,
+                "annealing": self.annealing, "refreshing": bool(getattr(self.source, "refreshing", False))}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -289,6 +291,9 @@ class SundewGate(Gate):
         self.memory.load_state_dict(state["memory"])
         if self.scorer:
             self.scorer.load_state_dict(state["proxy"])
+        self.annealing = bool(state.get("annealing", False))
+        if hasattr(self.source, "refreshing"):
+            self.source.refreshing = bool(state.get("refreshing", False))
 
 
 class InfoBatchGate(Gate):
@@ -350,11 +355,14 @@ class InfoBatchGate(Gate):
         self.memory.record_trained(trained_idx)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "memory": self.memory.state_dict()}
+        return {**super().state_dict(), "memory": self.memory.state_dict(),
+                "mean_loss": self.mean_loss, "annealing": self.annealing}  # this epoch's, fixed at its start
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.memory.load_state_dict(state["memory"])
+        self.mean_loss = float(state.get("mean_loss", float("nan")))
+        self.annealing = bool(state.get("annealing", False))
 
 
 class SelectiveBackpropGate(Gate):

@@ -146,6 +146,12 @@ class Tally:
             self.loss_sum += batch_sum
             self.last_batch_loss = batch_sum / len(trained_losses)
 
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
     def flops(self, meter: FlopMeter) -> dict[str, float]:
         """FLOPs executed (scoring + training) against a full step on every sample seen."""
         training = self.trained * meter.train_per_sample

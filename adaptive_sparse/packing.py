@@ -108,6 +108,20 @@ class SelectionPacker:
         return batch
 
 
+    def state_dict(self) -> dict:
+        """The samples still waiting (inside an epoch, when a run is stopped mid-way)."""
+        return {"waiting": [{"inputs": b.inputs.cpu(), "targets": b.targets.cpu(), "idx": b.idx.cpu(),
+                             "weight": None if b.weight is None else b.weight.cpu()} for b in self.waiting],
+                "weighted": self.weighted}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.waiting = [TrainBatch(w["inputs"].to(device), w["targets"].to(device), w["idx"].to(device),
+                                   None if w["weight"] is None else w["weight"].to(device)) for w in state["waiting"]]
+        self.weighted = bool(state["weighted"])
+        if self.waiting:
+            self.empty = _rows(self.waiting[0], slice(0, 0))
+
+
 def _rows(batch: TrainBatch, rows: slice) -> TrainBatch:
     return TrainBatch(batch.inputs[rows], batch.targets[rows], batch.idx[rows],
                       None if batch.weight is None else batch.weight[rows])

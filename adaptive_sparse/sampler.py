@@ -52,6 +52,11 @@ class Look:
         weight = self.selection.weight
         return None if weight is None else weight.float() * len(self.looked_at)
 
+    def state_dict(self) -> dict:
+        weight = self.selection.weight
+        return {"looked_at": self.looked_at.cpu(), "index": self.selection.index.cpu(),
+                "weight": None if weight is None else weight.cpu()}
+
     def served_selection(self, device: torch.device) -> Selection:
         """For a batch that holds exactly the chosen samples: all of its rows, the gate's weights,
         and how many samples the gate chose them from."""
@@ -110,6 +115,13 @@ class SelectingBatchSampler(Sampler[list[int]]):
             idx = idx.to(self.gate.device)  # [B]: where the gate keeps its per-sample memory
             looks.append(Look(idx, self.gate.select(idx, None)))
         return looks
+
+    def look_from_state(self, state: dict) -> Look:
+        """A Look saved in a mid-epoch checkpoint, on the gate's device."""
+        device = self.gate.device
+        weight = state["weight"]
+        return Look(state["looked_at"].to(device), Selection(state["index"].to(device),
+                                                             None if weight is None else weight.to(device)))
 
     @classmethod
     def serving(cls, loader: IndexedBatches, gate: Gate, ranks: Distributed) -> "SelectingBatchSampler":

@@ -150,6 +150,24 @@ def evaluation_sums(model: nn.Module, loader, precision: str = "fp32", flip_tta:
     return loss_sum.item(), int(correct.item()), count
 
 
+def signal_at_step(model: nn.Module, at_step: int | None, signum: int = 15) -> None:
+    """Test-only (`debug.signal_at_step`): the `at_step`-th training forward sends this process
+    a real SIGTERM, as a cluster's preemption would (None: never)."""
+    if at_step is None:
+        return
+    import os
+
+    calls = {"n": 0}
+
+    def hook(module, inputs, output):
+        if module.training and torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == at_step:
+                os.kill(os.getpid(), signum)
+
+    model.register_forward_hook(hook)
+
+
 def inject_nan_at_step(model: nn.Module, at_step: int | None) -> None:
     """Test-only fault injection (`debug.inject_nan_at_step`): the `at_step`-th training forward
     (train mode with autograd on; scoring and evaluation forwards do not count) returns NaN logits."""

@@ -153,6 +153,13 @@ class TrainWindows(IndexedBatches):
         if self.random_phase:  # drawn before the permutation, from the same generator
             self.phase = int(torch.randint(self.block_size, (1,), generator=self.generator))
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "phase": self.phase}  # an interrupted epoch keeps its phase
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.phase = int(state.get("phase", 0))
+
     def fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         starts = self.phase + idx * self.block_size  # [B]
         windows = self.tokens[starts[:, None] + self.offsets]  # [B, T+1]
