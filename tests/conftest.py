@@ -51,6 +51,21 @@ def cyclic_text(n: int) -> str:
     return "".join(chr(97 + (i * 7) % 13) for i in range(n))
 
 
+def two_ranks_spawn(worker, out: Path) -> list[dict]:
+    """Run worker(rank, port, out) in 2 processes (a gloo group on a free local port); returns
+    what each rank saved as OUT/rank{r}.pt."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)

@@ -10,7 +10,7 @@ import torch
 
 from adaptive_sparse.checkpointing import load_checkpoint
 from adaptive_sparse.gates import RandomGate
-from conftest import ROOT, TINY, read_run
+from conftest import ROOT, TINY, read_run, two_ranks_spawn
 
 
 def _torchrun(run_dir, *overrides: str, timeout: int = 180) -> subprocess.CompletedProcess:
@@ -104,15 +104,7 @@ def _average_gradients_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_gradient_is_the_global_mean_and_a_rank_with_no_samples_joins(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_average_gradients_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    results = two_ranks_spawn(_average_gradients_worker, tmp_path)
     # by hand: zero weights -> uniform softmax (1/3 each); d loss / d W = (p - onehot) x^T.
     # Row 0 (the true class): (1/3 - 1) * mean(x) = -2/3 * (2/3, 2/3) = -4/9 each;
     # rows 1, 2: 1/3 * (2/3, 2/3) = 2/9 each. One SGD step with lr 1 subtracts the gradient.

@@ -2,8 +2,6 @@
 loading, only the selected samples loaded, in any DataLoader, across ranks, through a resume."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -12,7 +10,7 @@ from adaptive_sparse.data import IndexedBatches
 from adaptive_sparse.gates import InfoBatchGate, RandomGate, SelectiveBackpropGate, SundewGate
 from adaptive_sparse.sampler import SelectingBatchSampler
 from adaptive_sparse.significance import BatchScores
-from tests.conftest import read_run, run_train
+from conftest import read_run, run_train, two_ranks_spawn
 
 
 def fake_losses(idx: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -160,13 +158,7 @@ def _sampler_rank(rank: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_yield_equal_batch_counts_of_disjoint_samples_with_one_memory(tmp_path):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_sampler_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks = two_ranks_spawn(_sampler_rank, tmp_path)
     for epoch in (0, 1):
         a, b = (r["epochs"][epoch] for r in ranks)
         assert len(a) == len(b) and all(len(x) for x in a + b)  # collectives line up, no empty batch
