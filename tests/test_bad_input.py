@@ -85,7 +85,7 @@ def test_wandb_online_without_a_network_continues_offline_and_resume_keeps_the_r
     home = {"HOME": str(tmp_path / "home"), "WANDB_CONFIG_DIR": str(tmp_path / "wbcfg"),
             "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
     small = [*TINY[:-1], "dataset.num_train=256", "dataset.num_test=128", "wandb.mode=online",
-             "wandb.init_timeout_s=5"]
+             "wandb.init_timeout_s=1"]
     run_dir = tmp_path / "run"
     # 4 batches an epoch: a NaN at the 6th training forward stops the run in epoch 2, after the
     # checkpoint of epoch 1; the resume (same config but the test-only fault) finishes it

@@ -89,13 +89,14 @@ def test_launcher_configs_compose():
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_runs(name: str, tmp_path: Path):
     # single runs (no -m): presets that sweep run their first setting; gpu runs on the CPU here
-    if compose_with_hydra([f"+experiment={name}"]).hydra.runtime.choices.task == "char_lm":
-        corpus = tmp_path / "corpus.txt"  # a small text in place of tiny-shakespeare
-        corpus.write_text(cyclic_text(8000))
+    cfg = compose_with_hydra([f"+experiment={name}"])
+    if cfg.hydra.runtime.choices.task == "char_lm":
+        corpus = tmp_path / "corpus.txt"  # a small text in place of tiny-shakespeare, its 10% holding a window
+        corpus.write_text(cyclic_text(max(8000, 12 * (cfg.task.block_size + 1))))
         data = [f"dataset.root={corpus}", f"dataset.cache_dir={tmp_path / 'cache'}", "training.epochs=1",
                 "wandb.mode=disabled"]
     else:
-        data = [*TINY, "dataset.num_train=256"]
+        data = [*TINY, "dataset.num_train=256", "dataset.num_test=64"]
     result = run_train(tmp_path / "run", f"+experiment={name}", *data,
                        "training.limit_train_batches=2", "device=cpu", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

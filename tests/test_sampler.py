@@ -170,14 +170,13 @@ def test_two_ranks_yield_equal_batch_counts_of_disjoint_samples_with_one_memory(
     torch.testing.assert_close(ranks[0]["memory"], ranks[1]["memory"], equal_nan=True)  # merged
 
 
-@pytest.mark.parametrize("gate", [["gate=sundew_memory", "gate.pack=true", "gate.target_rate=0.4"],
-                                  ["gate=infobatch", "training.epochs=3", "gate.anneal_after=1.0"]])
-def test_train_py_trains_the_same_samples_to_the_same_model_either_way(tmp_path, tiny, gate):
+def test_train_py_trains_the_same_samples_to_the_same_model_either_way(tmp_path, tiny):
     """Without augmentation the loader's rows do not depend on what else is loaded, so selecting
     before loading must reproduce selecting after loading to the last digit."""
     runs = {}
     for mode in ("false", "auto"):
-        result = run_train(tmp_path / mode, *tiny, "training.epochs=2", *gate, f"gate.select_before_loading={mode}")
+        result = run_train(tmp_path / mode, *tiny, "training.epochs=2", "gate=sundew_memory", "gate.pack=true",
+                           "gate.target_rate=0.4", f"gate.select_before_loading={mode}")
         assert result.returncode == 0, result.stderr[-2000:]
         runs[mode] = read_run(tmp_path / mode)
     (after, after_summary), (before, before_summary) = runs["false"], runs["auto"]
