@@ -180,7 +180,8 @@ def main(argv: list[str]) -> int:
         variant, context, threads = args.child.split(",")
         print(json.dumps(measure(variant, int(context), int(threads), args)))
         return 0
-    forwarded = [a for a in argv if not a.startswith("--json")]
+    forwarded = [f"--top-k={args.top_k}", f"--block-size={args.block_size}", f"--local-window={args.local_window}",
+                 f"--reps={args.reps}", f"--batch-tokens={args.batch_tokens}"]  # what a child measures with
     rows = []
     for threads in map(int, args.threads.split(",")):
         for context in map(int, args.contexts.split(",")):
@@ -196,8 +197,8 @@ def main(argv: list[str]) -> int:
                   "sparse": {"granularity": "block", "top_k": args.top_k, "block_size": args.block_size,
                              "local_window": args.local_window}, **code_version(), "rows": rows}
         out.write_text(json.dumps(record, indent=1) + "\n")
-        plot(rows, out.with_suffix(".png"), f"GPT 4x128, sparse block top-k {args.top_k} (bs {args.block_size}); "
-             f"{record['hardware']}")
+        cpu = record["hardware"].split(",")[0]  # the rows say their own thread counts
+        plot(rows, out.with_suffix(".png"), f"GPT 4x128, sparse block top-k {args.top_k} (bs {args.block_size}); {cpu}")
     return 0
 
 
