@@ -87,14 +87,16 @@ def test_wandb_online_without_a_network_continues_offline_and_resume_keeps_the_r
     small = [*TINY[:-1], "dataset.num_train=256", "dataset.num_test=128", "wandb.mode=online",
              "wandb.init_timeout_s=1"]
     run_dir = tmp_path / "run"
-    # 4 batches an epoch: a NaN at the 6th training forward stops the run in epoch 2, after the
-    # checkpoint of epoch 1; the resume (same config but the test-only fault) finishes it
-    first = run_train(run_dir, *small, "training.epochs=2", "gate=none", "debug.inject_nan_at_step=6", env=home)
+    # 4 batches an epoch: a NaN at the 6th training forward stops the run (offline, to save W&B's
+    # ~10 s of retries) in epoch 2, after the checkpoint of epoch 1; the resume, online against
+    # the refusing server, must fall back to offline under the same run id
+    first = run_train(run_dir, *small, "training.epochs=2", "gate=none", "debug.inject_nan_at_step=6",
+                      "wandb.mode=offline", env=home)
     assert first.returncode == 1 and "non-finite training loss" in first.stdout, first.stderr[-3000:]
-    assert first.stderr.count("W&B mode=online") == 1 and "logging offline instead" in first.stderr
-    assert not list((run_dir / "wandb").glob("run-*"))  # the failed online attempt left no folder
     resumed = run_train(run_dir, *small, "training.epochs=2", "gate=none", "resume=true", env=home)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stderr.count("W&B mode=online") == 1 and "logging offline instead" in resumed.stderr
+    assert not list((run_dir / "wandb").glob("run-*"))  # the failed online attempt left no folder
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1]  # one W&B run id
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -51,10 +51,11 @@ def test_energy_is_measured_only_where_codecarbon_reads_a_counter():
 @pytest.mark.skipif(importlib.util.find_spec("codecarbon") is None, reason="codecarbon is not installed")
 def test_energy_total_continues_across_a_resume(tmp_path, tiny):
     run_dir = tmp_path / "run"
-    assert run_train(run_dir, *tiny, "gate=none", "energy=codecarbon", "training.epochs=2",
-                     "debug.inject_nan_at_step=10").returncode == 1  # 8 batches an epoch: stops in epoch 2
+    small = ["dataset.num_train=256", "dataset.num_test=64"]
+    assert run_train(run_dir, *tiny, *small, "gate=none", "energy=codecarbon", "training.epochs=2",
+                     "debug.inject_nan_at_step=6").returncode == 1  # 4 batches an epoch: stops in epoch 2
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    result = run_train(run_dir, *tiny, "gate=none", "energy=codecarbon", "training.epochs=2", "resume=true")
+    result = run_train(run_dir, *tiny, *small, "gate=none", "energy=codecarbon", "training.epochs=2", "resume=true")
     assert result.returncode == 0, result.stderr[-3000:]
     records, summary = read_run(run_dir)
     assert records[0]["energy_kwh"] == first["energy_kwh"] > 0
