@@ -37,7 +37,7 @@ def test_gate_none_trains_everything(tmp_path, tiny):
 
 
 def test_vit_trains_a_few_steps(tmp_path, tiny):
-    result = run_train(tmp_path / "run", *tiny, "model=vit", "gate=random", "gate.target_rate=0.5",
+    result = run_train(tmp_path / "run", *tiny, "model=vit", "model.depth=2", "gate=random", "gate.target_rate=0.5",
                        "training.limit_train_batches=3")
     assert result.returncode == 0, result.stderr[-3000:]
     _, summary = read_run(tmp_path / "run")
