@@ -94,8 +94,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     # fp16's narrow range needs its loss scaled (and overflowing steps skipped); bf16 does not
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     per_batch = train_cfg.scheduler_interval == "batch"  # else the schedule steps once an epoch
+    lead_in = train_cfg.get("schedule_lead_in_epochs", 0)  # a stage continuing a longer schedule (init_from)
     scheduler = build_scheduler(train_cfg.scheduler, optimizer,
-                                total_steps=train_cfg.epochs * len(train_loader) if per_batch else None)
+                                total_steps=train_cfg.epochs * len(train_loader) if per_batch else None,
+                                lead_in_steps=lead_in * len(train_loader) if per_batch else lead_in)
     flop_meter = FlopMeter(model, task.example(data))
     log.info("model: %s, %.2fM parameters, %.1f MFLOP/sample forward, %.1f MFLOP/sample train step",
              choices.model, count_parameters(model) / 1e6, flop_meter.forward_per_sample / 1e6,

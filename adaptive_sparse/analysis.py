@@ -1,5 +1,5 @@
 """The analysis library behind every results page: scripts/report.py's sweep report and the
-study pages of scripts/convergence_report.py and scripts/vit_recipe_report.py.
+study pages of scripts/convergence_report.py and scripts/recipe_report.py.
 
 - Runs: a sweep's run directories, or the compact record file that replaces them in the
   repository (`collect_runs`, `export_records`, `read_records`).

@@ -41,6 +41,9 @@ def validate_config(cfg: DictConfig) -> None:
     _require(isinstance(t.lr, (int, float)) and t.lr > 0, "training.lr", t.lr, "a number > 0")
     _require(t.get("scheduler_interval", "epoch") in ("epoch", "batch"), "training.scheduler_interval",
              t.get("scheduler_interval"), "epoch or batch")
+    lead_in = t.get("schedule_lead_in_epochs", 0)
+    _require(isinstance(lead_in, int) and not isinstance(lead_in, bool) and lead_in >= 0,
+             "training.schedule_lead_in_epochs", lead_in, "an integer >= 0")
     smoothing = t.get("label_smoothing", 0.0)
     _require(isinstance(smoothing, (int, float)) and 0 <= smoothing < 1, "training.label_smoothing", smoothing,
              "a number in [0, 1)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable
 
 import numpy as np
@@ -33,15 +34,25 @@ def triangular_schedule(optimizer: torch.optim.Optimizer, total_steps: int, star
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(np.interp(step, *knots)))
 
 
-def build_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int | None):
+def build_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int | None, lead_in_steps: int = 0):
     """`training.scheduler` (a `_partial_` config, or null) for this optimiser. A schedule that
-    steps per loader batch (`total_steps` given) is also told how many batches the run has."""
+    steps per loader batch (`total_steps` given) is also told how many batches the run has.
+
+    `lead_in_steps` > 0 makes this run the tail of a longer schedule (`training.schedule_lead_in_epochs`:
+    a stage continued from another run's weights by `init_from`, as in DeepSeek's sparse-attention
+    recipe): the schedule is built over lead_in_steps + total_steps and advanced past the first
+    lead_in_steps, so the stage trains at the learning rates the longer run would have had."""
     if not cfg:
         return None
     from hydra.utils import instantiate
 
     factory = instantiate(cfg)
-    return factory(optimizer) if total_steps is None else factory(optimizer, total_steps=total_steps)
+    scheduler = factory(optimizer) if total_steps is None else factory(optimizer, total_steps=lead_in_steps + total_steps)
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": meant here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(lead_in_steps):
+            scheduler.step()
+    return scheduler
 
 
 def adamw_decay_matrices(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.1,

@@ -247,3 +247,23 @@ def test_every_gate_trains_on_sequences(tmp_path, gate):
     # scoring forwards are counted only where the gate scores: sundew (forward, proxy), selective backprop
     scores = gate in ("sundew", "sundew_proxy", "selective_backprop")
     assert (summary["flops_scoring"] > 0) == scores
+
+
+def test_a_stage_with_a_lead_in_trains_at_the_tail_of_the_longer_schedule():
+    """training.schedule_lead_in_epochs: the recipe's sparse stage (init_from a dense run's epoch 4
+    of 10) continues the dense run's cosine instead of warming up again from its peak."""
+    from adaptive_sparse.optim import build_scheduler
+
+    cfg = OmegaConf.create({"_target_": "adaptive_sparse.optim.warmup_cosine_schedule", "_partial_": True,
+                            "warmup_steps": 10, "min_ratio": 0.0})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    stage = build_scheduler(cfg, optimizer, total_steps=60, lead_in_steps=40)  # steps 40..99 of 100
+    factors = []
+    for _ in range(60):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        stage.step()
+    # cosine from 1 at step 10 to 0 at step 100: step 40 is a third of the way, step 55 half way
+    assert factors[0] == pytest.approx(0.5 * (1 + math.cos(math.pi / 3)))
+    assert factors[15] == pytest.approx(0.5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)

@@ -1,4 +1,4 @@
-"""scripts/vit_recipe_report.py on fabricated ViT runs: the recipe's epochs mapped onto the
+"""scripts/recipe_report.py on fabricated ViT runs: the recipe's epochs mapped onto the
 backbone's, its goal against dense at equal epochs, and its cost including the dense epochs."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import yaml
 from adaptive_sparse import analysis
 from conftest import load_script
 
-vit = load_script("vit_recipe_report")
+vit = load_script("recipe_report")
 
 
 def fake_run(root: Path, name: str, overrides: list[str], attention: str, seed: int,
@@ -46,23 +46,23 @@ def fabricate(root: Path) -> None:
 
 def test_recipe_epochs_map_onto_the_backbone_and_the_goal_is_judged_per_seed(tmp_path):
     fabricate(tmp_path / "sweep")
-    runs = vit.vit_runs(analysis.collect_runs(tmp_path / "sweep"))
+    runs = vit.recipe_runs(analysis.collect_runs(tmp_path / "sweep"), vit.VIT)
     recipe = vit.of(runs, "recipe", 32)[0]
     assert (recipe.start_epoch, recipe.warmup, recipe.top_k) == (4, 1, 32)
     assert [recipe.backbone_epoch(e) for e in (1, 2)] == [None, 5]
-    assert recipe.acc_at(5) == 51.5 and recipe.acc_at(4) is None
+    assert recipe.value_at(5) == 51.5 and recipe.value_at(4) is None
     text = vit.goal_section(runs)
     assert "| 0 | 49.00 (D = 4) | 49.00 | 51.50 (D + S = 5) | 52.00 | -0.50 |" in text
     assert "| 1 | 50.00 (D = 4) | 50.00 | 48.50 (D + S = 5) | 50.00 | -1.50 | – | – |" in text
     assert "| 0 | 49.00 (D = 4) | 49.00 | 51.50 (D + S = 5) | 52.00 | -0.50 | 51.00 | +0.50 |" in text
     assert "fresh Adam (what sparse attention and the warm-up cost by themselves): 0.50 points over 1 seed(s)" in text
     # mean -1.00; half-width t(1) 12.706 * sd 0.7071 / sqrt(2) = 6.353; seed 1 is 1.5 points down
-    assert "-1.00 ± 6.35 points over 2 seed(s); within 1 point of dense on 1 of 2: goal **missed**" in text
+    assert "-1.00 ± 6.35 points over 2 seed(s); within a point of dense on 1 of 2: goal **missed**" in text
 
 
 def test_epochs_table_keys_and_costs_by_hand(tmp_path):
     fabricate(tmp_path / "sweep")
-    runs = vit.vit_runs(analysis.collect_runs(tmp_path / "sweep"))
+    runs = vit.recipe_runs(analysis.collect_runs(tmp_path / "sweep"), vit.VIT)
     table = vit.epochs_table(runs)
     assert "| 5 | 52.00 | 50.00 | 51.00 | 47.00 | 51.50 | 48.50 |" in table
     assert "| 4 + indexer warm-up |  |  |  |  | 49.00 | 50.00 |" in table
