@@ -13,6 +13,7 @@ every epoch goes to metrics.jsonl, the console table and W&B in the Hydra run di
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -94,10 +95,13 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     # fp16's narrow range needs its loss scaled (and overflowing steps skipped); bf16 does not
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     per_batch = train_cfg.scheduler_interval == "batch"  # else the schedule steps once an epoch
+    # the last epoch may stop early (airbench94's 9.9 epochs: 48 x 9 + 44 batches of 1,024)
+    last_epoch_batches = math.ceil(train_cfg.get("last_epoch_fraction", 1.0) * len(train_loader))
+    run_batches = (train_cfg.epochs - 1) * len(train_loader) + last_epoch_batches
     lead_in = train_cfg.get("schedule_lead_in_epochs", 0)  # a stage continuing a longer schedule (init_from)
-    scheduler = build_scheduler(train_cfg.scheduler, optimizer,
-                                total_steps=train_cfg.epochs * len(train_loader) if per_batch else None,
+    scheduler = build_scheduler(train_cfg.scheduler, optimizer, total_steps=run_batches if per_batch else None,
                                 lead_in_steps=lead_in * len(train_loader) if per_batch else lead_in)
+    lookahead = instantiate(train_cfg.lookahead)(model, total_steps=run_batches) if train_cfg.get("lookahead") else None
     flop_meter = FlopMeter(model, task.example(data))
     log.info("model: %s, %.2fM parameters, %.1f MFLOP/sample forward, %.1f MFLOP/sample train step",
              choices.model, count_parameters(model) / 1e6, flop_meter.forward_per_sample / 1e6,
@@ -125,7 +129,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     # ------------------------------------------------------------------ checkpoint / resume
     checkpoints = Checkpointer(checkpoint_path, dist, model=model, optimizer=optimizer, scheduler=scheduler,
                                gate=gate, train_loader=train_loader, every_epochs=cfg.checkpoint.every_epochs,
-                               keep_epochs=cfg.checkpoint.keep_epochs, scaler=scaler, config=cfg)
+                               keep_epochs=cfg.checkpoint.keep_epochs, scaler=scaler, config=cfg, lookahead=lookahead)
     start = checkpoints.restore() if resuming else ResumePoint()
     if resuming:
         log.info("resumed from %s after epoch %d%s (step %d)", checkpoint_path, start.epoch,
@@ -143,6 +147,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             if progress is None:  # else the gate's checkpointed state already is this epoch's
                 gate.start_epoch(epoch)
             set_attention_epoch(model, epoch)  # sparse attention: dense warm-up epochs train only the indexer
+            if hasattr(model, "start_epoch"):  # e.g. FastNet's whitening bias, trained for its first epochs
+                model.start_epoch(epoch)
+            if epoch == train_cfg.epochs:
+                train_loader.limit_batches = min(len(train_loader), last_epoch_batches)
             flop_meter = flop_meter.recount_if_changed(model)  # ...and are counted at what they run
             scorer = gate.scorer or ModelScorer(model, flop_meter.forward_per_sample)  # proxy scoring: a small model
             timer, tally, indexer_losses = PhaseTimer(device), Tally(), []
@@ -198,6 +206,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                     step += 1
                     if scheduler is not None and per_batch:
                         scheduler.step()
+                    if lookahead is not None:  # every few batches, the weights back toward their slow copy
+                        lookahead.step(step)
                     if step % cfg.wandb.log_every_steps == 0:
                         run_log.log_step(step, {"train/batch_rate": len(selection.index) / selection.seen(len(idx)),
                                                 "gate/threshold": gate.threshold,
@@ -206,6 +216,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                         stop_here(epoch - 1)
                 for batch in packer.drain():  # packed: the epoch's remainder, so none waits past it
                     train_selected(batch)
+                if lookahead is not None and epoch == train_cfg.epochs:
+                    lookahead.finish()  # training ends on the slow weights
             if scheduler is not None and not per_batch:
                 scheduler.step()
             dist.merge_epoch(tally, gate, memory_at_start)  # torchrun: global counts, one sample memory
@@ -215,7 +227,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             if epoch % train_cfg.eval_every_epochs == 0 or epoch == train_cfg.epochs:
                 with timer.phase("eval"):  # torchrun: each rank a slice of the validation set, sums reduced
                     validation = task.metrics(*dist.evaluate(evaluation_sums(model, val_loader, precision,
-                                                                             flip_tta=task.flip_tta(cfg))))
+                                                                             **task.tta(cfg))))
 
             # -------------------------------------------------------------- logging
             epoch_time = timer.seconds["epoch"]

@@ -178,11 +178,11 @@ class Checkpointer:
 
     def __init__(self, path: Path, dist, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, gate, train_loader, every_epochs: int = 1, keep_epochs=(), scaler=None,
-                 config=None):
+                 config=None, lookahead=None):
         self.path, self.dist, self.every_epochs = Path(path), dist, every_epochs
         self.keep_epochs = {keep_epochs} if isinstance(keep_epochs, int) else set(keep_epochs)
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
-        self.gate, self.train_loader = gate, train_loader
+        self.gate, self.train_loader, self.lookahead = gate, train_loader, lookahead
         self.config = flat_config(config) if config is not None else None
 
     def due(self, epoch: int, last_epoch: int) -> bool:
@@ -211,6 +211,7 @@ class Checkpointer:
             "history": list(history), "wandb_run_id": wandb_run_id, "ranks": ranks,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.config,
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
         }, self.path)
         if epoch in self.keep_epochs:
             # a hard link to this epoch's file: the next save renames a new last.pt into place and
@@ -238,6 +239,8 @@ class Checkpointer:
             restore_rng(rank_state["rng"])
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
+            if self.lookahead is not None:
+                self.lookahead.load_state_dict(state["lookahead"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {self.path} does not fit this run's model, optimiser "
                                   f"or gate ({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
@@ -249,8 +252,8 @@ class Checkpointer:
 # change them (a key matches itself and everything below it).
 RESUMABLE_CHANGES = ("resume", "init_from", "progress", "device", "dataset.root", "dataset.search_roots",
                      "dataset.download", "dataset.cache_dir", "training.num_threads", "training.eval_every_epochs",
-                     "training.eval_batch_size", "training.eval_flip_tta", "checkpoint", "distributed", "energy",
-                     "wandb", "debug")
+                     "training.eval_batch_size", "training.eval_flip_tta", "training.eval_translate_tta",
+                     "checkpoint", "distributed", "energy", "wandb", "debug")
 
 
 def flat_config(cfg) -> dict[str, Any]:

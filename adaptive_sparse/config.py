@@ -41,6 +41,11 @@ def validate_config(cfg: DictConfig) -> None:
     _require(isinstance(t.lr, (int, float)) and t.lr > 0, "training.lr", t.lr, "a number > 0")
     _require(t.get("scheduler_interval", "epoch") in ("epoch", "batch"), "training.scheduler_interval",
              t.get("scheduler_interval"), "epoch or batch")
+    fraction = t.get("last_epoch_fraction", 1.0)
+    _require(isinstance(fraction, (int, float)) and 0 < fraction <= 1, "training.last_epoch_fraction", fraction,
+             "a number in (0, 1]")
+    _require(not t.get("eval_translate_tta") or t.get("eval_flip_tta"), "training.eval_translate_tta",
+             t.get("eval_translate_tta"), "false unless training.eval_flip_tta is true (its views are mirrored pairs)")
     lead_in = t.get("schedule_lead_in_epochs", 0)
     _require(isinstance(lead_in, int) and not isinstance(lead_in, bool) and lead_in >= 0,
              "training.schedule_lead_in_epochs", lead_in, "an integer >= 0")

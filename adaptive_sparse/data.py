@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from adaptive_sparse.checkpointing import atomic_torch_save
@@ -269,22 +270,27 @@ class IndexedBatches:
 
     def __init__(self, num_samples: int, batch_size: int, device: torch.device, *, shuffle: bool,
                  limit_batches: int | None = None, seed: int = 0, indices: torch.Tensor | None = None,
-                 shard: tuple[int, int] | None = None):
+                 shard: tuple[int, int] | None = None, drop_last: bool = False):
         self.num_samples = int(num_samples)
         self.indices = indices if indices is not None else torch.arange(self.num_samples)
         self.batch_size, self.device, self.shuffle = batch_size, device, shuffle
         self.limit_batches = limit_batches
+        self.drop_last = drop_last  # serve only full batches (airbench: 48 of 1,024 from 50,000)
         # (rank, world size): every rank draws the same permutation (same seed) and serves its
         # own slice; the last len % world samples of each permutation are dropped so every
         # rank runs the same number of equal batches and the collectives line up
         self.shard = shard
         self.generator = torch.Generator().manual_seed(seed)  # CPU generator: same stream on any device
+        if drop_last and self._samples_served() < batch_size:
+            raise DatasetError(f"training.drop_last=true serves full batches only, and {self._samples_served()} "
+                               f"samples make no batch of training.batch_size={batch_size}")
 
     def _samples_served(self) -> int:
         return len(self.indices) if self.shard is None else len(self.indices) // self.shard[1]
 
     def __len__(self) -> int:
-        full = -(-self._samples_served() // self.batch_size)
+        served = self._samples_served()
+        full = served // self.batch_size if self.drop_last else -(-served // self.batch_size)
         return full if self.limit_batches is None else min(full, self.limit_batches)
 
     def start_epoch(self) -> None:
@@ -354,44 +360,77 @@ class IndexedBatches:
                             for item in state["remaining"]]
 
 
+FLIPS = ("random", "alternate")
+PADDING_MODES = ("zeros", "reflect")
+
+
 class BatchLoader(IndexedBatches):
     """Serves (images, labels, dataset indices) from tensors already on the device.
 
     Images go to float and are normalised one batch at a time; augmentation (random crop
-    with zero padding, horizontal flip) is drawn per sample but applied to the whole batch.
+    with zero or reflected padding, horizontal flip) is drawn per sample but applied to the
+    whole batch. Flips are `random` (a fresh coin per sample per epoch) or `alternate`
+    (airbench's: a coin per sample drawn once, every image mirrored against it in odd epochs,
+    so each image is seen both ways in every two epochs).
     """
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, *, shuffle: bool,
                  augment: bool = False, crop_padding: int = 4, limit_batches: int | None = None,
                  seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
                  indices: torch.Tensor | None = None, shard: tuple[int, int] | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, flip: str = "random", padding_mode: str = "zeros",
+                 drop_last: bool = False):
         super().__init__(len(split), batch_size, device, shuffle=shuffle, limit_batches=limit_batches,
-                         seed=seed, indices=indices, shard=shard)
+                         seed=seed, indices=indices, shard=shard, drop_last=drop_last)
+        if flip not in FLIPS or padding_mode not in PADDING_MODES:
+            raise DatasetError(f"dataset.flip={flip} / dataset.padding_mode={padding_mode}: "
+                               f"flip is one of {', '.join(FLIPS)}, padding_mode one of {', '.join(PADDING_MODES)}")
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.augment, self.crop_padding = augment, crop_padding
+        self.padding_mode = padding_mode
+        self.flip = flip
+        self.epochs_started = 0  # alternate flips: odd epochs (0-based) mirror every image's coin
+        if flip == "alternate":  # its own generator: the order's stream is the same either way
+            coins = torch.Generator().manual_seed(seed + 1)
+            self.first_flip = (torch.rand(len(split), generator=coins) < 0.5).to(device)  # [N] per dataset index
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
+    def start_epoch(self) -> None:
+        self.epochs_started += 1
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "epochs_started": self.epochs_started}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.epochs_started = state.get("epochs_started", 0)  # records from before alternate flips: 0
+
     def fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.images[idx]  # [B, 3, H, W] uint8
         if self.augment:
-            images = self._augment(images)
+            images = self._augment(images, idx)
         x = ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
         return x, self.labels[idx]
 
-    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+    def _augment(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         n, _, h, w = images.shape
         pad = self.crop_padding
         draw = lambda high: torch.randint(high, (n,), generator=self.generator).to(self.device)
         if pad:
-            padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # [B, 3, H+2p, W+2p]
+            if self.padding_mode == "reflect":  # reflect needs a float tensor; uint8 values survive the round trip
+                padded = F.pad(images.float(), (pad, pad, pad, pad), mode="reflect").to(images.dtype)
+            else:
+                padded = F.pad(images, (pad, pad, pad, pad))  # [B, 3, H+2p, W+2p]
             rows = draw(2 * pad + 1)[:, None] + torch.arange(h, device=self.device)  # [B, H]
             cols = draw(2 * pad + 1)[:, None] + torch.arange(w, device=self.device)  # [B, W]
             batch = torch.arange(n, device=self.device)[:, None, None]
             images = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, H, W, 3]
             images = images.permute(0, 3, 1, 2)
-        flip = draw(2).bool()
+        if self.flip == "alternate":
+            flip = self.first_flip[idx] ^ (self.epochs_started % 2 == 0)  # epochs_started counts from 1
+        else:
+            flip = draw(2).bool()
         return torch.where(flip[:, None, None, None], images.flip(3), images)

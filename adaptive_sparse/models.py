@@ -80,14 +80,18 @@ class FastNet(nn.Module):
     """
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256),
-                 whiten_kernel: int = 2, logit_scale: float = 1 / 9, bn_momentum: float = 0.4):
+                 whiten_kernel: int = 2, logit_scale: float = 1 / 9, bn_momentum: float = 0.4,
+                 whiten_bias_epochs: int = 0):
         super().__init__()
         k = whiten_kernel
         whiten_width = 2 * 3 * k * k
-        # no bias: the paper trains one at the base rate for 3 epochs; here every 1-D parameter is
-        # a BatchNorm shift taking 64x the rate, which a whitening bias should not
-        self.whiten = nn.Conv2d(3, whiten_width, k, padding=0, bias=False)  # [B, 24, 31, 31]
+        # airbench94 trains the whitening layer's bias for its first 3 epochs, then freezes it;
+        # 0 leaves the layer without a bias
+        self.whiten_bias_epochs = whiten_bias_epochs
+        self.whiten = nn.Conv2d(3, whiten_width, k, padding=0, bias=whiten_bias_epochs > 0)  # [B, 24, 31, 31]
         self.whiten.weight.requires_grad_(False)  # set from data, never trained
+        if self.whiten.bias is not None:
+            self.whiten.bias.base_lr = True  # not a BatchNorm shift: no bias_lr_scale (optim.sgd_with_scaled_biases)
         layers, width_in = [], whiten_width
         for width in widths:
             layers += [nn.Conv2d(width_in, width, 3, padding=1, bias=False), nn.MaxPool2d(2),
@@ -117,6 +121,11 @@ class FastNet(nn.Module):
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         filters = (eigenvectors.T / (eigenvalues + eps).sqrt()[:, None]).view(-1, 3, k, k)  # [12, 3, k, k]
         self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
+
+    def start_epoch(self, epoch: int) -> None:
+        """Epoch `epoch` (1-based) begins: the whitening bias trains in the first whiten_bias_epochs only."""
+        if self.whiten.bias is not None:
+            self.whiten.bias.requires_grad_(epoch <= self.whiten_bias_epochs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.whiten(x))

@@ -14,10 +14,11 @@ def sgd_with_scaled_biases(params: Iterable[torch.nn.Parameter], lr: float, mome
                            fused: bool | None = None) -> torch.optim.SGD:
     """SGD whose one-dimensional parameters (biases, BatchNorm shifts) take `bias_lr_scale`
     times the learning rate and 1 / bias_lr_scale times the weight decay, so their decay per
-    step stays the weights' (airbench's "scale bias" trick). Frozen parameters are left out."""
+    step stays the weights' (airbench's "scale bias" trick); a 1-D parameter marked `base_lr`
+    keeps the base rate. Frozen parameters are left out."""
     trainable = [p for p in params if p.requires_grad]
-    weights = [p for p in trainable if p.ndim > 1]
-    biases = [p for p in trainable if p.ndim <= 1]
+    weights = [p for p in trainable if p.ndim > 1 or getattr(p, "base_lr", False)]  # e.g. FastNet's whitening bias
+    biases = [p for p in trainable if p.ndim <= 1 and not getattr(p, "base_lr", False)]
     groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay},
               {"params": biases, "lr": lr * bias_lr_scale, "weight_decay": weight_decay / bias_lr_scale}]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum, nesterov=nesterov,

@@ -124,13 +124,32 @@ def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
     return scores.detach()
 
 
+def tta_logits(model: nn.Module, inputs: torch.Tensor, flip: bool, translate: bool) -> torch.Tensor:
+    """Test-time augmentation's logits [B, C] for images [B, 3, H, W]: the image alone; with
+    `flip`, the mean over it and its mirror image; with `translate` too, airbench94's six views:
+    half that mean, plus a quarter each for the same mean over the image shifted one pixel up-left
+    and one down-right (reflected padding)."""
+    def mirrored(x: torch.Tensor) -> torch.Tensor:
+        logits = model(x).float()
+        return (logits + model(x.flip(3)).float()) / 2 if flip else logits
+
+    logits = mirrored(inputs)
+    if translate:
+        h, w = inputs.shape[-2:]
+        padded = F.pad(inputs, (1, 1, 1, 1), mode="reflect")  # [B, 3, H+2, W+2]
+        shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
+        logits = (logits + shifted) / 2
+    return logits
+
+
 @torch.inference_mode()
-def evaluation_sums(model: nn.Module, loader, precision: str = "fp32", flip_tta: bool = False) -> tuple[float, int, int]:
+def evaluation_sums(model: nn.Module, loader, precision: str = "fp32", flip_tta: bool = False,
+                    translate_tta: bool = False) -> tuple[float, int, int]:
     """(summed cross-entropy, correct predictions, predictions) over what the loader yields:
     one per image (logits [B, C]), or one per scored position of a window (logits [B, T, V];
     targets of -100 are not scored). Sums rather than means so that ranks' shares of the
-    validation set add up exactly. With `flip_tta` the logits are the mean of the image's and
-    its mirror image's."""
+    validation set add up exactly. With `flip_tta` (and `translate_tta`) the logits are
+    `tta_logits`'s over the image's views."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -138,9 +157,7 @@ def evaluation_sums(model: nn.Module, loader, precision: str = "fp32", flip_tta:
     count = 0
     for inputs, targets, _ in loader:
         with autocast_context(inputs.device, precision):
-            logits = model(inputs).float()  # [B, C] or [B, T, V]
-            if flip_tta:
-                logits = (logits + model(inputs.flip(3)).float()) / 2
+            logits = tta_logits(model, inputs, flip_tta, translate_tta)  # [B, C] or [B, T, V]
         logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
         scored = targets != -100
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double().cpu()  # -100: ignored

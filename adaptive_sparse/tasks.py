@@ -65,8 +65,9 @@ class Task:
     def example(self, data: Any) -> ExampleBatch:
         raise NotImplementedError
 
-    def flip_tta(self, cfg: DictConfig) -> bool:
-        return False
+    def tta(self, cfg: DictConfig) -> dict[str, bool]:
+        """Test-time augmentation for `evaluation_sums` (none unless the task has images)."""
+        return {}
 
     def metrics(self, mean_loss: float, accuracy: float) -> dict[str, float]:
         """The validation record's figures from the mean loss and the accuracy (%)."""
@@ -105,7 +106,9 @@ class ClassificationTask(Task):
         t = cfg.training
         return BatchLoader(data.train, t.batch_size, device, shuffle=True, augment=cfg.dataset.augment,
                            crop_padding=cfg.dataset.crop_padding, limit_batches=t.limit_train_batches,
-                           seed=cfg.seed, shard=shard, channels_last=t.channels_last)
+                           seed=cfg.seed, shard=shard, channels_last=t.channels_last,
+                           flip=cfg.dataset.get("flip", "random"), padding_mode=cfg.dataset.get("padding_mode", "zeros"),
+                           drop_last=t.get("drop_last", False))
 
     def eval_loader(self, data: ImageData, cfg: DictConfig, device: torch.device,
                     indices: torch.Tensor | None) -> BatchLoader:
@@ -125,8 +128,9 @@ class ClassificationTask(Task):
     def example(self, data: ImageData) -> ExampleBatch:
         return class_example(tuple(data.train.images.shape[1:]))
 
-    def flip_tta(self, cfg: DictConfig) -> bool:
-        return bool(cfg.training.eval_flip_tta)
+    def tta(self, cfg: DictConfig) -> dict[str, bool]:
+        return {"flip_tta": bool(cfg.training.eval_flip_tta),
+                "translate_tta": bool(cfg.training.get("eval_translate_tta", False))}
 
     def describe(self, data: ImageData) -> str:
         return f"{len(data.train)} train, {len(data.test)} test images"
@@ -185,8 +189,9 @@ class CharLMTask(Task):
         if self.block_size > capacity:
             raise ConfigError(f"task.block_size={self.block_size} is larger than model.block_size={capacity} "
                               "(the model's position embeddings); raise model.block_size or lower task.block_size")
-        if cfg.training.eval_flip_tta:
-            raise ConfigError("training.eval_flip_tta=true mirrors images; it has no meaning for task=char_lm")
+        if cfg.training.eval_flip_tta or cfg.training.get("eval_translate_tta"):
+            raise ConfigError("training.eval_flip_tta / eval_translate_tta mirror and shift images; they have "
+                              "no meaning for task=char_lm")
         return model
 
     def example(self, data) -> ExampleBatch:

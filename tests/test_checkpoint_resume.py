@@ -54,9 +54,17 @@ def language_settings(tmp_path) -> list[str]:
             "training.num_threads=1", "wandb.mode=disabled"]
 
 
+# the classification run is FastNet's full recipe, small, with the default gate: its lookahead's
+# slow weights, alternating flips' epoch count and the whitening bias frozen after epoch 2 are
+# resumable state too, and the last epoch stops at half its batches
+FASTNET_RECIPE = [*DETERMINISTIC, "+experiment=fastnet", "gate=sundew", "gate.target_rate=0.5",
+                  "model.widths=[8,16,16]", "model.whiten_bias_epochs=2", "training.batch_size=64",
+                  "training.last_epoch_fraction=0.5", "training.lookahead.every_steps=3"]
+
+
 @pytest.mark.parametrize("task", ["classification", "char_lm"])
 def test_killed_run_resumes_to_the_same_final_metrics(tmp_path, task):
-    settings = DETERMINISTIC if task == "classification" else language_settings(tmp_path)
+    settings = FASTNET_RECIPE if task == "classification" else language_settings(tmp_path)
     reference = tmp_path / "uninterrupted"
     assert run_train(reference, *settings).returncode == 0
     killed = tmp_path / "killed"

@@ -1,15 +1,18 @@
-"""The fast CIFAR recipe's parts: FastNet's whitening layer, label smoothing, the optimiser's
-bias groups, the triangular schedule and flip test-time augmentation, with numbers by hand."""
+"""The fast CIFAR recipe's parts: FastNet's whitening layer and its bias, label smoothing, the
+optimiser's bias groups, the triangular schedule, lookahead, alternating flips, reflected crops,
+whole batches only, and mirror(+translate) test-time augmentation, with numbers by hand."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from adaptive_sparse.data import BatchLoader, DatasetError, Split
+from adaptive_sparse.lookahead import Lookahead
 from adaptive_sparse.models import FastNet
 from adaptive_sparse.optim import sgd_with_scaled_biases, triangular_schedule
 from adaptive_sparse.significance import BatchScores
-from adaptive_sparse.step import evaluation_sums
+from adaptive_sparse.step import evaluation_sums, tta_logits
 from conftest import compose_with_hydra
 
 
@@ -83,3 +86,88 @@ def test_preset_turns_the_papers_decoupled_values_into_the_same_steps():
     assert opt.lr == pytest.approx(11.5 / kilostep * 1024, rel=1e-3)          # 1.5
     assert opt.lr * opt.weight_decay == pytest.approx(0.0153 * 1024 / kilostep, rel=2e-3)  # 0.0019957
     assert (opt.momentum, cfg.model.bn_momentum) == (0.85, pytest.approx(1 - 0.6))
+
+
+def test_translate_tta_weighs_the_mirrored_pair_half_and_each_shift_a_quarter():
+    class TopLeft(torch.nn.Module):  # logit [x, 0] from the image's top-left pixel
+        def forward(self, x):
+            return torch.stack([x[:, 0, 0, 0], torch.zeros(len(x))], 1)
+
+    image = torch.arange(9.0).view(1, 1, 3, 3)  # rows 0 1 2 / 3 4 5 / 6 7 8
+    # views' top-left pixels: the image 0, its mirror 2; shifted up-left (reflect pad 1): 4 (the
+    # pixel at (1, 1)) and mirrored 4; shifted down-right: 4 and mirrored 4 (reflected back in)
+    logits = tta_logits(TopLeft(), image, flip=True, translate=True)
+    assert logits[0, 0].item() == pytest.approx(0.5 * (0 + 2) / 2 + 0.25 * (4 + 4) / 2 + 0.25 * (4 + 4) / 2)
+    assert tta_logits(TopLeft(), image, flip=True, translate=False)[0, 0].item() == pytest.approx(1.0)
+
+
+def test_lookahead_pulls_the_weights_to_a_slow_copy_on_its_schedule_by_hand():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ahead = Lookahead(model, total_steps=10, every_steps=5, decay=0.5, exponent=1.0)
+    with torch.no_grad():
+        model.weight.fill_(4.0)  # training moved the weight from 0 to 4
+    ahead.step(4)  # not a multiple of 5: nothing
+    assert model.weight.item() == 4.0
+    ahead.step(5)  # decay 0.5 * (5 / 10) = 0.25: slow 0 -> 0.25 * 0 + 0.75 * 4 = 3, and the weight with it
+    assert model.weight.item() == pytest.approx(3.0) and ahead.slow["weight"].item() == pytest.approx(3.0)
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    ahead.step(10)  # decay 0.5: slow 0.5 * 3 + 0.5 * 5 = 4
+    assert model.weight.item() == pytest.approx(4.0)
+    with torch.no_grad():
+        model.weight.fill_(9.0)
+    ahead.finish()  # the run ends on the slow copy
+    assert model.weight.item() == pytest.approx(4.0)
+
+
+def test_lookahead_averages_float_state_and_leaves_integer_counters():
+    model = torch.nn.BatchNorm1d(2)
+    ahead = Lookahead(model, total_steps=5)
+    assert "running_mean" in ahead.slow and "num_batches_tracked" not in ahead.slow
+
+
+def augmenting_loader(images: torch.Tensor, **kwargs) -> BatchLoader:
+    split = Split(images, torch.zeros(len(images), dtype=torch.long))
+    return BatchLoader(split, len(images), torch.device("cpu"), shuffle=False, augment=True, **kwargs)
+
+
+def test_alternating_flips_show_each_image_both_ways_every_two_epochs():
+    images = torch.arange(2, dtype=torch.uint8).repeat(16, 3, 1, 1) + torch.arange(16, dtype=torch.uint8).view(16, 1, 1, 1) * 2
+    loader = augmenting_loader(images.view(16, 3, 1, 2), crop_padding=0, flip="alternate")  # [16, 3, 1, 2]
+    epochs = [next(iter(loader))[0] for _ in range(3)]  # normalised, in dataset order
+    mirrored = [(e[:, 0, 0, 0] > e[:, 0, 0, 1]) for e in epochs]  # left > right: this image is mirrored
+    assert torch.equal(mirrored[1], ~mirrored[0]) and torch.equal(mirrored[2], mirrored[0])
+    assert 0 < int(mirrored[0].sum()) < 16  # one coin per image, not one for the batch
+
+
+def test_reflected_crop_padding_never_shows_a_zero():
+    images = torch.full((8, 3, 4, 4), 7, dtype=torch.uint8)
+    images[:, :, 0, 0] = 9  # reflection copies image pixels into the border, zeros never appear
+    reflected = augmenting_loader(images, crop_padding=2, padding_mode="reflect", seed=3)
+    zeroed = augmenting_loader(images, crop_padding=2, seed=3)
+    pixel = lambda loader: next(iter(loader))[0] * loader.std + loader.mean  # back to 0-255
+    assert set(pixel(reflected).round().unique().tolist()) <= {7.0, 9.0}
+    assert 0.0 in pixel(zeroed).round().unique().tolist()
+
+
+def test_drop_last_serves_only_full_batches():
+    split = Split(torch.zeros(10, 3, 2, 2, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
+    loader = BatchLoader(split, 4, torch.device("cpu"), shuffle=True, drop_last=True)
+    assert len(loader) == 2 and [len(idx) for _, _, idx in loader] == [4, 4]
+    assert len(BatchLoader(split, 4, torch.device("cpu"), shuffle=True)) == 3
+    with pytest.raises(DatasetError, match="10 samples make no batch of training.batch_size=16"):
+        BatchLoader(split, 16, torch.device("cpu"), shuffle=True, drop_last=True)
+
+
+def test_whitening_bias_trains_at_the_base_rate_for_its_epochs_then_freezes():
+    net = FastNet(whiten_bias_epochs=3)
+    optimizer = sgd_with_scaled_biases(net.parameters(), lr=1.5, bias_lr_scale=64.0)
+    base, scaled = optimizer.param_groups
+    assert any(p is net.whiten.bias for p in base["params"]) and base["lr"] == 1.5
+    assert not any(p is net.whiten.bias for p in scaled["params"])
+    for epoch, trains in ((1, True), (3, True), (4, False)):
+        net.start_epoch(epoch)
+        assert net.whiten.bias.requires_grad is trains
+    assert FastNet().whiten.bias is None  # whiten_bias_epochs 0: no bias at all
