@@ -51,14 +51,20 @@ log = logging.getLogger("train")
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """The Hydra entry point: a user's mistake ends in one logged line (exit 1), a bug in a traceback."""
+    """The Hydra entry point: a user's mistake ends in one logged line (exit 1), a bug in a
+    traceback. Returns the run's metric (what a Hydra sweeper optimises)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with user_errors_reported(log, multirun=HydraConfig.get().mode == RunMode.MULTIRUN,
                               checkpoint=run_dir / "checkpoints" / "last.pt"), run_dir_lock(run_dir):
-        return train(cfg, run_dir)
+        summary = train(cfg, run_dir)
+    return summary[summary["metric"]]
 
 
-def train(cfg: DictConfig, run_dir: Path) -> float:
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """One run in `run_dir`, from a composed config whose Hydra part is set (HydraConfig: its
+    group choices and command-line overrides); returns the summary also written to summary.json.
+    In-process use (tests, notebooks): compose with return_hydra_config=True, then
+    HydraConfig().set_config(cfg), then train(cfg, run_dir)."""
     # ------------------------------------------------------------------ config
     validate_config(cfg)
     refuse_unread_additions(HydraConfig.get().overrides.task, cfg, Path(__file__).parent / "conf")
@@ -86,6 +92,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     task.check_data(data, choices.dataset)
     train_loader = task.train_loader(data, cfg, device, shard=dist.train_shard)  # torchrun: this rank's slice
     val_loader = task.eval_loader(data, cfg, device, indices=dist.shard(task.eval_size(data)))
+    # a fixed sample of training data, evaluated beside validation: a training loss every gate shares
+    train_sample = task.train_sample_indices(data, train_cfg.get("train_eval_samples", 0))
+    shard = dist.shard(len(train_sample))
+    train_sample_loader = (task.train_sample_loader(data, cfg, device, train_sample if shard is None else
+                                                    train_sample[shard]) if len(train_sample) else None)
     log.info("data: %s (%s); precision %s", data.source, task.describe(data), precision)
 
     # ------------------------------------------------------------------ model
@@ -223,17 +234,20 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             dist.merge_epoch(tally, gate, memory_at_start)  # torchrun: global counts, one sample memory
 
             # -------------------------------------------------------------- evaluation
-            validation = dict.fromkeys(task.metric_keys)  # null in epochs without evaluation
+            validation = dict.fromkeys([*task.metric_keys, "train_eval_loss"])  # null in epochs without evaluation
             if epoch % train_cfg.eval_every_epochs == 0 or epoch == train_cfg.epochs:
                 with timer.phase("eval"):  # torchrun: each rank a slice of the validation set, sums reduced
                     validation = task.metrics(*dist.evaluate(evaluation_sums(model, val_loader, precision,
                                                                              **task.tta(cfg))))
+                    if train_sample_loader is not None:  # eval mode, unaugmented, no test-time augmentation
+                        validation["train_eval_loss"] = dist.evaluate(
+                            evaluation_sums(model, train_sample_loader, precision))[0]
 
             # -------------------------------------------------------------- logging
             epoch_time = timer.seconds["epoch"]
             record = {
                 "epoch": epoch,
-                "train_loss": tally.loss_sum / max(tally.trained, 1),
+                "train_loss": tally.loss_sum / max(tally.trained, 1),  # of the trained samples only
                 **validation,  # val_loss, val_acc (char_lm: next-character accuracy), val_bpc
                 "activation_rate": tally.trained / tally.seen,
                 "threshold": gate.threshold,
@@ -279,7 +293,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
              summary["activation_rate"],
              summary["target_rate"], 100 * summary["compute_savings"], 100 * summary["sample_savings"],
              summary["train_time_s"])
-    return summary[task.metric]
+    return summary
 
 
 

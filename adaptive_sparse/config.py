@@ -41,6 +41,9 @@ def validate_config(cfg: DictConfig) -> None:
     _require(isinstance(t.lr, (int, float)) and t.lr > 0, "training.lr", t.lr, "a number > 0")
     _require(t.get("scheduler_interval", "epoch") in ("epoch", "batch"), "training.scheduler_interval",
              t.get("scheduler_interval"), "epoch or batch")
+    samples = t.get("train_eval_samples", 0)
+    _require(isinstance(samples, int) and not isinstance(samples, bool) and samples >= 0,
+             "training.train_eval_samples", samples, "an integer >= 0")
     fraction = t.get("last_epoch_fraction", 1.0)
     _require(isinstance(fraction, (int, float)) and 0 < fraction <= 1, "training.last_epoch_fraction", fraction,
              "a number in (0, 1]")

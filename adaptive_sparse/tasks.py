@@ -69,6 +69,18 @@ class Task:
         """Test-time augmentation for `evaluation_sums` (none unless the task has images)."""
         return {}
 
+    def train_sample_loader(self, data: Any, cfg: DictConfig, device: torch.device, indices: torch.Tensor):
+        """The training samples `indices` in order, unaugmented: what `train_eval_loss` is measured on."""
+        raise NotImplementedError
+
+    def train_sample_indices(self, data: Any, count: int) -> torch.Tensor:
+        """`count` training samples spread evenly over the split (the same for every run and gate)."""
+        total = self.train_size(data)
+        return torch.linspace(0, total - 1, min(count, total)).round().long().unique()
+
+    def train_size(self, data: Any) -> int:
+        raise NotImplementedError
+
     def metrics(self, mean_loss: float, accuracy: float) -> dict[str, float]:
         """The validation record's figures from the mean loss and the accuracy (%)."""
         return {"val_loss": mean_loss, "val_acc": accuracy}
@@ -117,6 +129,14 @@ class ClassificationTask(Task):
 
     def eval_size(self, data: ImageData) -> int:
         return len(data.test)
+
+    def train_size(self, data: ImageData) -> int:
+        return len(data.train)
+
+    def train_sample_loader(self, data: ImageData, cfg: DictConfig, device: torch.device,
+                            indices: torch.Tensor) -> BatchLoader:
+        return BatchLoader(data.train, cfg.training.eval_batch_size, device, shuffle=False, indices=indices,
+                           channels_last=cfg.training.channels_last)
 
     def prepare_model(self, model: nn.Module, data: ImageData, cfg: DictConfig, device: torch.device) -> nn.Module:
         if cfg.training.channels_last:
@@ -175,6 +195,17 @@ class CharLMTask(Task):
         from adaptive_sparse.text import EvalWindows
 
         return EvalWindows(data.val, self.block_size, cfg.training.eval_batch_size, device, indices=indices)
+
+    def train_size(self, data) -> int:
+        from adaptive_sparse.text import window_count
+
+        return window_count(len(data.train), self.block_size, False)
+
+    def train_sample_loader(self, data, cfg: DictConfig, device: torch.device, indices: torch.Tensor):
+        from adaptive_sparse.text import TrainWindows  # the fixed grid (phase 0), whatever task.random_phase
+
+        return TrainWindows(data.train, self.block_size, cfg.training.eval_batch_size, device, shuffle=False,
+                            indices=indices)
 
     def eval_size(self, data) -> int:
         from adaptive_sparse.text import eval_window_starts

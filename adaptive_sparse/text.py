@@ -137,13 +137,13 @@ class TrainWindows(IndexedBatches):
 
     def __init__(self, split: TokenSplit, block_size: int, batch_size: int, device: torch.device, *,
                  shuffle: bool = True, random_phase: bool = False, limit_batches: int | None = None,
-                 seed: int = 0, shard: tuple[int, int] | None = None):
+                 seed: int = 0, shard: tuple[int, int] | None = None, indices: torch.Tensor | None = None):
         count = window_count(len(split), block_size, random_phase)
         if count < 1:
             raise DatasetError(f"the training split ({len(split)} characters) is shorter than one window of "
                                f"task.block_size + 1 = {block_size + 1}")
         super().__init__(count, batch_size, device, shuffle=shuffle, limit_batches=limit_batches,
-                         seed=seed, shard=shard)
+                         seed=seed, shard=shard, indices=indices)
         self.tokens = split.tokens.to(device)
         self.block_size, self.random_phase = int(block_size), bool(random_phase)
         self.offsets = torch.arange(block_size + 1, device=device)  # [T+1]

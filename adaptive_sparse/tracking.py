@@ -1,7 +1,7 @@
 """Where a run's numbers go: metrics.jsonl, summary.json, the console table, and W&B.
 
 The files are the contract (flat keys, written whatever the W&B mode); W&B gets the same
-numbers under namespaced keys (train/loss, val/acc, time/epoch_s, ...). Logging never
+numbers under namespaced keys (train/trained_loss, val/acc, time/epoch_s, ...). Logging never
 stops training: a W&B failure is a warning.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 # contract key in the files -> namespaced key in W&B
 WANDB_KEYS = {
     "epoch": "epoch",
-    "train_loss": "train/loss",
+    "train_loss": "train/trained_loss",     # the mean loss of the samples the gate trained
+    "train_eval_loss": "train/eval_loss",   # a fixed sample of training data in eval mode: compares across gates
     "val_loss": "val/loss",
     "val_acc": "val/acc",
     "val_bpc": "val/bpc",

@@ -27,12 +27,59 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
-def run_train(run_dir: Path, *overrides: str, timeout: int = 300,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """python train.py hydra.run.dir=RUN_DIR OVERRIDES..., from the repository root."""
+def run_train(run_dir: Path, *overrides: str, timeout: int = 300, env: dict[str, str] | None = None,
+              fresh_process: bool = False) -> subprocess.CompletedProcess | SimpleNamespace:
+    """python train.py hydra.run.dir=RUN_DIR OVERRIDES..., from the repository root: in this
+    process (`train_in_process`, seconds cheaper), or with `fresh_process` in a new interpreter
+    (what needs one: signals, a kill, an import-time setting)."""
+    if not fresh_process:
+        return train_in_process(run_dir, *overrides, env=env)
     return subprocess.run([sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def train_in_process(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> SimpleNamespace:
+    """`python train.py hydra.run.dir=RUN_DIR OVERRIDES...` inside this process, through the same
+    Hydra entry point (its config, its one-line user errors, exit codes), without the seconds a new
+    interpreter spends importing torch and Hydra. Returns what run_train's result holds:
+    returncode, stdout (the log lines) and stderr. The process-wide settings a run changes
+    (threads, deterministic algorithms, environment, working directory) are put back."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    from adaptive_sparse.rundir import unlock_run_dir
+
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), dict(os.environ),
+             os.getcwd(), sys.argv)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        os.environ.update(env or {})
+        sys.argv = ["train.py", f"hydra.run.dir={run_dir}", *overrides]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")  # as a fresh interpreter shows them: once, on stderr
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+                err.write(warnings.formatwarning(message, category, filename, lineno, line))
+            try:
+                runpy.run_path(str(ROOT / "train.py"), run_name="__main__")  # as `python train.py` runs it
+            except SystemExit as stop:  # sys.exit("message"): the interpreter prints it and exits 1
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if isinstance(stop.code, str):
+                    err.write(stop.code + "\n")
+    finally:
+        threads, deterministic, environ, cwd, sys.argv = saved
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
+        GlobalHydra.instance().clear()
+        unlock_run_dir(run_dir)  # held "until the process exits" by train.py's lock_from_argv
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def read_run(run_dir: Path) -> tuple[list[dict], dict]:

@@ -37,7 +37,7 @@ def test_augmentation_is_a_padded_crop_then_optional_flip():
     images = torch.randint(1, 255, (n, 3, 32, 32), dtype=torch.uint8)
     loader = BatchLoader(Split(images, torch.zeros(n, dtype=torch.long)), n, torch.device("cpu"),
                          shuffle=False, augment=True, crop_padding=4, seed=3)
-    out = loader._augment(images)
+    out = loader._augment(images, torch.arange(n))
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     for i in range(n):  # each output is one of the 81 crops of the padded image, maybe flipped
         crops = [padded[i, :, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]

@@ -1,6 +1,14 @@
-"""train.py end to end in a subprocess on small learnable data."""
+"""train.py end to end (through its Hydra entry point, in this process) on small learnable data."""
+import time
+
 import pytest
-from conftest import read_run, run_train
+import torch
+from hydra.utils import instantiate
+
+from adaptive_sparse.checkpointing import load_checkpoint
+from adaptive_sparse.data import load_dataset
+from adaptive_sparse.step import evaluation_sums
+from conftest import TINY, compose_config, cyclic_text, read_run, run_train, train_in_process
 
 CONTRACT_EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "activation_rate", "threshold",
                        "epoch_time_s", "flops_executed", "compute_savings", "sample_savings"}
@@ -10,8 +18,10 @@ CONTRACT_SUMMARY_KEYS = {"val_acc", "activation_rate", "target_rate", "train_tim
 
 def test_train_writes_metrics_summary_and_an_offline_wandb_run(tmp_path):
     run_dir = tmp_path / "run"
+    started = time.perf_counter()
     result = run_train(run_dir, "dataset=synthetic", "training.epochs=2", "gate.target_rate=0.5",
                        "wandb.mode=offline", env={"WANDB_DIR": str(tmp_path)})
+    wall_clock = time.perf_counter() - started
     assert result.returncode == 0, result.stderr[-3000:]
     records, summary = read_run(run_dir)
     assert [r["epoch"] for r in records] == [1, 2]
@@ -19,12 +29,16 @@ def test_train_writes_metrics_summary_and_an_offline_wandb_run(tmp_path):
     assert CONTRACT_SUMMARY_KEYS <= set(summary)
     assert summary["val_acc"] > 30.0  # 10 classes: chance is 10%
     assert 0.35 < summary["activation_rate"] < 0.65
-    assert summary["sample_savings"] == 1 - summary["activation_rate"]
+    # 2 epochs of the 2,048 synthetic training images, each looked at once an epoch
+    assert [r["samples_seen"] for r in records] == [2048, 2048] and summary["samples_seen"] == 4096
+    assert summary["samples_trained"] == sum(r["samples_trained"] for r in records)
+    assert summary["activation_rate"] == summary["samples_trained"] / 4096
     # forward scoring costs a forward (~1/3 of a step) on every sample on top of the trained rate
     per_sample_ratio = summary["flops_per_sample_forward"] / summary["flops_per_sample_train"]
     expected = 1 - (per_sample_ratio + summary["activation_rate"])
     assert abs(summary["compute_savings"] - expected) < 1e-9
-    assert summary["train_time_s"] == sum(summary["epoch_times_s"])
+    # training time excludes evaluation: both fit in the run's wall-clock, which also holds start-up
+    assert summary["eval_time_s"] > 0 and summary["train_time_s"] + summary["eval_time_s"] < wall_clock
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
@@ -80,3 +94,46 @@ def test_annealed_sundew_spends_the_target_over_the_run_and_evaluates_when_asked
     assert abs(summary["activation_rate"] - 0.5) < 0.05
     assert [r["val_acc"] is None for r in records] == [True, False, True, False]
     assert [r["eval_time_s"] == 0.0 for r in records] == [True, False, True, False]
+
+
+def char_lm_overrides(tmp_path) -> list[str]:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(cyclic_text(6000))
+    return ["task=char_lm", "dataset=shakespeare_char", "model=gpt", f"dataset.root={corpus}",
+            f"dataset.cache_dir={tmp_path / 'cache'}", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",
+            "model.block_size=32", "training.batch_size=32", "training.epochs=1", "wandb.mode=disabled"]
+
+
+@pytest.mark.parametrize("task", ["classification", "char_lm"])
+def test_a_whole_run_in_process_per_task_and_its_training_loss_that_compares_across_gates(tmp_path, task):
+    """The fast tier's end-to-end run (train.py through its Hydra entry point in this process).
+    train_eval_loss is the eval-mode loss of a fixed training sample: the final weights, evaluated
+    here on the same samples, give it back."""
+    overrides = ([*TINY, "dataset.num_train=256", "dataset.num_test=64", "gate=random", "gate.target_rate=0.5",
+                  "training.train_eval_samples=100"] if task == "classification" else
+                 [*char_lm_overrides(tmp_path), "gate=random", "gate.target_rate=0.5", "training.train_eval_samples=20"])
+    run_dir = tmp_path / "run"
+    result = train_in_process(run_dir, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records, summary = read_run(run_dir)
+    cfg = compose_config(overrides)
+    data, task_object = load_dataset(cfg.dataset), instantiate(cfg.task)
+    model = instantiate(cfg.model, **task_object.model_kwargs(data))
+    model = task_object.prepare_model(model, data, cfg, torch.device("cpu"))
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"])
+    sample = task_object.train_sample_indices(data, cfg.training.train_eval_samples)
+    assert len(sample) == (100 if task == "classification" else 20)
+    loss_sum, _, count = evaluation_sums(model, task_object.train_sample_loader(data, cfg, torch.device("cpu"), sample),
+                                         summary["precision"])
+    assert records[-1]["train_eval_loss"] == pytest.approx(loss_sum / count, rel=1e-4)
+    assert summary["metric"] in summary and summary["epochs"] == 1
+
+
+def test_the_training_sample_is_spread_evenly_over_the_split():
+    from adaptive_sparse.tasks import ClassificationTask
+
+    class Ten:
+        train = list(range(10))
+
+    assert ClassificationTask().train_sample_indices(Ten(), 5).tolist() == [0, 2, 4, 7, 9]  # round(0, 2.25, 4.5, 6.75, 9)
+    assert ClassificationTask().train_sample_indices(Ten(), 50).tolist() == list(range(10))
