@@ -277,8 +277,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 stop_here(epoch)
         energy_meter.close()
 
+        test = {}  # validation held out of training (dataset.val_size): the final figures on the test split
+        if task.has_test_split(data):
+            test_loader = task.eval_loader(data, cfg, device, dist.shard(task.eval_size(data, "test")), split="test")
+            figures = task.metrics(*dist.evaluate(evaluation_sums(model, test_loader, precision, **task.tta(cfg))))
+            test = {key.replace("val_", "test_", 1): value for key, value in figures.items()}
         summary = summarise(history, gate.target_rate, flop_meter)
         summary.update(**task.summary(), **{k: history[-1].get(k) for k in task.metric_keys},
+                       **test,
                        gate=choices.gate, model=choices.model, attention=choices.attention,
                        dataset=choices.dataset, data_source=data.source, seed=cfg.seed,
                        scoring=cfg.gate.get("scoring"), selection=cfg.gate.get("selection"),

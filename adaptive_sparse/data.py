@@ -47,6 +47,12 @@ class ImageData:
     test: Split
     classes: tuple[str, ...]
     source: str  # where the pixels came from, recorded in summary.json
+    val: Split | None = None  # held out of the training images (dataset.val_size); None: validate on test
+
+    @property
+    def validation(self) -> Split:
+        """The split every epoch is evaluated on: the held-out one if carved, else the test split."""
+        return self.val if self.val is not None else self.test
 
     @property
     def num_classes(self) -> int:
@@ -252,8 +258,27 @@ DATASETS: dict[str, Callable[[DictConfig], object]] = {
 
 
 def load_dataset(cfg: DictConfig):
-    """Build the dataset named by `dataset.name` from its registry entry."""
-    return DATASETS[cfg.name](cfg)
+    """Build the dataset named by `dataset.name` from its registry entry (and hold out
+    `dataset.val_size` training samples as the validation split)."""
+    data = DATASETS[cfg.name](cfg)
+    val_size = cfg.get("val_size", 0) or 0
+    return hold_out_validation(data, val_size, cfg.get("val_seed", 0)) if val_size else data
+
+
+def hold_out_validation(data: ImageData, val_size: int, seed: int = 0) -> ImageData:
+    """`val_size` training images, drawn with a fixed seed (the same for every run, gate and
+    model seed), become the validation split; training uses the rest; the test split is kept for
+    final figures (summary.json's test_acc, test_loss)."""
+    if not isinstance(data, ImageData):
+        raise DatasetError("dataset.val_size holds out training images; this dataset is not an image dataset "
+                           "(tiny-shakespeare has its own validation split: leave dataset.val_size at 0)")
+    if not isinstance(val_size, int) or not 0 < val_size < len(data.train):
+        raise DatasetError(f"dataset.val_size={val_size} is not allowed: an integer from 1 to "
+                           f"{len(data.train) - 1} (the {len(data.train)} training images less one), or 0")
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:val_size].sort().values, order[val_size:].sort().values
+    take = lambda idx: Split(data.train.images[idx], data.train.labels[idx])  # noqa: E731
+    return ImageData(take(kept), data.test, data.classes, data.source, val=take(held))
 
 
 # --------------------------------------------------------------------------- batching

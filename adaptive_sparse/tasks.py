@@ -69,6 +69,11 @@ class Task:
         """Test-time augmentation for `evaluation_sums` (none unless the task has images)."""
         return {}
 
+    def has_test_split(self, data: Any) -> bool:
+        """Whether validation is a held-out split (dataset.val_size), so the test split is evaluated
+        once more at the end for the final figures (eval_loader(..., split="test"))."""
+        return False
+
     def train_sample_loader(self, data: Any, cfg: DictConfig, device: torch.device, indices: torch.Tensor):
         """The training samples `indices` in order, unaugmented: what `train_eval_loss` is measured on."""
         raise NotImplementedError
@@ -123,12 +128,16 @@ class ClassificationTask(Task):
                            drop_last=t.get("drop_last", False))
 
     def eval_loader(self, data: ImageData, cfg: DictConfig, device: torch.device,
-                    indices: torch.Tensor | None) -> BatchLoader:
-        return BatchLoader(data.test, cfg.training.eval_batch_size, device, shuffle=False, indices=indices,
+                    indices: torch.Tensor | None, split: str = "val") -> BatchLoader:
+        images = data.validation if split == "val" else data.test
+        return BatchLoader(images, cfg.training.eval_batch_size, device, shuffle=False, indices=indices,
                            channels_last=cfg.training.channels_last)
 
-    def eval_size(self, data: ImageData) -> int:
-        return len(data.test)
+    def eval_size(self, data: ImageData, split: str = "val") -> int:
+        return len(data.validation if split == "val" else data.test)
+
+    def has_test_split(self, data: ImageData) -> bool:
+        return data.val is not None
 
     def train_size(self, data: ImageData) -> int:
         return len(data.train)

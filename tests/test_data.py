@@ -91,3 +91,17 @@ def test_real_cifar10_folder_serves_batches(tmp_path):
     batches = list(loader)
     assert len(batches) == 3 and batches[0][0].shape == (64, 3, 32, 32)
     assert abs(batches[0][0].mean().item()) < 0.5  # normalised
+
+
+def test_a_held_out_validation_split_is_fixed_disjoint_and_leaves_test_alone():
+    cfg = OmegaConf.create({"name": "synthetic", "num_classes": 10, "image_size": 8, "num_train": 100,
+                            "num_test": 20, "noise": 0.25, "data_seed": 7, "val_size": 30, "val_seed": 0})
+    whole = load_dataset(OmegaConf.merge(cfg, {"val_size": 0}))
+    a, b = load_dataset(cfg), load_dataset(OmegaConf.merge(cfg, {"data_seed": 7}))
+    assert (len(a.train), len(a.val), len(a.test)) == (70, 30, 20) and whole.val is None
+    assert torch.equal(a.val.images, b.val.images)  # the same held-out images on every run
+    rows = lambda split: {tuple(img.flatten().tolist()) for img in split.images}  # noqa: E731
+    assert not rows(a.train) & rows(a.val) and rows(a.train) | rows(a.val) == rows(whole.train)
+    assert torch.equal(a.test.images, whole.test.images) and a.validation is a.val and whole.validation is whole.test
+    with pytest.raises(DatasetError, match="dataset.val_size=100 is not allowed"):
+        load_dataset(OmegaConf.merge(cfg, {"val_size": 100}))

@@ -110,7 +110,7 @@ def test_a_whole_run_in_process_per_task_and_its_training_loss_that_compares_acr
     train_eval_loss is the eval-mode loss of a fixed training sample: the final weights, evaluated
     here on the same samples, give it back."""
     overrides = ([*TINY, "dataset.num_train=256", "dataset.num_test=64", "gate=random", "gate.target_rate=0.5",
-                  "training.train_eval_samples=100"] if task == "classification" else
+                  "training.train_eval_samples=100", "dataset.val_size=56"] if task == "classification" else
                  [*char_lm_overrides(tmp_path), "gate=random", "gate.target_rate=0.5", "training.train_eval_samples=20"])
     run_dir = tmp_path / "run"
     result = train_in_process(run_dir, *overrides)
@@ -127,6 +127,12 @@ def test_a_whole_run_in_process_per_task_and_its_training_loss_that_compares_acr
                                          summary["precision"])
     assert records[-1]["train_eval_loss"] == pytest.approx(loss_sum / count, rel=1e-4)
     assert summary["metric"] in summary and summary["epochs"] == 1
+    if task == "classification":  # 56 of the 256 training images held out to validate on; test at the end
+        assert records[-1]["samples_seen"] == 200 and len(data.validation) == 56
+        test_sums = evaluation_sums(model, task_object.eval_loader(data, cfg, torch.device("cpu"), None, split="test"),
+                                    summary["precision"])
+        assert test_sums[2] == 64 and summary["test_acc"] == pytest.approx(100 * test_sums[1] / 64)
+        assert summary["val_acc"] != summary["test_acc"] or summary["val_loss"] != summary["test_loss"]
 
 
 def test_the_training_sample_is_spread_evenly_over_the_split():
