@@ -17,7 +17,7 @@ from adaptive_sparse.significance import BatchScores
 from adaptive_sparse.step import evaluation_sums
 from adaptive_sparse.text import EvalWindows, TokenSplit, TrainWindows, load_shakespeare_char, window_count
 
-from conftest import compose_config, cyclic_text, read_run, run_train
+from conftest import compose_config, cyclic_text, load_script, read_run, run_train
 from test_attention import DIM, sparse_and_dense  # a sparse layer and a dense one sharing their weights
 
 KERNELS = [("token", "gather"), ("token", "mask"), ("block", "gather")]
@@ -267,3 +267,14 @@ def test_a_stage_with_a_lead_in_trains_at_the_tail_of_the_longer_schedule():
     assert factors[0] == pytest.approx(0.5 * (1 + math.cos(math.pi / 3)))
     assert factors[15] == pytest.approx(0.5)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_counting_baselines_by_hand():
+    baselines = load_script("char_baselines")
+    train, val = torch.tensor([0, 1, 0, 1, 0]), torch.tensor([0, 1, 0])
+    # unigram: p(0) = 3/5, p(1) = 2/5; bigram: 0 is always followed by 1, 1 by 0
+    assert baselines.ngram_cross_entropy(train, val, 2, 1, 0.0) == pytest.approx(
+        -(2 * math.log(0.6) + math.log(0.4)) / 3)
+    assert baselines.ngram_cross_entropy(train, val, 2, 2, 0.0) == pytest.approx(0.0)
+    # add-one: p(1 | 0) = (2 + 1) / (2 + 2)
+    assert baselines.ngram_cross_entropy(train, val, 2, 2, 1.0) == pytest.approx(-math.log(3 / 4))
