@@ -25,6 +25,7 @@ each run recorded it (evaluation excluded); FLOPs come from torch.utils.flop_cou
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import sys
@@ -392,6 +393,18 @@ def plot_keep_ratio(runs: list[RecipeRun], path: Path) -> None:
 
 # --------------------------------------------------------------------------- page
 
+def baselines_note(out_dir: Path) -> list[str]:
+    """The counting models' losses beside the record (scripts/char_baselines.py), if measured."""
+    path = out_dir / "ngram_baselines.json"
+    if not path.exists():
+        return []
+    figures = json.loads(path.read_text())
+    return [f"What the losses mean: on the same split a unigram count scores {figures['unigram_nats']:.3f} "
+            f"nats and a bigram count (from the current character alone) {figures['bigram_nats']:.3f} "
+            f"(`{figures['command']}`): a model at the bigram figure uses no context, so attention, dense or "
+            "sparse, has nothing to show there.", ""]
+
+
 def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None) -> Path:
     own = analysis.collect_runs(sources[0])
     study = study_of(own)
@@ -414,6 +427,7 @@ def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None) -> P
         "", f"## The goal: recipe-trained sparse within {study.tolerance_words} of dense at equal epochs "
             f"(top_k {study.goal_top_k} of {study.tokens})", "",
         goal_section(runs), "",
+        *baselines_note(out_dir),
         f"## {metric_label(study).split(' (')[0].capitalize()} after each backbone epoch", "", epochs_table(runs), "",
         f"![{what} by backbone epoch]({what}_by_epoch.png)", "",
         f"## What each way to {epochs} backbone epochs cost", "", cost_table(runs), "",
