@@ -264,6 +264,36 @@ def differences_table(study: Study) -> tuple[str, list[tuple[str, float, Estimat
     return "\n".join(lines), forest
 
 
+@dataclass
+class Verdict:
+    """A gated arm judged by the goal: against full training at its time (Study.time_matched)."""
+    epochs: int                # the equal-time schedule of full training
+    how: str                   # how that schedule was chosen
+    result: Estimate | None    # arm minus that schedule, paired by seed
+    in_time: int               # seeds within the lossless margin in the allowed share of full's time
+    seeds: int
+    verdict: str               # met | missed | undecided (...)
+
+
+def judge(study: Study, arm: Arm) -> Verdict:
+    metric, goal = study.metric, study.goals
+    epochs, same_time, how = study.time_matched(arm)
+    result = paired(arm, same_time)
+    gain = None if result is None else metric.sign * result.mean  # > 0: the gate is better
+    beat = result is not None and result.half is not None and gain >= goal.beat and gain - result.half > 0
+    lossless = arm.times_to(metric.worse_by(study.full_acc, goal.lossless))
+    in_time = sum(t is not None and t <= goal.lossless_share * study.full_time for t in lossless)
+    if beat or in_time == len(lossless):
+        verdict = "met"
+    elif result is None:
+        verdict = f"undecided (full training over {epochs} epochs not yet run)"
+    elif result.half is None:
+        verdict = "undecided (fewer than two paired seeds)"
+    else:
+        verdict = "missed"
+    return Verdict(epochs, how, result, in_time, len(lossless), verdict)
+
+
 def goal_verdict(study: Study) -> str:
     """The issue's goal at budget 0.5, met or missed, with the figures: judged against full
     training at the gate's time (Study.time_matched); the equal-FLOPs schedule is quoted beside it."""
@@ -272,20 +302,9 @@ def goal_verdict(study: Study) -> str:
     for arm in study.arms.values():
         if arm.key.gate == "none" or arm.key.rate != 0.5:
             continue
-        epochs, same_time, how = study.time_matched(arm)
-        result = paired(arm, same_time)
-        gain = None if result is None else metric.sign * result.mean  # > 0: the gate is better
-        beat = result is not None and result.half is not None and gain >= goal.beat and gain - result.half > 0
-        lossless = arm.times_to(metric.worse_by(study.full_acc, goal.lossless))
-        in_half = sum(t is not None and t <= goal.lossless_share * study.full_time for t in lossless)
-        if beat or in_half == len(lossless):
-            verdict = "met"
-        elif result is None:
-            verdict = f"undecided (full training over {epochs} epochs not yet run)"
-        elif result.half is None:
-            verdict = "undecided (fewer than two paired seeds)"
-        else:
-            verdict = "missed"
+        judged = judge(study, arm)
+        epochs, how, result, verdict = judged.epochs, judged.how, judged.result, judged.verdict
+        in_half, lossless = judged.in_time, range(judged.seeds)
         diff = "–" if result is None else f"{pm(result, digits)} {metric.unit} over {result.n} seed(s)"
         flops = paired(arm, study.matched(0.5))
         flops_text = "" if flops is None else (f"; against {study.matched(0.5).key.epochs} epochs (equal FLOPs): "

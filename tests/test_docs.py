@@ -1,10 +1,10 @@
-"""The manual cannot drift from conf/: every key of every config file has a line in
-docs/configuration.md."""
+"""The manual cannot drift: every key of every config file has a line in docs/configuration.md, and
+README.md's answer is generated from the records."""
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, ROOT
+from conftest import CONF_DIR, ROOT, load_script
 
 GROUPS = ("task", "dataset", "model", "attention", "gate", "energy")
 
@@ -40,3 +40,14 @@ def test_every_group_option_is_named_in_the_configuration_page():
     for group in GROUPS:
         for path in Path(CONF_DIR / group).glob("*.yaml"):
             assert f"`{path.stem}`" in page, f"{group}={path.stem} is not named in docs/configuration.md"
+
+
+def test_the_readme_answer_is_what_the_records_give_and_fits_the_page():
+    """README.md's answer and combined-claim tables are generated (scripts/readme_answer.py): a
+    record changed without regenerating them, or a hand edit inside them, fails here."""
+    answer = load_script("readme_answer")
+    text = (ROOT / "README.md").read_text()
+    assert answer.replace_block(answer.replace_block(text, answer.block()), answer.claims_block(),
+                                answer.CLAIM_START, answer.CLAIM_END) == text
+    assert "| SimpleCNN, CIFAR-10, 40 epochs | 0.5 | 3 |" in text  # a row, not an empty block
+    assert len(text.splitlines()) <= 150
