@@ -34,7 +34,7 @@ from adaptive_sparse.data import load_dataset
 from adaptive_sparse.distributed import agree_on_run_dir, setup_distributed
 from adaptive_sparse.energy import make_energy_meter
 from adaptive_sparse.errors import user_errors_reported
-from adaptive_sparse.metering import FlopMeter, PhaseTimer, Tally
+from adaptive_sparse.metering import FlopMeter, PhaseTimer, Tally, summarise_run
 from adaptive_sparse.models import count_parameters
 from adaptive_sparse.optim import build_scheduler
 from adaptive_sparse.packing import SelectionPacker, TrainBatch
@@ -244,25 +244,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                             evaluation_sums(model, train_sample_loader, precision))[0]
 
             # -------------------------------------------------------------- logging
-            epoch_time = timer.seconds["epoch"]
             record = {
                 "epoch": epoch,
-                "train_loss": tally.loss_sum / max(tally.trained, 1),  # of the trained samples only
-                **validation,  # val_loss, val_acc (char_lm: next-character accuracy), val_bpc
-                "activation_rate": tally.trained / tally.seen,
+                **tally.record(flop_meter),  # train_loss (the trained samples'), activation rate, FLOPs, counts
+                **validation,  # val_loss, val_acc (char_lm: next-character accuracy), val_bpc; train_eval_loss
                 "threshold": gate.threshold,
-                "epoch_time_s": epoch_time,
-                **tally.flops(flop_meter),
-                "sample_savings": 1.0 - tally.trained / tally.seen,
-                "samples_seen": tally.seen,
-                "samples_trained": tally.trained,
-                "optimizer_steps": tally.optimizer_steps,
-                "data_time_s": timer.seconds["data"],
-                "scoring_time_s": timer.seconds["scoring"],
-                "select_time_s": timer.seconds["select"],
-                "train_step_time_s": timer.seconds["train_step"],
-                "eval_time_s": timer.seconds["eval"],
-                "samples_per_s": tally.seen / epoch_time,
+                **timer.record(),  # training time by phase; evaluation apart
+                "samples_per_s": tally.seen / timer.seconds["epoch"],
                 "energy_kwh": energy_meter.kwh,  # cumulative, training phases only
                 "lr": optimizer.param_groups[0]["lr"],
                 "indexer_loss": torch.stack(indexer_losses).mean().item() if indexer_losses else None,
@@ -282,7 +270,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             test_loader = task.eval_loader(data, cfg, device, dist.shard(task.eval_size(data, "test")), split="test")
             figures = task.metrics(*dist.evaluate(evaluation_sums(model, test_loader, precision, **task.tta(cfg))))
             test = {key.replace("val_", "test_", 1): value for key, value in figures.items()}
-        summary = summarise(history, gate.target_rate, flop_meter)
+        summary = summarise_run(history, gate.target_rate, flop_meter)
         summary.update(**task.summary(), **{k: history[-1].get(k) for k in task.metric_keys},
                        **test,
                        gate=choices.gate, model=choices.model, attention=choices.attention,
@@ -301,32 +289,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
              summary["train_time_s"])
     return summary
 
-
-
-def summarise(history: list[dict], target_rate: float, flop_meter: FlopMeter) -> dict:
-    """Whole-run figures for summary.json, summed over epochs from the per-epoch records."""
-    seen = sum(r["samples_seen"] for r in history)
-    trained = sum(r["samples_trained"] for r in history)
-    flops = {k: sum(r[k] for r in history) for k in ("flops_scoring", "flops_training",
-                                                      "flops_executed", "flops_full")}
-    last = history[-1]
-    return {
-        "val_acc": last["val_acc"],
-        "val_loss": last["val_loss"],
-        "activation_rate": trained / seen,
-        "target_rate": target_rate,
-        "train_time_s": sum(r["epoch_time_s"] for r in history),
-        "epoch_times_s": [r["epoch_time_s"] for r in history],
-        "eval_time_s": sum(r["eval_time_s"] for r in history),
-        **flops,
-        "compute_savings": 1.0 - flops["flops_executed"] / flops["flops_full"],
-        "sample_savings": 1.0 - trained / seen,
-        "epochs": len(history),
-        "samples_seen": seen,
-        "samples_trained": trained,
-        "flops_per_sample_forward": flop_meter.forward_per_sample,
-        "flops_per_sample_train": flop_meter.train_per_sample,
-    }
 
 
 if __name__ == "__main__":

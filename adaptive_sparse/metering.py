@@ -108,6 +108,13 @@ class PhaseTimer:
         finally:
             self.seconds[name] += self.now() - start
 
+    def record(self) -> dict[str, float]:
+        """The epoch record's times: training (its phases) and evaluation, apart."""
+        epoch = self.seconds["epoch"]
+        return {"epoch_time_s": epoch, "data_time_s": self.seconds["data"],
+                "scoring_time_s": self.seconds["scoring"], "select_time_s": self.seconds["select"],
+                "train_step_time_s": self.seconds["train_step"], "eval_time_s": self.seconds["eval"]}
+
     def timed(self, iterable, name: str):
         """Yield from `iterable`, charging the time spent producing each item to `name`."""
         iterator = iter(iterable)
@@ -160,3 +167,37 @@ class Tally:
         return {"flops_scoring": self.scoring_flops, "flops_training": training,
                 "flops_executed": executed, "flops_full": full,
                 "compute_savings": 1.0 - executed / full if full else 0.0}
+
+    def record(self, meter: FlopMeter) -> dict[str, float]:
+        """The epoch record's counts: the trained samples' mean loss, the activation rate, FLOPs,
+        sample savings, samples and optimiser steps."""
+        return {"train_loss": self.loss_sum / max(self.trained, 1),  # of the trained samples only
+                "activation_rate": self.trained / self.seen, **self.flops(meter),
+                "sample_savings": 1.0 - self.trained / self.seen, "samples_seen": self.seen,
+                "samples_trained": self.trained, "optimizer_steps": self.optimizer_steps}
+
+
+def summarise_run(history: list[dict], target_rate: float, flop_meter: FlopMeter) -> dict:
+    """Whole-run figures for summary.json, summed over epochs from the per-epoch records."""
+    seen = sum(r["samples_seen"] for r in history)
+    trained = sum(r["samples_trained"] for r in history)
+    flops = {k: sum(r[k] for r in history) for k in ("flops_scoring", "flops_training",
+                                                      "flops_executed", "flops_full")}
+    last = history[-1]
+    return {
+        "val_acc": last["val_acc"],
+        "val_loss": last["val_loss"],
+        "activation_rate": trained / seen,
+        "target_rate": target_rate,
+        "train_time_s": sum(r["epoch_time_s"] for r in history),
+        "epoch_times_s": [r["epoch_time_s"] for r in history],
+        "eval_time_s": sum(r["eval_time_s"] for r in history),
+        **flops,
+        "compute_savings": 1.0 - flops["flops_executed"] / flops["flops_full"],
+        "sample_savings": 1.0 - trained / seen,
+        "epochs": len(history),
+        "samples_seen": seen,
+        "samples_trained": trained,
+        "flops_per_sample_forward": flop_meter.forward_per_sample,
+        "flops_per_sample_train": flop_meter.train_per_sample,
+    }
