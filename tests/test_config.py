@@ -19,9 +19,32 @@ def test_expected_group_options_exist():
     assert "cifar10" in group_options("dataset")
 
 
-@pytest.mark.parametrize("model,gate,attention,dataset", list(itertools.product(
-    group_options("model"), group_options("gate"), group_options("attention"), group_options("dataset"))))
-def test_every_combination_composes_and_validates(model, gate, attention, dataset):
+def all_pairs(groups: list[list[str]]) -> list[tuple[str, ...]]:
+    """Combinations (one option per group) in which every two options of two groups meet at
+    least once: a clash between any two groups' options shows, in about |largest| x |second|
+    compositions instead of the full product (greedy: each pick covers the most pairs not yet met)."""
+    product = list(itertools.product(*groups))
+    pairs = lambda combo: {(i, a, j, b) for (i, a), (j, b) in itertools.combinations(enumerate(combo), 2)}  # noqa: E731
+    uncovered = set().union(*(pairs(c) for c in product))
+    chosen = []
+    while uncovered:
+        best = max(product, key=lambda c: len(pairs(c) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
+def test_all_pairs_covers_every_pair_with_fewer_combinations():
+    groups = [["a", "b", "c"], ["x", "y"], ["1", "2"]]
+    chosen = all_pairs(groups)
+    for (i, first), (j, second) in itertools.combinations(enumerate(groups), 2):
+        assert {(a, b) for a in first for b in second} == {(c[i], c[j]) for c in chosen}
+    assert len(chosen) == 6 < 12  # 3 x 2 is the least that can hold every (first, second) pair
+
+
+@pytest.mark.parametrize("model,gate,attention,dataset", all_pairs(
+    [group_options("model"), group_options("gate"), group_options("attention"), group_options("dataset")]))
+def test_every_pair_of_options_composes_and_validates(model, gate, attention, dataset):
     cfg = compose_config([f"model={model}", f"gate={gate}", f"attention={attention}", f"dataset={dataset}"])
     OmegaConf.resolve(cfg)
     validate_config(cfg)
