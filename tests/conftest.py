@@ -98,6 +98,16 @@ def cyclic_text(n: int) -> str:
     return "".join(chr(97 + (i * 7) % 13) for i in range(n))
 
 
+def tiny_char_lm(tmp_path: Path, characters: int = 6000) -> list[str]:
+    """Overrides for a one-layer, 16-wide GPT at context 32 on a cyclic corpus of `characters`
+    (written under tmp_path, its cache beside it), W&B off; callers add batch, epochs and gate."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(cyclic_text(characters))
+    return ["task=char_lm", "dataset=shakespeare_char", "model=gpt", f"dataset.root={corpus}",
+            f"dataset.cache_dir={tmp_path / 'cache'}", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",
+            "model.block_size=32", "wandb.mode=disabled"]
+
+
 def two_ranks_spawn(worker, out: Path) -> list[dict]:
     """Run worker(rank, port, out) in 2 processes (a gloo group on a free local port); returns
     what each rank saved as OUT/rank{r}.pt."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from adaptive_sparse.checkpointing import CheckpointError, load_checkpoint, locate_checkpoint
-from conftest import ROOT, TINY, cyclic_text, read_run, run_train
+from conftest import ROOT, TINY, read_run, run_train, tiny_char_lm
 
 DETERMINISTIC = [*TINY, "training.epochs=3", "deterministic=true", "training.num_threads=1"]
 TIMING_KEYS = {"epoch_time_s", "data_time_s", "scoring_time_s", "select_time_s", "train_step_time_s",
@@ -45,13 +45,9 @@ def _kill_after_first_epoch(run_dir, settings=DETERMINISTIC) -> None:
 def language_settings(tmp_path) -> list[str]:
     """A small GPT on a small corpus, the window grid's random phase on (its draw is resumable
     state too), sundew with memory scoring, packed."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(cyclic_text(12000))
-    return ["task=char_lm", "dataset=shakespeare_char", "model=gpt", f"dataset.root={corpus}",
-            f"dataset.cache_dir={tmp_path / 'cache'}", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",
-            "model.block_size=32", "task.random_phase=true", "gate=sundew_memory", "gate.target_rate=0.5",
+    return [*tiny_char_lm(tmp_path, 12000), "task.random_phase=true", "gate=sundew_memory", "gate.target_rate=0.5",
             "gate.pack=true", "training.batch_size=32", "training.epochs=3", "deterministic=true",
-            "training.num_threads=1", "wandb.mode=disabled"]
+            "training.num_threads=1"]
 
 
 # the classification run is FastNet's full recipe, small, with the default gate: its lookahead's

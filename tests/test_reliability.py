@@ -24,7 +24,7 @@ from adaptive_sparse.config import ConfigError, refuse_unread_additions, validat
 from adaptive_sparse.data import CIFAR10_CLASSES, DatasetError, load_cifar10
 from adaptive_sparse.gates import RandomGate
 from adaptive_sparse.rundir import RunDirLocked, lock_run_dir, remove_stale_temp_files, unlock_run_dir
-from conftest import CONF_DIR, ROOT, TINY, compose_config, cyclic_text, read_run, run_train
+from conftest import CONF_DIR, ROOT, TINY, compose_config, read_run, run_train, tiny_char_lm
 
 
 # --------------------------------------------------------------------------- one run per directory
@@ -261,13 +261,8 @@ def test_sigterm_inside_an_epoch_saves_and_the_resumed_run_equals_an_uninterrupt
     """A real SIGTERM at the 8th training forward (epoch 2 of 3: about 6 packed steps an epoch), on the language model with the
     per-epoch phase, selecting before loading, packed: the rest of the epoch's draws, the waiting
     samples and the partial tallies all come back."""
-    corpus = tmp_path / "corpus" / "input.txt"
-    corpus.parent.mkdir()
-    corpus.write_text(cyclic_text(6000))
-    run = ["task=char_lm", "dataset=shakespeare_char", "model=gpt", f"dataset.root={corpus.parent}",
-           f"dataset.cache_dir={tmp_path / 'cache'}", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",
-           "model.block_size=32", "task.random_phase=true", "training.batch_size=16", "training.epochs=3",
-           "gate=sundew_memory", "gate.target_rate=0.5", "gate.pack=true", "wandb.mode=disabled"]
+    run = [*tiny_char_lm(tmp_path), "task.random_phase=true", "training.batch_size=16", "training.epochs=3",
+           "gate=sundew_memory", "gate.target_rate=0.5", "gate.pack=true"]
     assert run_train(tmp_path / "whole", *run).returncode == 0
     cut = run_train(tmp_path / "cut", *run, "debug.signal_at_step=8")
     assert cut.returncode == 143, cut.stderr[-2000:]

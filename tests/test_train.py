@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from adaptive_sparse.checkpointing import load_checkpoint
 from adaptive_sparse.data import load_dataset
 from adaptive_sparse.step import evaluation_sums
-from conftest import TINY, compose_config, cyclic_text, read_run, run_train, train_in_process
+from conftest import TINY, compose_config, read_run, run_train, tiny_char_lm, train_in_process
 
 CONTRACT_EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "activation_rate", "threshold",
                        "epoch_time_s", "flops_executed", "compute_savings", "sample_savings"}
@@ -96,14 +96,6 @@ def test_annealed_sundew_spends_the_target_over_the_run_and_evaluates_when_asked
     assert [r["eval_time_s"] == 0.0 for r in records] == [True, False, True, False]
 
 
-def char_lm_overrides(tmp_path) -> list[str]:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(cyclic_text(6000))
-    return ["task=char_lm", "dataset=shakespeare_char", "model=gpt", f"dataset.root={corpus}",
-            f"dataset.cache_dir={tmp_path / 'cache'}", "model.n_layer=1", "model.n_embd=16", "model.n_head=2",
-            "model.block_size=32", "training.batch_size=32", "training.epochs=1", "wandb.mode=disabled"]
-
-
 @pytest.mark.parametrize("task", ["classification", "char_lm"])
 def test_a_whole_run_in_process_per_task_and_its_training_loss_that_compares_across_gates(tmp_path, task):
     """The fast tier's end-to-end run (train.py through its Hydra entry point in this process).
@@ -111,7 +103,7 @@ def test_a_whole_run_in_process_per_task_and_its_training_loss_that_compares_acr
     here on the same samples, give it back."""
     overrides = ([*TINY, "dataset.num_train=256", "dataset.num_test=64", "gate=random", "gate.target_rate=0.5",
                   "training.train_eval_samples=100", "dataset.val_size=56"] if task == "classification" else
-                 [*char_lm_overrides(tmp_path), "gate=random", "gate.target_rate=0.5", "training.train_eval_samples=20"])
+                 [*tiny_char_lm(tmp_path), "training.batch_size=32", "training.epochs=1", "gate=random", "gate.target_rate=0.5", "training.train_eval_samples=20"])
     run_dir = tmp_path / "run"
     result = train_in_process(run_dir, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
