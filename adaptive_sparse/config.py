@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     """A config value out of range; the message names the key and what is allowed."""
 
 
+def _is_integer(value) -> bool:
+    """An int, not a bool (YAML's true is an int to isinstance)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _require(ok: bool, key: str, value, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
@@ -28,7 +33,7 @@ def validate_config(cfg: DictConfig) -> None:
     rate = cfg.gate.get("target_rate")  # null: a gate without a target (gate=infobatch)
     _require(rate is None or (isinstance(rate, (int, float)) and 0 < rate <= 1), "gate.target_rate", rate,
              "a fraction in (0, 1]")
-    _require(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), "seed", cfg.seed, "an integer")
+    _require(_is_integer(cfg.seed), "seed", cfg.seed, "an integer")
     t = cfg.training
     for key in ("epochs", "batch_size", "eval_batch_size", "eval_every_epochs"):
         _require(isinstance(t[key], int) and t[key] >= 1, f"training.{key}", t[key], "an integer >= 1")
@@ -42,7 +47,7 @@ def validate_config(cfg: DictConfig) -> None:
     _require(t.get("scheduler_interval", "epoch") in ("epoch", "batch"), "training.scheduler_interval",
              t.get("scheduler_interval"), "epoch or batch")
     samples = t.get("train_eval_samples", 0)
-    _require(isinstance(samples, int) and not isinstance(samples, bool) and samples >= 0,
+    _require(_is_integer(samples) and samples >= 0,
              "training.train_eval_samples", samples, "an integer >= 0")
     fraction = t.get("last_epoch_fraction", 1.0)
     _require(isinstance(fraction, (int, float)) and 0 < fraction <= 1, "training.last_epoch_fraction", fraction,
@@ -50,7 +55,7 @@ def validate_config(cfg: DictConfig) -> None:
     _require(not t.get("eval_translate_tta") or t.get("eval_flip_tta"), "training.eval_translate_tta",
              t.get("eval_translate_tta"), "false unless training.eval_flip_tta is true (its views are mirrored pairs)")
     lead_in = t.get("schedule_lead_in_epochs", 0)
-    _require(isinstance(lead_in, int) and not isinstance(lead_in, bool) and lead_in >= 0,
+    _require(_is_integer(lead_in) and lead_in >= 0,
              "training.schedule_lead_in_epochs", lead_in, "an integer >= 0")
     smoothing = t.get("label_smoothing", 0.0)
     _require(isinstance(smoothing, (int, float)) and 0 <= smoothing < 1, "training.label_smoothing", smoothing,

@@ -127,25 +127,29 @@ class ClassificationTask(Task):
                            flip=cfg.dataset.get("flip", "random"), padding_mode=cfg.dataset.get("padding_mode", "zeros"),
                            drop_last=t.get("drop_last", False))
 
+    @staticmethod
+    def split(data: ImageData, name: str):
+        """val (the held-out split, else test), test, or train."""
+        return data.validation if name == "val" else getattr(data, name)
+
     def eval_loader(self, data: ImageData, cfg: DictConfig, device: torch.device,
                     indices: torch.Tensor | None, split: str = "val") -> BatchLoader:
-        images = data.validation if split == "val" else data.test
-        return BatchLoader(images, cfg.training.eval_batch_size, device, shuffle=False, indices=indices,
-                           channels_last=cfg.training.channels_last)
+        """One split's images in order, unaugmented, at the evaluation batch size."""
+        return BatchLoader(self.split(data, split), cfg.training.eval_batch_size, device, shuffle=False,
+                           indices=indices, channels_last=cfg.training.channels_last)
 
     def eval_size(self, data: ImageData, split: str = "val") -> int:
-        return len(data.validation if split == "val" else data.test)
+        return len(self.split(data, split))
 
     def has_test_split(self, data: ImageData) -> bool:
         return data.val is not None
 
     def train_size(self, data: ImageData) -> int:
-        return len(data.train)
+        return self.eval_size(data, "train")
 
     def train_sample_loader(self, data: ImageData, cfg: DictConfig, device: torch.device,
                             indices: torch.Tensor) -> BatchLoader:
-        return BatchLoader(data.train, cfg.training.eval_batch_size, device, shuffle=False, indices=indices,
-                           channels_last=cfg.training.channels_last)
+        return self.eval_loader(data, cfg, device, indices, split="train")
 
     def prepare_model(self, model: nn.Module, data: ImageData, cfg: DictConfig, device: torch.device) -> nn.Module:
         if cfg.training.channels_last:
