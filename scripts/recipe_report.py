@@ -443,8 +443,7 @@ def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None) -> P
         "Times as each run recorded them (evaluation excluded; runs shared the machine two at a time, "
         "so read shares, not seconds). The recipe's total includes the dense epochs it started from.", "",
         "## The keep-ratio curve", "", keep_ratio_table(runs), "",
-        "![final metric against top_k](keep_ratio.png)" if study.metric != "val_acc" else
-        "![final accuracy against top_k](keep_ratio.png)", "",
+        f"![final {what} against top_k](keep_ratio.png)", "",
         f"## {study.combined_heading}", "", combined_table(runs), "",
         study.combined_note, "",
         *analysis.not_yet_run_section(missing, queue_file),
