@@ -1,10 +1,9 @@
-"""Shared helpers: compose configs in-process, run train.py in a subprocess on tiny data."""
+"""Shared helpers: compose configs in-process, run train.py (in this process) on tiny data."""
 from __future__ import annotations
 
 import json
 import os
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,16 +26,11 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
-def run_train(run_dir: Path, *overrides: str, timeout: int = 300, env: dict[str, str] | None = None,
-              fresh_process: bool = False) -> subprocess.CompletedProcess | SimpleNamespace:
-    """python train.py hydra.run.dir=RUN_DIR OVERRIDES..., from the repository root: in this
-    process (`train_in_process`, seconds cheaper), or with `fresh_process` in a new interpreter
-    (what needs one: signals, a kill, an import-time setting)."""
-    if not fresh_process:
-        return train_in_process(run_dir, *overrides, env=env)
-    return subprocess.run([sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+def run_train(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> SimpleNamespace:
+    """python train.py hydra.run.dir=RUN_DIR OVERRIDES... (`train_in_process`); a test calling it by
+    this name is marked slow (SLOW_CALLS). Runs that need a process of their own (a kill, a
+    signal from outside) start `train.py` with subprocess themselves."""
+    return train_in_process(run_dir, *overrides, env=env)
 
 
 def train_in_process(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> SimpleNamespace:

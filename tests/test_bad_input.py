@@ -43,7 +43,7 @@ def test_unknown_group_option_is_refused_naming_the_group():
     ([*TINY, "model=nope"], "Could not find 'model/nope'"),
 ], ids=["range", "group"])
 def test_train_py_exits_1_before_loading_data(tmp_path, overrides, message):
-    result = run_train(tmp_path, *overrides, timeout=120)
+    result = run_train(tmp_path, *overrides)
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert message in output

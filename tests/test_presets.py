@@ -107,7 +107,7 @@ def test_preset_runs(name: str, tmp_path: Path):
     if cfg.hydra.runtime.choices.model == "vit":
         data.append("model.depth=1")  # the preset's settings all stand; one block is enough to run them
     result = run_train(tmp_path / "run", f"+experiment={name}", *data,
-                       "training.limit_train_batches=2", "device=cpu", timeout=120)
+                       "training.limit_train_batches=2", "device=cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     records, summary = read_run(tmp_path / "run")
     assert len(records) == 1 and summary["epochs"] == 1
