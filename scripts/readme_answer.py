@@ -81,12 +81,11 @@ def combined_rows() -> list[str]:
     for setting, dense_file, sparse_file in COMBINED:
         if not (ROOT / dense_file).exists() or not (ROOT / sparse_file).exists():
             continue
-        dense, sparse = ({r["config"]: r for r in json.loads((ROOT / f).read_text())["rows"]}
-                         for f in (dense_file, sparse_file))
+        dense_record, sparse_record = (json.loads((ROOT / f).read_text()) for f in (dense_file, sparse_file))
+        dense, sparse = ({r["config"]: r for r in record["rows"]} for record in (dense_record, sparse_record))
         base = dense["none"]["epoch_time_s"]
         speed = lambda row: f"{base / row['epoch_time_s']:.2f}x"  # noqa: E731
-        hardware = json.loads((ROOT / dense_file).read_text())["hardware"]
-        rows.append(f"| {setting} ({hardware}) | {speed(sparse['sundew-memory-packed'])} | "
+        rows.append(f"| {setting} ({dense_record['hardware']}) | {speed(sparse['sundew-memory-packed'])} | "
                     f"{speed(dense['sundew-memory-packed'])} | {speed(sparse['none'])} | "
                     f"[dense]({dense_file}), [sparse]({sparse_file}) |")
     return rows
@@ -107,13 +106,18 @@ def replace_block(text: str, new_block: str, start: str = START, end: str = END)
     return head + new_block + rest.split(end, 1)[1]
 
 
+def regenerated(text: str) -> str:
+    """README.md's text with both generated blocks made afresh from the records."""
+    return replace_block(replace_block(text, block()), claims_block(), CLAIM_START, CLAIM_END)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 if the block is stale")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args(argv)
     text = args.readme.read_text()
-    updated = replace_block(replace_block(text, block()), claims_block(), CLAIM_START, CLAIM_END)
+    updated = regenerated(text)
     if args.check:
         if updated != text:
             print("README.md's answer block differs from the records: run python scripts/readme_answer.py")
