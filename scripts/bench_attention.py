@@ -25,10 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_sparse.attention import DenseAttention, SparseAttention, auxiliary_loss
+from adaptive_sparse.metering import json_from_child, median_ms
 from adaptive_sparse.tracking import hardware_description
 
 # the sparse variants: attention.granularity, and for token granularity attention.kernel
@@ -66,18 +64,6 @@ def inference_step(module: torch.nn.Module, x: torch.Tensor) -> None:
     module.eval()
     with torch.no_grad():
         module(x)
-
-
-def median_ms(step: Callable[[], None], reps: int, sync: Callable[[], None]) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def counted_flops(module: torch.nn.Module, shape: tuple[int, ...], backward: bool) -> int:
@@ -132,11 +118,8 @@ def measure(variant: str, n: int, args: argparse.Namespace) -> dict:
 
 # ------------------------------------------------------------------ the sweep (parent process)
 def run_child(variant: str, n: int, argv: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *argv, "--child", variant, "--n", str(n)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{variant} at n={n} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_from_child([sys.executable, __file__, *argv, "--child", variant, "--n", str(n)],
+                           f"{variant} at n={n}")
 
 
 def rows_for_length(n: int, granularities: list[str], argv: list[str]) -> list[dict]:

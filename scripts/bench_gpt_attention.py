@@ -22,10 +22,7 @@ import argparse
 import copy
 import functools
 import json
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from adaptive_sparse.attention import DenseAttention, SparseAttention, auxiliary_loss
 from adaptive_sparse.config import resolve_precision
 from adaptive_sparse.gpt import GPT
+from adaptive_sparse.metering import json_from_child, median_ms
 from adaptive_sparse.step import autocast_context
 from adaptive_sparse.tracking import code_version, hardware_description
 
@@ -68,16 +66,6 @@ def layer_step(layer: torch.nn.Module, x: torch.Tensor, precision: str) -> None:
     layer.zero_grad(set_to_none=True)
 
 
-def median_ms(step, reps: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
 def counted_gflop(run) -> float:
     with FlopCounterMode(display=False) as counter:
         run()
@@ -107,11 +95,8 @@ def measure(variant: str, context: int, threads: int, args: argparse.Namespace) 
 
 
 def run_child(variant: str, context: int, threads: int, argv: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *argv, "--child", f"{variant},{context},{threads}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{variant} at {context} on {threads} threads failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_from_child([sys.executable, __file__, *argv, "--child", f"{variant},{context},{threads}"],
+                           f"{variant} at {context} on {threads} threads")
 
 
 def row(dense: dict, sparse: dict) -> dict:
