@@ -303,16 +303,15 @@ def goal_verdict(study: Study) -> str:
         if arm.key.gate == "none" or arm.key.rate != 0.5:
             continue
         judged = judge(study, arm)
-        epochs, how, result, verdict = judged.epochs, judged.how, judged.result, judged.verdict
-        in_half, lossless = judged.in_time, range(judged.seeds)
+        result = judged.result
         diff = "–" if result is None else f"{pm(result, digits)} {metric.unit} over {result.n} seed(s)"
         flops = paired(arm, study.matched(0.5))
         flops_text = "" if flops is None else (f"; against {study.matched(0.5).key.epochs} epochs (equal FLOPs): "
                                                f"{pm(flops, digits)} over {flops.n}")
         share = "half" if goal.lossless_share == 0.5 else f"{goal.lossless_share:g} of"
-        lines.append(f"- {study.label(arm)}: against full training over {epochs} epochs ({how}): {diff}{flops_text}; "
-                     f"within {goal.lossless} {metric.unit} of full training in at most {share} its time on "
-                     f"{in_half} of {len(lossless)} seeds: goal **{verdict}**")
+        lines.append(f"- {study.label(arm)}: against full training over {judged.epochs} epochs ({judged.how}): "
+                     f"{diff}{flops_text}; within {goal.lossless} {metric.unit} of full training in at most {share} "
+                     f"its time on {judged.in_time} of {judged.seeds} seeds: goal **{judged.verdict}**")
     return "\n".join(lines) or "- no gated arm at budget 0.5 yet"
 
 
