@@ -112,6 +112,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     lead_in = train_cfg.get("schedule_lead_in_epochs", 0)  # a stage continuing a longer schedule (init_from)
     scheduler = build_scheduler(train_cfg.scheduler, optimizer, total_steps=run_batches if per_batch else None,
                                 lead_in_steps=lead_in * len(train_loader) if per_batch else lead_in)
+    # sum: a selected subset's summed loss at the full batch's scale (airbench's), else its mean
+    summed_over = train_cfg.batch_size if train_cfg.get("loss_reduction", "mean") == "sum" else None
     lookahead = instantiate(train_cfg.lookahead)(model, total_steps=run_batches) if train_cfg.get("lookahead") else None
     flop_meter = FlopMeter(model, task.example(data))
     log.info("model: %s, %.2fM parameters, %.1f MFLOP/sample forward, %.1f MFLOP/sample train step",
@@ -189,7 +191,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                               weights=batch.weight, epoch=epoch, step=step + 1,
                                               indexer_losses=indexer_losses, ranks=dist, scaler=scaler,
                                               label_smoothing=train_cfg.label_smoothing,
-                                              grad_clip=train_cfg.grad_clip)
+                                              grad_clip=train_cfg.grad_clip, summed_over=summed_over)
                     gate.observe(batch.idx, trained)
                 with timer.phase("scoring"):
                     scorer.learn(batch.inputs, batch.targets, precision)
@@ -237,8 +239,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             validation = dict.fromkeys([*task.metric_keys, "train_eval_loss"])  # null in epochs without evaluation
             if epoch % train_cfg.eval_every_epochs == 0 or epoch == train_cfg.epochs:
                 with timer.phase("eval"):  # torchrun: each rank a slice of the validation set, sums reduced
-                    validation = task.metrics(*dist.evaluate(evaluation_sums(model, val_loader, precision,
-                                                                             **task.tta(cfg))))
+                    validation = task.evaluate(model, val_loader, precision, cfg, dist)  # TTA: every level
                     if train_sample_loader is not None:  # eval mode, unaugmented, no test-time augmentation
                         validation["train_eval_loss"] = dist.evaluate(
                             evaluation_sums(model, train_sample_loader, precision))[0]
@@ -268,10 +269,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         test = {}  # validation held out of training (dataset.val_size): the final figures on the test split
         if task.has_test_split(data):
             test_loader = task.eval_loader(data, cfg, device, dist.shard(task.eval_size(data, "test")), split="test")
-            figures = task.metrics(*dist.evaluate(evaluation_sums(model, test_loader, precision, **task.tta(cfg))))
+            figures = task.evaluate(model, test_loader, precision, cfg, dist)
             test = {key.replace("val_", "test_", 1): value for key, value in figures.items()}
         summary = summarise_run(history, gate.target_rate, flop_meter)
-        summary.update(**task.summary(), **{k: history[-1].get(k) for k in task.metric_keys},
+        summary.update(**task.summary(), **{k: v for k, v in history[-1].items() if k in task.metric_keys or k.startswith("val_acc_tta")},
                        **test,
                        gate=choices.gate, model=choices.model, attention=choices.attention,
                        dataset=choices.dataset, data_source=data.source, seed=cfg.seed,

@@ -255,6 +255,10 @@ RESUMABLE_CHANGES = ("resume", "init_from", "progress", "device", "dataset.root"
                      "training.eval_batch_size", "training.eval_flip_tta", "training.eval_translate_tta",
                      "checkpoint", "distributed", "energy", "wandb", "debug")
 
+# Keys added after checkpoints were written, with the value that trains as those runs did: a
+# checkpoint without the key resumes under that value (and is refused under any other).
+ADDED_KEYS = {"training.loss_reduction": "mean"}
+
 
 def flat_config(cfg) -> dict[str, Any]:
     """The resolved config as {'training.lr': 0.001, ...}: plain values, fit for a weights-only checkpoint."""
@@ -274,6 +278,7 @@ def refuse_changed_config(path: Path, saved: dict[str, Any] | None, current: dic
     if saved is None or current is None:  # a checkpoint from before configs were saved: nothing to compare
         return
     free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
+    saved, current = {**ADDED_KEYS, **saved}, {**ADDED_KEYS, **current}
     changed = sorted(k for k in saved.keys() | current.keys()
                      if not free(k) and saved.get(k, "<absent>") != current.get(k, "<absent>"))
     if changed:

@@ -83,7 +83,8 @@ def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
                     targets: torch.Tensor, precision: str = "fp32", *, weights: torch.Tensor | None = None,
                     epoch: int = 0, step: int = 0, indexer_losses: list[torch.Tensor] | None = None,
                     ranks: Distributed | None = None, scaler: torch.amp.GradScaler | None = None,
-                    label_smoothing: float = 0.0, grad_clip: float | None = None) -> BatchScores:
+                    label_smoothing: float = 0.0, grad_clip: float | None = None,
+                    summed_over: int | None = None) -> BatchScores:
     """One optimiser step on exactly these samples, for one process and for torchrun's ranks
     alike (a single process is world size 1); returns their detached per-sample loss and
     entropy (what memory scoring remembers, at no extra cost), possibly empty on a rank that
@@ -96,6 +97,9 @@ def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
     NonFiniteLossError (naming epoch and step) on every rank before any update. `scaler`
     (fp16) scales the loss and skips steps whose gradients overflow. `grad_clip` rescales the
     summed gradient to at most that global norm before the update (nanoGPT's recipe: 1.0).
+    `summed_over` N (unweighted only) divides the summed loss by N per rank instead of by the
+    selected count: airbench's summed loss at a full batch's scale, in which a half batch takes
+    half a step, where the mean gives each selected sample twice the weight it has in a full one.
     """
     ranks = ranks or Distributed()
     optimizer.zero_grad(set_to_none=True)
@@ -106,7 +110,8 @@ def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
         raise NonFiniteLossError(epoch, step, scores.loss if not finite else None)
     if not global_count:
         return scores.detach()
-    objective, share, divisor = ((scores.loss.sum(), len(targets), global_count) if weights is None
+    mean_over = global_count if summed_over is None else summed_over * ranks.world_size
+    objective, share, divisor = ((scores.loss.sum(), len(targets), mean_over) if weights is None
                                  else (weighted_loss(scores.loss, weights), 1.0, ranks.world_size))
     if len(targets):
         loss = add_indexer_loss(objective, model, indexer_losses, scale=share) / divisor
@@ -129,20 +134,25 @@ def tta_logits(model: nn.Module, inputs: torch.Tensor, flip: bool, translate: bo
     `flip`, the mean over it and its mirror image; with `translate` too, airbench94's six views:
     half that mean, plus a quarter each for the same mean over the image shifted one pixel up-left
     and one down-right (reflected padding)."""
-    def mirrored(x: torch.Tensor) -> torch.Tensor:
-        logits = model(x).float()
-        return (logits + model(x.flip(3)).float()) / 2 if flip else logits
+    return tta_logits_by_level(model, inputs, int(flip) + int(flip and translate))[-1]
 
-    logits = mirrored(inputs)
-    if translate:
+
+def tta_logits_by_level(model: nn.Module, inputs: torch.Tensor, level: int) -> list[torch.Tensor]:
+    """The logits [B, C] (or [B, T, V]) at every TTA level up to `level`, from one set of forwards
+    (airbench's levels: 0 the image alone, 1 with its mirror image, 2 with both shifted too)."""
+    def mirrored(x: torch.Tensor) -> list[torch.Tensor]:  # [level 0, level 1]
+        logits = model(x).float()
+        return [logits, (logits + model(x.flip(3)).float()) / 2] if level >= 1 else [logits]
+
+    levels = mirrored(inputs)
+    if level >= 2:
         h, w = inputs.shape[-2:]
         padded = F.pad(inputs, (1, 1, 1, 1), mode="reflect")  # [B, 3, H+2, W+2]
-        shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
-        logits = (logits + shifted) / 2
-    return logits
+        shifted = (mirrored(padded[..., :h, :w])[1] + mirrored(padded[..., 2:, 2:])[1]) / 2
+        levels.append((levels[1] + shifted) / 2)
+    return levels
 
 
-@torch.inference_mode()
 def evaluation_sums(model: nn.Module, loader, precision: str = "fp32", flip_tta: bool = False,
                     translate_tta: bool = False) -> tuple[float, int, int]:
     """(summed cross-entropy, correct predictions, predictions) over what the loader yields:
@@ -150,21 +160,31 @@ def evaluation_sums(model: nn.Module, loader, precision: str = "fp32", flip_tta:
     targets of -100 are not scored). Sums rather than means so that ranks' shares of the
     validation set add up exactly. With `flip_tta` (and `translate_tta`) the logits are
     `tta_logits`'s over the image's views."""
+    return evaluation_sums_by_tta(model, loader, precision, int(flip_tta) + int(flip_tta and translate_tta))[-1]
+
+
+@torch.inference_mode()
+def evaluation_sums_by_tta(model: nn.Module, loader, precision: str = "fp32",
+                           level: int = 0) -> list[tuple[float, int, int]]:
+    """`evaluation_sums` at every TTA level up to `level` (`tta_logits_by_level`), for the cost
+    of the highest alone: a run with TTA is its own TTA ablation."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.long)
+    loss_sums = torch.zeros(level + 1, dtype=torch.float64)
+    correct = torch.zeros(level + 1, dtype=torch.long)
     count = 0
     for inputs, targets, _ in loader:
         with autocast_context(inputs.device, precision):
-            logits = tta_logits(model, inputs, flip_tta, translate_tta)  # [B, C] or [B, T, V]
-        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+            by_level = tta_logits_by_level(model, inputs, level)  # each [B, C] or [B, T, V]
+        targets = targets.reshape(-1)
         scored = targets != -100
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").double().cpu()  # -100: ignored
-        correct += ((logits.argmax(1) == targets) & scored).sum().cpu()
+        for n, logits in enumerate(by_level):
+            logits = logits.reshape(-1, logits.shape[-1])
+            loss_sums[n] += F.cross_entropy(logits, targets, reduction="sum").double().cpu()  # -100: ignored
+            correct[n] += ((logits.argmax(1) == targets) & scored).sum().cpu()
         count += int(scored.sum())
     model.train(was_training)
-    return loss_sum.item(), int(correct.item()), count
+    return [(loss_sums[n].item(), int(correct[n].item()), count) for n in range(level + 1)]
 
 
 def signal_at_step(model: nn.Module, at_step: int | None, signum: int = 15) -> None:

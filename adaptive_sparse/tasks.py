@@ -23,6 +23,7 @@ from torch import nn
 from adaptive_sparse.config import ConfigError
 from adaptive_sparse.data import BatchLoader, ImageData, IndexedBatches
 from adaptive_sparse.metering import ExampleBatch, class_example, example_like
+from adaptive_sparse.step import evaluation_sums_by_tta
 
 
 class Task:
@@ -65,9 +66,19 @@ class Task:
     def example(self, data: Any) -> ExampleBatch:
         raise NotImplementedError
 
-    def tta(self, cfg: DictConfig) -> dict[str, bool]:
-        """Test-time augmentation for `evaluation_sums` (none unless the task has images)."""
-        return {}
+    def tta_level(self, cfg: DictConfig) -> int:
+        """airbench's test-time augmentation level (0: none; tasks with images: 1 mirror, 2 also shifted)."""
+        return 0
+
+    def evaluate(self, model: nn.Module, loader, precision: str, cfg: DictConfig, dist: Any) -> dict[str, float]:
+        """The validation figures (`metrics`) of what `loader` yields, at the configured TTA level
+        (torchrun: each rank's shard, sums reduced). With TTA, also the accuracy at every level up
+        to it as `val_acc_tta<N>`, from the same forwards: a run with TTA is its own TTA ablation."""
+        by_level = evaluation_sums_by_tta(model, loader, precision, self.tta_level(cfg))
+        figures = self.metrics(*dist.evaluate(by_level[-1]))
+        if len(by_level) > 1:
+            figures.update({f"val_acc_tta{n}": dist.evaluate(sums)[1] for n, sums in enumerate(by_level)})
+        return figures
 
     def has_test_split(self, data: Any) -> bool:
         """Whether validation is a held-out split (dataset.val_size), so the test split is evaluated
@@ -161,9 +172,9 @@ class ClassificationTask(Task):
     def example(self, data: ImageData) -> ExampleBatch:
         return class_example(tuple(data.train.images.shape[1:]))
 
-    def tta(self, cfg: DictConfig) -> dict[str, bool]:
-        return {"flip_tta": bool(cfg.training.eval_flip_tta),
-                "translate_tta": bool(cfg.training.get("eval_translate_tta", False))}
+    def tta_level(self, cfg: DictConfig) -> int:
+        flip = bool(cfg.training.eval_flip_tta)
+        return int(flip) + int(flip and cfg.training.get("eval_translate_tta", False))
 
     def describe(self, data: ImageData) -> str:
         return f"{len(data.train)} train, {len(data.test)} test images"

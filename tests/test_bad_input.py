@@ -21,6 +21,7 @@ BAD_INPUTS = [
     (["gate.target_rate=0"], "gate.target_rate=0 is not allowed"),
     (["gate.target_rate=2"], "gate.target_rate=2 is not allowed"),
     (["training.batch_size=-1"], "training.batch_size=-1 is not allowed"),
+    (["training.loss_reduction=median"], "training.loss_reduction='median' is not allowed: mean or sum"),
     (["dataset=cifar10", "dataset.root=/nonexistent", "dataset.download=false"],
      "dataset.root='/nonexistent' does not exist"),
 ]

@@ -170,6 +170,11 @@ def test_resume_refuses_a_changed_training_key_naming_both_values(tmp_path):
     with pytest.raises(CheckpointError, match=r"gate\.pack: checkpoint False, now True; "
                                               r"gate\.target_rate: checkpoint 0\.06, now 0\.2"):
         refuse_changed_config(tmp_path, saved, changed)
+    # a checkpoint written before training.loss_reduction existed trained with the mean
+    older = {k: v for k, v in saved.items() if k != "training.loss_reduction"}
+    refuse_changed_config(tmp_path, older, saved)
+    with pytest.raises(CheckpointError, match=r"training\.loss_reduction: checkpoint 'mean', now 'sum'"):
+        refuse_changed_config(tmp_path, older, {**saved, "training.loss_reduction": "sum"})
 
 
 def test_resume_with_another_target_rate_exits_1_with_the_keys(tmp_path, tiny):

@@ -12,7 +12,7 @@ from adaptive_sparse.lookahead import Lookahead
 from adaptive_sparse.models import FastNet
 from adaptive_sparse.optim import sgd_with_scaled_biases, triangular_schedule
 from adaptive_sparse.significance import BatchScores
-from adaptive_sparse.step import evaluation_sums, tta_logits
+from adaptive_sparse.step import evaluation_sums, evaluation_sums_by_tta, tta_logits, tta_logits_by_level
 from conftest import compose_with_hydra
 
 
@@ -99,6 +99,10 @@ def test_translate_tta_weighs_the_mirrored_pair_half_and_each_shift_a_quarter():
     logits = tta_logits(TopLeft(), image, flip=True, translate=True)
     assert logits[0, 0].item() == pytest.approx(0.5 * (0 + 2) / 2 + 0.25 * (4 + 4) / 2 + 0.25 * (4 + 4) / 2)
     assert tta_logits(TopLeft(), image, flip=True, translate=False)[0, 0].item() == pytest.approx(1.0)
+    # every level from one set of forwards: 0 the image (0), 1 with its mirror (1), 2 six views (2.5)
+    assert [level[0, 0].item() for level in tta_logits_by_level(TopLeft(), image, 2)] == pytest.approx([0, 1, 2.5])
+    loader = [(image - 0.5, torch.tensor([1]), torch.tensor([0]))]  # logits [v - 0.5, 0], label 1: right at level 0 only
+    assert [correct for _, correct, _ in evaluation_sums_by_tta(TopLeft(), loader, level=2)] == [1, 0, 0]
 
 
 def test_lookahead_pulls_the_weights_to_a_slow_copy_on_its_schedule_by_hand():

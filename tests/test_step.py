@@ -94,3 +94,20 @@ def test_compute_savings_of_a_tally_by_hand():
     # executed = 128 scored * 36 + 16 trained * 84 = 4608 + 1344 = 5952; full = 128 * 84 = 10752
     assert flops["flops_executed"] == 5952 and flops["flops_full"] == 10752
     assert flops["compute_savings"] == pytest.approx(1 - 5952 / 10752)
+
+
+def test_a_summed_loss_over_the_full_batch_takes_half_the_means_step_on_half_a_batch():
+    """summed_over=4 on 2 selected rows: the objective is (loss_0 + loss_1) / 4, half their mean,
+    so SGD at lr 1 moves every parameter by exactly half the mean's step (airbench's summed loss)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 6), torch.randint(0, 3, (2,))
+    summed, mean = nn.Linear(6, 3), nn.Linear(6, 3)
+    mean.load_state_dict(summed.state_dict())
+    before = copy.deepcopy(summed)
+    train_on_subset(summed, torch.optim.SGD(summed.parameters(), lr=1.0), x, y, summed_over=4)
+    train_on_subset(mean, torch.optim.SGD(mean.parameters(), lr=1.0), x, y)
+    per_row = F.cross_entropy(before(x), y, reduction="none")
+    expected = torch.autograd.grad((per_row[0] + per_row[1]) / 4, list(before.parameters()))
+    for new, old, grad, meaned in zip(summed.parameters(), before.parameters(), expected, mean.parameters()):
+        assert torch.allclose(old - new, grad, atol=1e-6)
+        assert torch.allclose(old - new, (old - meaned) / 2, atol=1e-6)
