@@ -255,6 +255,12 @@ RESUMABLE_CHANGES = ("resume", "init_from", "progress", "device", "dataset.root"
                      "training.eval_batch_size", "training.eval_flip_tta", "training.eval_translate_tta",
                      "checkpoint", "distributed", "energy", "wandb", "debug")
 
+
+def resumable_change(key: str) -> bool:
+    """Whether a config key (or one below it) is in RESUMABLE_CHANGES: where things go, not what trains."""
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
+
+
 # Keys added after checkpoints were written, with the value that trains as those runs did: a
 # checkpoint without the key resumes under that value (and is refused under any other).
 ADDED_KEYS = {"training.loss_reduction": "mean"}
@@ -277,10 +283,9 @@ def refuse_changed_config(path: Path, saved: dict[str, Any] | None, current: dic
     (anything outside RESUMABLE_CHANGES) is refused, naming each key with both values."""
     if saved is None or current is None:  # a checkpoint from before configs were saved: nothing to compare
         return
-    free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
     saved, current = {**ADDED_KEYS, **saved}, {**ADDED_KEYS, **current}
     changed = sorted(k for k in saved.keys() | current.keys()
-                     if not free(k) and saved.get(k, "<absent>") != current.get(k, "<absent>"))
+                     if not resumable_change(k) and saved.get(k, "<absent>") != current.get(k, "<absent>"))
     if changed:
         listing = "; ".join(f"{k}: checkpoint {saved.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
                             for k in changed)

@@ -199,6 +199,8 @@ def summarise_run(history: list[dict], target_rate: float, flop_meter: FlopMeter
         "compute_savings": 1.0 - flops["flops_executed"] / flops["flops_full"],
         "sample_savings": 1.0 - trained / seen,
         "epochs": len(history),
+        # the last epoch's share of a whole one (training.last_epoch_fraction: airbench94's 9.9 epochs)
+        "epochs_trained": len(history) - 1 + last["samples_seen"] / history[0]["samples_seen"],
         "samples_seen": seen,
         "samples_trained": trained,
         "flops_per_sample_forward": flop_meter.forward_per_sample,

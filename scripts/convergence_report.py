@@ -18,11 +18,16 @@ that have no record yet are listed as not yet run.
   decayed over its own length ("No Train No Gain"'s fair baseline).
 - A gated arm at target rate b sees all E epochs and trains about b of the samples.
 - Full training at equal time, the baseline the goal judges a gate against: gate=none over the
-  whole number of epochs nearest the gate's time. The gate's time is its epoch time as a share of
+  whole number of epochs nearest the gate's time (whole batches where full training itself ends
+  inside an epoch, as airbench94's 9.9 epochs do: `epochs_trained` in summary.json). The gate's time is its epoch time as a share of
   gate=none's measured on an idle machine by scripts/bench_gates.py (`idle_bench*.json` beside
   the record, or --idle-bench), because the study's own runs share the machine two at a time and
   their recorded times move with whichever run is their neighbour. Without such a measurement the
   schedule nearest in recorded wall-clock stands in, and the page says so.
+
+A run with overrides off the study's axes (AXES; e.g. `training.lookahead=null`) is a variant, an
+arm of its own: full training's variants are the recipe's ablation, tabled against it. Runs that
+recorded test-time augmentation levels (`val_acc_tta<N>`) get a table of them.
 
 Runs are judged by the metric their summary.json names (`metric`: val_acc for classification,
 val_loss for task=char_lm, where lower is better), with the goals of `GOALS` in its unit.
@@ -43,6 +48,7 @@ from pathlib import Path
 
 from adaptive_sparse import analysis
 from adaptive_sparse.analysis import Arm, Estimate, Run, interval, paired, pm
+from adaptive_sparse.checkpointing import resumable_change
 from adaptive_sparse.records import Metric, metric_of
 
 GATES = ("sundew_memory", "random", "sundew_proxy")  # plot colours, in this order
@@ -67,31 +73,46 @@ BENCH_CONFIGS = {("random", False, None): "random", ("random", True, None): "ran
                  ("sundew_proxy", False, "top"): "keep-top-proxy"}
 
 
+# Overrides that place a run on the study's axes (read from its summary) or say where and how it
+# ran; any other override makes the run a variant of its arm (an ablation), an arm of its own.
+AXES = ("experiment", "gate", "gate.pack", "gate.target_rate", "seed", "training.epochs",
+        "training.last_epoch_fraction", "training.precision")
+
+
 @dataclass(frozen=True)
 class ArmKey:
     gate: str
     rate: float | None  # target rate; None for InfoBatch, 1.0 for none
     packed: bool
-    epochs: int
+    epochs: float       # epochs trained (9.917: airbench94's 10 with a last epoch of 44 of 48 batches)
     precision: str = "bf16"
     selection: str | None = None  # sundew's rule when it is not the default percentile
+    variant: str = ""   # the overrides off the study's axes, e.g. "training.lookahead=null"
 
     def label(self, study_precision: str = "bf16") -> str:
         """The arm's name on the page; its precision is named when it is not the study's."""
-        other = "" if self.precision == study_precision else f", {self.precision}"
+        other = ("" if self.precision == study_precision else f", {self.precision}") + (
+            f", {self.variant}" if self.variant else "")
         if self.gate == "none":
-            return f"none, {self.epochs} epochs{other}"
+            return f"none, {epochs_text(self.epochs)} epochs{other}"
         rate = "" if self.rate is None else f" {self.rate:g}"
         rule = f", {self.selection}" if self.selection else ""
         return f"{self.gate}{rate}{rule}{', packed' if self.packed else ''}{other}"
+
+
+def epochs_text(epochs: float) -> str:
+    """10 -> '10', 5.104166 -> '5.104'."""
+    return f"{epochs:.4g}"
 
 
 def arm_key(run: Run) -> ArmKey:
     s = run.summary
     packed = str(run.overrides.get("gate.pack", "false")).lower() == "true"
     selection = s.get("selection") if s.get("selection") != "percentile" else None  # older records: none
-    return ArmKey(s["gate"], s["target_rate"], packed and s["gate"] != "none", s["epochs"],
-                  s.get("precision") or "fp32", selection)
+    variant = ",".join(f"{k}={v}" for k, v in sorted(run.overrides.items())
+                       if k not in AXES and not resumable_change(k))
+    return ArmKey(s["gate"], s["target_rate"], packed and s["gate"] != "none",
+                  round(s.get("epochs_trained", s["epochs"]), 4), s.get("precision") or "fp32", selection, variant)
 
 
 def group_arms(runs: list[Run], metric: Metric) -> dict[ArmKey, Arm]:
@@ -139,25 +160,42 @@ class Study:
     def label(self, arm: Arm) -> str:
         return arm.key.label(self.full.key.precision)
 
-    def none_over(self, epochs: int) -> Arm | None:
-        return self.arms.get(ArmKey("none", 1.0, False, epochs, self.full.key.precision))
+    @property
+    def epoch_step(self) -> float:
+        """The finest schedule length the study's full training can be cut to: a whole epoch
+        where it trains whole epochs, else one batch (its first epoch's optimiser steps)."""
+        if float(self.full.key.epochs).is_integer():
+            return 1.0
+        return 1.0 / self.full.runs[min(self.full.runs)].epochs[0]["optimizer_steps"]
+
+    def schedule_at(self, share: float) -> float:
+        """Full training's schedule nearest `share` of its length, in epoch steps (halves round up)."""
+        step = self.epoch_step
+        return round(math.floor(share * self.full.key.epochs / step + 0.5) * step, 4)
+
+    def none_over(self, epochs: float) -> Arm | None:
+        """Full training (no variant) over this many epochs, to within half an epoch step."""
+        return next((a for k, a in self.arms.items() if k.gate == "none" and not k.variant
+                     and k.precision == self.full.key.precision
+                     and abs(k.epochs - epochs) < self.epoch_step / 2), None)
 
     def matched(self, budget: float) -> Arm | None:
         """Full training over budget * E epochs: equal FLOPs."""
-        return self.none_over(round(budget * self.full.key.epochs))
+        return self.none_over(self.schedule_at(budget))
 
     def idle_share(self, arm: Arm) -> float | None:
         return self.idle.get((arm.key.gate, arm.key.rate, arm.key.packed, arm.key.selection))
 
-    def time_matched(self, arm: Arm) -> tuple[int, Arm | None, str]:
+    def time_matched(self, arm: Arm) -> tuple[float, Arm | None, str]:
         """The full-training schedule at the gate's time (epochs, its arm if run, how chosen):
-        the whole number of epochs nearest the gate's idle-measured time (halves round up);
-        without an idle measurement, the schedule nearest in recorded wall-clock."""
+        the schedule nearest the gate's idle-measured time, in whole epochs (or, for a study
+        whose full training ends inside an epoch, whole batches; halves round up); without an
+        idle measurement, the schedule nearest in recorded wall-clock."""
         share = self.idle_share(arm)
         if share is None:
             nearest = self.nearest_in_time(arm)
             return nearest.key.epochs, nearest, "nearest in recorded wall-clock; no idle measurement"
-        epochs = math.floor(share * self.full.key.epochs + 0.5)
+        epochs = self.schedule_at(share)
         return epochs, self.none_over(epochs), f"equal time: the gate's epoch costs {share:.3f} of full training's, idle"
 
     def share(self, arm: Arm) -> float:
@@ -166,7 +204,8 @@ class Study:
     def nearest_in_time(self, arm: Arm) -> Arm:
         """The gate=none schedule whose mean wall-clock is closest to this arm's: the baseline
         at equal time when the gate's overheads make it slower than its FLOPs say."""
-        nones = [a for k, a in self.arms.items() if k.gate == "none" and k.precision == self.full.key.precision]
+        nones = [a for k, a in self.arms.items()
+                 if k.gate == "none" and not k.variant and k.precision == self.full.key.precision]
         return min(nones, key=lambda a: abs(self.share(a) - self.share(arm)))
 
     def budgets(self) -> list[float]:
@@ -180,7 +219,7 @@ def build_study(runs: list[Run], bench_files: list[Path] = ()) -> Study:
     nones = [a for k, a in arms.items() if k.gate == "none"]
     if not nones:
         raise SystemExit("no gate=none run: the study needs full training to compare with")
-    full = max(nones, key=lambda a: (a.key.epochs, len(a.runs)))
+    full = max(nones, key=lambda a: (not a.key.variant, a.key.epochs, len(a.runs)))
     return Study(arms, full, metric, statistics.fmean(full.times()), statistics.fmean(full.finals().values()),
                  idle_shares(list(bench_files)))
 
@@ -249,25 +288,60 @@ def differences_table(study: Study) -> tuple[str, list[tuple[str, float, Estimat
         else:
             epochs, same_time, _ = study.time_matched(arm)
             versus_time = paired(arm, same_time)
-            cells += (versus(versus_time, digits, f" ({epochs} epochs)") if same_time
-                      else [f"– ({epochs} epochs not yet run)", "–"])
+            cells += (versus(versus_time, digits, f" ({epochs_text(epochs)} epochs)") if same_time
+                      else [f"– ({epochs_text(epochs)} epochs not yet run)", "–"])
             if versus_time:
-                forest.append((f"{label} vs {epochs} epochs (equal idle time)", k.rate, versus_time))
+                forest.append((f"{label} vs {epochs_text(epochs)} epochs (equal idle time)", k.rate, versus_time))
         nearest = study.nearest_in_time(arm)
-        cells += versus(paired(arm, nearest), digits, f" ({nearest.key.epochs} epochs, {study.share(nearest):.3f})")
+        cells += versus(paired(arm, nearest), digits, f" ({epochs_text(nearest.key.epochs)} epochs, {study.share(nearest):.3f})")
         random = study.arms.get(ArmKey("random", k.rate, k.packed, k.epochs, k.precision))
         cells += versus(paired(arm, random) if k.gate != "random" else None, digits)
         lines.append("| " + " | ".join(cells) + " |")
         if versus_flops:
-            forest.append((f"{label} vs {study.matched(k.rate).key.epochs} epochs (equal FLOPs)", k.rate,
+            forest.append((f"{label} vs {epochs_text(study.matched(k.rate).key.epochs)} epochs (equal FLOPs)", k.rate,
                            versus_flops))
     return "\n".join(lines), forest
+
+
+def variants_table(study: Study) -> str:
+    """Full training's variants (the recipe's ablation: full training minus one part) against
+    full training itself, paired by seed; empty when the study has none."""
+    variants = [a for a in study.arms.values() if a.key.gate == "none" and a.key.variant]
+    if not variants:
+        return ""
+    unit, digits = study.metric.unit, study.metric.digits
+    lines = [f"| variant | seeds | final {study.metric.name} | vs full training, same seed ({unit}) | "
+             "share of full's time, recorded |", "|---|---|---|---|---|"]
+    for arm in variants:
+        difference = paired(arm, study.full)
+        lines.append(f"| {study.label(arm)} | {','.join(map(str, sorted(arm.runs)))} | "
+                     f"{pm(interval(list(arm.finals().values())), digits)} | "
+                     f"{'–' if difference is None else pm(difference, digits)} | {study.share(arm):.3f} |")
+    return "\n".join(lines)
+
+
+def tta_table(study: Study) -> str:
+    """Each arm's final accuracy at every test-time augmentation level its runs recorded
+    (`val_acc_tta<N>`: 0 none, 1 mirror, 2 mirror and translate); empty when none did."""
+    levels = sorted({int(k.removeprefix("val_acc_tta")) for a in study.arms.values() for r in a.runs.values()
+                     for k in r.summary if k.startswith("val_acc_tta")})
+    if not levels:
+        return ""
+    names = {0: "none", 1: "mirror", 2: "mirror + translate"}
+    lines = ["| arm | seeds | " + " | ".join(f"TTA {n} ({names.get(n, n)}), %" for n in levels) + " |",
+             "|---|---|" + "---|" * len(levels)]
+    for arm in study.arms.values():
+        figures = [arm.values(f"val_acc_tta{n}") for n in levels]
+        if any(figures):
+            lines.append(f"| {study.label(arm)} | {','.join(map(str, sorted(arm.runs)))} | "
+                         + " | ".join(pm(interval(f)) if f else "–" for f in figures) + " |")
+    return "\n".join(lines)
 
 
 @dataclass
 class Verdict:
     """A gated arm judged by the goal: against full training at its time (Study.time_matched)."""
-    epochs: int                # the equal-time schedule of full training
+    epochs: float              # the equal-time schedule of full training
     how: str                   # how that schedule was chosen
     result: Estimate | None    # arm minus that schedule, paired by seed
     in_time: int               # seeds within the lossless margin in the allowed share of full's time
@@ -286,7 +360,7 @@ def judge(study: Study, arm: Arm) -> Verdict:
     if beat or in_time == len(lossless):
         verdict = "met"
     elif result is None:
-        verdict = f"undecided (full training over {epochs} epochs not yet run)"
+        verdict = f"undecided (full training over {epochs_text(epochs)} epochs not yet run)"
     elif result.half is None:
         verdict = "undecided (fewer than two paired seeds)"
     else:
@@ -306,10 +380,10 @@ def goal_verdict(study: Study) -> str:
         result = judged.result
         diff = "–" if result is None else f"{pm(result, digits)} {metric.unit} over {result.n} seed(s)"
         flops = paired(arm, study.matched(0.5))
-        flops_text = "" if flops is None else (f"; against {study.matched(0.5).key.epochs} epochs (equal FLOPs): "
+        flops_text = "" if flops is None else (f"; against {epochs_text(study.matched(0.5).key.epochs)} epochs (equal FLOPs): "
                                                f"{pm(flops, digits)} over {flops.n}")
         share = "half" if goal.lossless_share == 0.5 else f"{goal.lossless_share:g} of"
-        lines.append(f"- {study.label(arm)}: against full training over {judged.epochs} epochs ({judged.how}): "
+        lines.append(f"- {study.label(arm)}: against full training over {epochs_text(judged.epochs)} epochs ({judged.how}): "
                      f"{diff}{flops_text}; within {goal.lossless} {metric.unit} of full training in at most {share} "
                      f"its time on {judged.in_time} of {judged.seeds} seeds: goal **{judged.verdict}**")
     return "\n".join(lines) or "- no gated arm at budget 0.5 yet"
@@ -327,10 +401,11 @@ def plot_frontier(study: Study, path: Path, idle: bool = False) -> None:
         return arm.key.epochs / study.full.key.epochs if arm.key.gate == "none" else study.idle_share(arm)
 
     fig, ax = analysis.pyplot().subplots(figsize=(7, 4.5))
-    nones = sorted((a for a in study.arms.values() if a.key.gate == "none" and a.key.precision == study.full.key.precision),
+    nones = sorted((a for a in study.arms.values() if a.key.gate == "none" and not a.key.variant
+                    and a.key.precision == study.full.key.precision),
                    key=lambda a: a.key.epochs)
     ys = [interval(list(a.finals().values())) for a in nones]
-    epochs = ", ".join(str(a.key.epochs) for a in nones)
+    epochs = ", ".join(epochs_text(a.key.epochs) for a in nones)
     ax.errorbar([x(a) for a in nones], [y.mean for y in ys], yerr=[y.half or 0 for y in ys], color="black",
                 marker="s", capsize=3, label=f"none ({epochs} epochs): train less")
     colours = {g: f"C{i}" for i, g in enumerate((*GATES, "infobatch"))}
@@ -417,6 +492,7 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
     for budget in study.budgets():
         plot_curves(study, budget, out_dir / f"curves_budget_{budget}.png")
     differences, forest = differences_table(study)
+    variants, tta = variants_table(study), tta_table(study)
     plot_differences(study, forest, out_dir / "paired_differences.png")
     facts = study.full.runs[min(study.full.runs)].summary
     missing = analysis.missing_runs(runs, queue_file)
@@ -430,7 +506,7 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
         f"# {title}", "",
         f"Made by `{command}` from {sum(len(a.runs) for a in study.arms.values())} "
         f"runs. Model {facts['model']}, dataset {facts['dataset']} ({facts.get('data_source', '?')}), "
-        f"precision {facts.get('precision', '?')}, {facts['hardware']}; full training: {study.full.key.epochs} "
+        f"precision {facts.get('precision', '?')}, {facts['hardware']}; full training: {epochs_text(study.full.key.epochs)} "
         f"epochs, {full_text(study)} in {study.full_time:.0f} s.", "",
         "## The goal at budget 0.5", "", goal_verdict(study), "",
         "## Every arm", "", arms_table(study), "",
@@ -440,6 +516,10 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
         "Optimiser steps: counted per epoch (`optimizer_steps`); for epochs run before that key "
         "existed, one per batch of 64.", "",
         "## Paired differences (same seed)", "", differences, "", idle, "",
+        *(["## Full training's variants (the ablation)", "", variants, ""] if variants else []),
+        *(["## Test-time augmentation levels (the same final weights)", "", tta, "",
+           "Every evaluation with TTA also scores the plain image and its mirrored pair from the "
+           "same forwards, so each run is its own TTA ablation.", ""] if tta else []),
         "## Plots", "",
         *(["![final accuracy against idle-measured training time: the goal's clock](frontier_idle.png)", ""]
           if study.idle else []),

@@ -50,7 +50,7 @@ def answer_rows() -> list[str]:
             if "sundew_memory" not in gated:
                 continue
             sundew = report.judge(study, gated["sundew_memory"])
-            against = f"{signed(sundew.result, digits)} {unit} ({sundew.epochs} epochs)" if sundew.result else "–"
+            against = f"{signed(sundew.result, digits)} {unit} ({report.epochs_text(sundew.epochs)} epochs)" if sundew.result else "–"
             random = gated.get("random") and report.judge(study, gated["random"]).result
             control = f"{signed(random, digits)} {unit}" if random else "–"
             goal = sundew.verdict if budget == 0.5 else "–"

@@ -78,6 +78,8 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path, task):
     assert [_without_timings(r) for r in resumed_records] == [_without_timings(r) for r in reference_records]
     assert resumed_summary["val_acc"] == reference_summary["val_acc"]
     assert resumed_summary["val_loss"] == reference_summary["val_loss"]
+    if task == "classification":  # 8 batches of 64 an epoch, the last epoch 4 of them: 2.5 epochs
+        assert resumed_summary["epochs_trained"] == reference_summary["epochs_trained"] == 2.5
     assert resumed_summary["samples_trained"] == reference_summary["samples_trained"]
 
 

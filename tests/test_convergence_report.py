@@ -15,11 +15,14 @@ convergence = load_script("convergence_report")
 
 
 def fake_run(root: Path, gate: str, seed: int, epochs: int, acc: float, time_s: float,
-             rate: float | None = 1.0, pack: bool = False) -> None:
-    """A finished run: accuracy rises linearly to `acc`, every epoch takes time_s / epochs."""
-    run = root / f"{gate}_{rate}_{pack}_{epochs}_{seed}"
+             rate: float | None = 1.0, pack: bool = False, epochs_trained: float | None = None,
+             extra: tuple[str, ...] = ()) -> None:
+    """A finished run: accuracy rises linearly to `acc`, every epoch takes time_s / epochs;
+    `epochs_trained` when its last epoch stops early, `extra` overrides off the study's axes."""
+    run = root / f"{gate}_{rate}_{pack}_{epochs_trained or epochs}_{seed}{''.join(extra)}"
     (run / ".hydra").mkdir(parents=True)
-    overrides = [f"gate={gate}", f"seed={seed}", f"training.epochs={epochs}", f"gate.pack={str(pack).lower()}"]
+    overrides = [f"gate={gate}", f"seed={seed}", f"training.epochs={epochs}", f"gate.pack={str(pack).lower()}",
+                 *extra]
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     records = [{"epoch": e, "val_acc": acc - 2 * (epochs - e), "epoch_time_s": time_s / epochs,
                 "optimizer_steps": 10, "flops_executed": 1e9, "val_loss": 1.0} for e in range(1, epochs + 1)]
@@ -28,7 +31,8 @@ def fake_run(root: Path, gate: str, seed: int, epochs: int, acc: float, time_s: 
         "val_acc": acc, "train_time_s": time_s, "epoch_times_s": [time_s / epochs] * epochs,
         "gate": gate, "target_rate": rate, "epochs": epochs, "seed": seed, "flops_executed": 1e9 * epochs,
         "samples_seen": 640, "model": "cnn", "dataset": "cifar10", "data_source": "folder:/data/cifar10",
-        "hardware": "CPU, 1 threads", "precision": "bf16", "activation_rate": rate or 0.7}))
+        "hardware": "CPU, 1 threads", "precision": "bf16", "activation_rate": rate or 0.7,
+        **({"epochs_trained": epochs_trained} if epochs_trained else {})}))
 
 
 def fabricate(root: Path) -> None:
@@ -158,6 +162,47 @@ def test_equal_time_rounds_to_the_nearest_whole_epoch(tmp_path):
     gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "bf16")]
     epochs, arm, how = study.time_matched(gated)
     assert (epochs, arm, how) == (2, study.matched(0.5), "equal time: the gate's epoch costs 0.526 of full training's, idle")
+
+
+def test_a_study_whose_full_training_ends_inside_an_epoch_matches_time_to_the_batch(tmp_path):
+    """Full training over 3.9 epochs of 10 batches (airbench94's 9.9, small): the gate's idle share
+    0.55 gives 0.55 * 3.9 = 2.145 epochs, 21.45 batches, so full training cut to 21 batches (2.1
+    epochs: 3 with a last epoch of 1 batch) is its equal-time baseline; 22 batches is not."""
+    for seed, (full, cut, longer, gated) in enumerate([(80.0, 70.0, 71.0, 73.0), (82.0, 72.0, 73.0, 76.0)]):
+        fake_run(tmp_path / "sweep", "none", seed, 4, full, 100.0, epochs_trained=3.9)
+        fake_run(tmp_path / "sweep", "none", seed, 3, cut, 55.0, epochs_trained=2.1)
+        fake_run(tmp_path / "sweep", "none", seed, 3, longer, 57.0, epochs_trained=2.2)
+        fake_run(tmp_path / "sweep", "sundew_memory", seed, 4, gated, 55.0, rate=0.5, pack=True, epochs_trained=3.9)
+    bench = write_bench(tmp_path / "idle.json", {"sundew-memory-packed": 1 / 0.55})
+    study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"), [bench])
+    assert study.full.key.epochs == 3.9 and study.epoch_step == 0.1
+    gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 3.9, "bf16")]
+    epochs, arm, _ = study.time_matched(gated)
+    assert epochs == 2.1 and study.label(arm) == "none, 2.1 epochs"
+    assert analysis.paired(gated, arm).mean == 3.5  # 73 - 70 and 76 - 72
+
+
+def test_a_run_off_the_studys_axes_is_a_variant_arm_never_full_training(tmp_path):
+    """The ablation's runs (full training minus a part of the recipe) are arms of their own,
+    named by their overrides, even when they have more seeds than full training; the TTA
+    levels recorded by full training's runs are tabled by level."""
+    fabricate(tmp_path / "sweep")
+    for seed, levels in ((0, (78.0, 79.0, 80.0)), (1, (80.0, 81.0, 82.0))):
+        summary = tmp_path / "sweep" / f"none_1.0_False_4_{seed}" / "summary.json"
+        summary.write_text(json.dumps({**json.loads(summary.read_text()),
+                                       **{f"val_acc_tta{n}": v for n, v in enumerate(levels)}}))
+    for seed in range(3):
+        fake_run(tmp_path / "sweep", "none", seed, 4, 79.0, 100.0, extra=("training.lookahead=null",))
+    study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"))
+    assert study.label(study.full) == "none, 4 epochs" and len(study.full.runs) == 2
+    variant = study.arms[convergence.ArmKey("none", 1.0, False, 4, "bf16", variant="training.lookahead=null")]
+    assert study.label(variant) == "none, 4 epochs, training.lookahead=null" and len(variant.runs) == 3
+    assert study.label(study.matched(0.5)) == "none, 2 epochs"
+    # seed by seed 79 - 80 and 79 - 82: -2.00, t(1) 12.706 * 1.4142 / sqrt(2) = 12.71
+    assert ("| none, 4 epochs, training.lookahead=null | 0,1,2 | 79.00 ± 0.00 | -2.00 ± 12.71 | 1.000 |"
+            in convergence.variants_table(study))
+    # 78, 80 -> 79.00 ± 12.71 (sd 1.4142); 79, 81 -> 80.00; 80, 82 -> 81.00
+    assert "| none, 4 epochs | 0,1 | 79.00 ± 12.71 | 80.00 ± 12.71 | 81.00 ± 12.71 |" in convergence.tta_table(study)
 
 
 def test_a_loss_metric_is_judged_lower_is_better(tmp_path):
