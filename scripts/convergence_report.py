@@ -111,8 +111,17 @@ def arm_key(run: Run) -> ArmKey:
     selection = s.get("selection") if s.get("selection") != "percentile" else None  # older records: none
     variant = ",".join(f"{k}={v}" for k, v in sorted(run.overrides.items())
                        if k not in AXES and not resumable_change(k))
-    return ArmKey(s["gate"], s["target_rate"], packed and s["gate"] != "none",
-                  round(s.get("epochs_trained", s["epochs"]), 4), s.get("precision") or "fp32", selection, variant)
+    return ArmKey(s["gate"], s["target_rate"], packed and s["gate"] != "none", round(epochs_trained(run), 4),
+                  s.get("precision") or "fp32", selection, variant)
+
+
+def epochs_trained(run: Run) -> float:
+    """summary.json's epochs_trained; for runs that finished before it existed, the same from
+    their records (the last epoch's samples seen over the first's), else their whole epochs."""
+    if "epochs_trained" in run.summary:
+        return run.summary["epochs_trained"]
+    seen = [e.get("samples_seen") for e in run.epochs]
+    return len(seen) - 1 + seen[-1] / seen[0] if seen and all(seen) else run.summary["epochs"]
 
 
 def group_arms(runs: list[Run], metric: Metric) -> dict[ArmKey, Arm]:

@@ -233,3 +233,12 @@ def test_a_loss_metric_is_judged_lower_is_better(tmp_path):
     # (1.52 or less) is never reached by 1.57 and 1.58: missed
     assert "goal **missed**" in text and "final val loss (nats)" in text
     assert "time to 1.5300 (full + 0.02 nats)" in text
+
+
+def test_epochs_trained_of_a_run_recorded_before_the_key_comes_from_its_records():
+    from types import SimpleNamespace
+
+    # 9 epochs of 49,152 samples and a last of 45,056 (44 of 48 batches of 1,024): 9 + 11/12
+    older = SimpleNamespace(summary={"epochs": 10}, epochs=[{"samples_seen": 49152}] * 9 + [{"samples_seen": 45056}])
+    assert convergence.epochs_trained(older) == 9 + 45056 / 49152
+    assert convergence.epochs_trained(SimpleNamespace(summary={"epochs": 4}, epochs=[{}] * 4)) == 4
