@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--dataset-root", default=None, help="dataset.root (default: the config's search)")
     parser.add_argument("--target-rate", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--limit-train-batches", type=int, default=150)
+    parser.add_argument("--limit-train-batches", type=int, default=150, help="0: whole epochs")
     parser.add_argument("--compare-epoch", type=int, default=None, help="default: the last epoch")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
@@ -171,7 +171,7 @@ def main() -> None:
     print(", ".join(f"{k} matmul peak on {args.device}: {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()),
           flush=True)
     common = [f"gate.target_rate={args.target_rate}", f"training.epochs={args.epochs}",
-              f"training.limit_train_batches={args.limit_train_batches}", f"device={args.device}",
+              f"training.limit_train_batches={args.limit_train_batches or 'null'}", f"device={args.device}",
               "wandb.mode=disabled", "progress=false", *args.overrides]
     if args.dataset_root:
         common.append(f"dataset.root={args.dataset_root}")
