@@ -95,7 +95,7 @@ class ResumePoint:
 def capture_progress(timer, tally, indexer_losses: list, packer, memory_at_start: dict | None) -> dict:
     """This rank's state of an epoch interrupted after a loader batch (the loader, the gate and
     the RNGs are saved with every checkpoint; these exist only inside an epoch)."""
-    return {"seconds": dict(timer.seconds), "tally": tally.state_dict(),
+    return {"seconds": timer.elapsed(), "tally": tally.state_dict(),
             "indexer_losses": [loss.detach().cpu() for loss in indexer_losses],
             "packer": packer.state_dict(), "memory_at_start": memory_at_start}
 

@@ -97,6 +97,14 @@ class PhaseTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
+        self.open: dict[str, float] = {}  # phases running now: their start times
+
+    def elapsed(self) -> dict[str, float]:
+        """Seconds per phase so far, the running ones' time included: what a checkpoint taken
+        inside the epoch must keep (the epoch phase is still open then)."""
+        now = self.now() if self.open else 0.0
+        return {name: self.seconds.get(name, 0.0) + (now - self.open[name] if name in self.open else 0.0)
+                for name in {*self.seconds, *self.open}}
 
     def now(self) -> float:
         if self.device.type == "cuda":
@@ -106,9 +114,11 @@ class PhaseTimer:
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         start = self.now()
+        self.open[name] = start
         try:
             yield
         finally:
+            del self.open[name]
             self.seconds[name] += self.now() - start
 
     def record(self) -> dict[str, float]:

@@ -272,6 +272,9 @@ def test_sigterm_inside_an_epoch_saves_and_the_resumed_run_equals_an_uninterrupt
     resumed = run_train(tmp_path / "cut", *run, "resume=true")
     assert resumed.returncode == 0 and "and part of epoch 2" in resumed.stdout, resumed.stderr[-2000:]
     _same_records(read_run(tmp_path / "whole")[0], read_run(tmp_path / "cut")[0])
+    # the cut epoch's time keeps the part before the signal (its steps lie inside the epoch)
+    cut_epoch = read_run(tmp_path / "cut")[0][1]
+    assert cut_epoch["epoch_time_s"] >= cut_epoch["train_step_time_s"] > 0
 
 
 def test_ctrl_c_from_outside_saves_and_the_run_resumes(tmp_path):
@@ -288,3 +291,15 @@ def test_ctrl_c_from_outside_saves_and_the_run_resumes(tmp_path):
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout
     records, summary = read_run(tmp_path / "cut")
     assert [r["epoch"] for r in records] == [1, 2] and summary["samples_seen"] == 2 * 4096
+
+
+def test_a_checkpoint_inside_an_epoch_keeps_the_time_of_the_phases_still_running():
+    from adaptive_sparse.metering import PhaseTimer
+
+    timer = PhaseTimer(torch.device("cpu"))
+    with timer.phase("epoch"):
+        with timer.phase("train_step"):
+            time.sleep(0.05)
+        inside = timer.elapsed()  # the epoch phase is open: its 0.05 s so far count
+    assert inside["epoch"] >= inside["train_step"] >= 0.05
+    assert timer.elapsed() == dict(timer.seconds) and timer.seconds["epoch"] >= inside["epoch"]
