@@ -183,10 +183,13 @@ class Study:
         return round(math.floor(share * self.full.key.epochs / step + 0.5) * step, 4)
 
     def none_over(self, epochs: float) -> Arm | None:
-        """Full training (no variant) over this many epochs, to within half an epoch step."""
-        return next((a for k, a in self.arms.items() if k.gate == "none" and not k.variant
-                     and k.precision == self.full.key.precision
-                     and abs(k.epochs - epochs) < self.epoch_step / 2), None)
+        """Full training (no variant) over the schedule nearest this many epochs, within half an
+        epoch step or 1% of full training's length, whichever is more (so gates whose idle
+        times differ by a batch or two share one cut of full training)."""
+        within = max(self.epoch_step / 2, 0.01 * self.full.key.epochs)
+        nones = [(abs(k.epochs - epochs), a) for k, a in self.arms.items() if k.gate == "none" and not k.variant
+                 and k.precision == self.full.key.precision and abs(k.epochs - epochs) <= within]
+        return min(nones, key=lambda pair: pair[0])[1] if nones else None
 
     def matched(self, budget: float) -> Arm | None:
         """Full training over budget * E epochs: equal FLOPs."""

@@ -16,7 +16,7 @@ convergence = load_script("convergence_report")
 
 def fake_run(root: Path, gate: str, seed: int, epochs: int, acc: float, time_s: float,
              rate: float | None = 1.0, pack: bool = False, epochs_trained: float | None = None,
-             extra: tuple[str, ...] = ()) -> None:
+             extra: tuple[str, ...] = (), steps: int = 10) -> None:
     """A finished run: accuracy rises linearly to `acc`, every epoch takes time_s / epochs;
     `epochs_trained` when its last epoch stops early, `extra` overrides off the study's axes."""
     run = root / f"{gate}_{rate}_{pack}_{epochs_trained or epochs}_{seed}{''.join(extra)}"
@@ -25,7 +25,7 @@ def fake_run(root: Path, gate: str, seed: int, epochs: int, acc: float, time_s: 
                  *extra]
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     records = [{"epoch": e, "val_acc": acc - 2 * (epochs - e), "epoch_time_s": time_s / epochs,
-                "optimizer_steps": 10, "flops_executed": 1e9, "val_loss": 1.0} for e in range(1, epochs + 1)]
+                "optimizer_steps": steps, "flops_executed": 1e9, "val_loss": 1.0} for e in range(1, epochs + 1)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run / "summary.json").write_text(json.dumps({
         "val_acc": acc, "train_time_s": time_s, "epoch_times_s": [time_s / epochs] * epochs,
@@ -180,6 +180,21 @@ def test_a_study_whose_full_training_ends_inside_an_epoch_matches_time_to_the_ba
     epochs, arm, _ = study.time_matched(gated)
     assert epochs == 2.1 and study.label(arm) == "none, 2.1 epochs"
     assert analysis.paired(gated, arm).mean == 3.5  # 73 - 70 and 76 - 72
+
+
+def test_gates_whose_idle_times_differ_by_a_batch_or_two_share_one_cut_of_full_training(tmp_path):
+    """100 batches an epoch: 0.545 * 3.9 = 2.1255 epochs rounds to 2.13, within 1% of full
+    training's 3.9 epochs (0.039) of the 2.1-epoch cut, which stands in; 2.145 -> 2.15 is not."""
+    for seed in (0, 1):
+        fake_run(tmp_path / "sweep", "none", seed, 4, 80.0, 100.0, epochs_trained=3.9, steps=100)
+        fake_run(tmp_path / "sweep", "none", seed, 3, 70.0, 55.0, epochs_trained=2.1, steps=100)
+        fake_run(tmp_path / "sweep", "sundew_memory", seed, 4, 73.0, 55.0, rate=0.5, pack=True, epochs_trained=3.9)
+    gated = convergence.ArmKey("sundew_memory", 0.5, True, 3.9, "bf16")
+    for share, label in ((0.545, "none, 2.1 epochs"), (0.55, None)):
+        bench = write_bench(tmp_path / f"idle_{share}.json", {"sundew-memory-packed": 1 / share})
+        study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"), [bench])
+        epochs, arm, _ = study.time_matched(study.arms[gated])
+        assert (epochs, arm and study.label(arm)) == (round(share * 3.9, 2), label)
 
 
 def test_a_run_off_the_studys_axes_is_a_variant_arm_never_full_training(tmp_path):
