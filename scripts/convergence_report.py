@@ -238,30 +238,33 @@ def build_study(runs: list[Run], bench_files: list[Path] = ()) -> Study:
 
 # --------------------------------------------------------------------------- tables
 
-def arms_table(study: Study) -> str:
-    metric, margin = study.metric, study.goals.time_margin
-    goal = metric.worse_by(study.full_acc, margin)
-    target = (f"{goal:.2f}% (full - {margin} pt)" if metric.is_accuracy
-              else f"{goal:.4f} (full + {margin} nats)")
+def arms_table(study: Study, margins: tuple[float, ...] | None = None) -> str:
+    """Every arm's figures; a time-to-target column for each of `margins` (default: the goal's)."""
+    metric = study.metric
+    goals = [metric.worse_by(study.full_acc, m) for m in (margins or (study.goals.time_margin,))]
+    targets = [f"{goal:.2f}% (full - {m:g} pt)" if metric.is_accuracy else f"{goal:.4f} (full + {m:g} nats)"
+               for goal, m in zip(goals, margins or (study.goals.time_margin,))]
     best = not metric.is_accuracy  # a loss can end above its best epoch (overfitting): both are shown
     head = ["arm", "seeds", f"final {metric.name}", *([f"best {metric.name}"] if best else []), "train time (s)",
             "share of full's time", "share of full's FLOPs", "optimiser steps / full's",
-            f"time to {target}, share of full's"]
+            *(f"time to {target}, share of full's" for target in targets)]
     full_flops = statistics.fmean(study.full.values("flops_executed"))
     full_steps = statistics.fmean(optimizer_steps(r) for r in study.full.runs.values())
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in study.arms.values():
         flops = statistics.fmean(arm.values("flops_executed")) / full_flops
         steps = statistics.fmean(optimizer_steps(r) for r in arm.runs.values()) / full_steps
-        reached = arm.times_to(goal)
-        done = [t / study.full_time for t in reached if t is not None]
-        cell = (pm(interval(done)) if len(done) == len(reached)
-                else f"not reached by {len(reached) - len(done)} of {len(reached)}")
+        cells = []
+        for goal in goals:
+            reached = arm.times_to(goal)
+            done = [t / study.full_time for t in reached if t is not None]
+            cells.append(pm(interval(done)) if len(done) == len(reached)
+                         else f"not reached by {len(reached) - len(done)} of {len(reached)}")
         lines.append(f"| {study.label(arm)} | {','.join(map(str, sorted(arm.runs)))} | "
                      f"{pm(interval(list(arm.finals().values())), 2 if metric.is_accuracy else 4)} | "
                      + (f"{pm(interval(arm.best()), 4)} | " if best else "")
                      + f"{pm(interval(arm.times()), 0)} | "
-                     f"{study.share(arm):.3f} | {flops:.3f} | {steps:.3f} | {cell} |")
+                     f"{study.share(arm):.3f} | {flops:.3f} | {steps:.3f} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -493,7 +496,7 @@ def default_idle_benches(source: Path) -> list[Path]:
 
 
 def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path | None = None,
-               bench_files: list[Path] | None = None) -> Path:
+               bench_files: list[Path] | None = None, margins: tuple[float, ...] | None = None) -> Path:
     runs = analysis.collect_runs(source)
     bench_files = default_idle_benches(source) if bench_files is None else bench_files
     study = build_study(runs, bench_files)
@@ -510,7 +513,8 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
     missing = analysis.missing_runs(runs, queue_file)
     command = (f"python scripts/convergence_report.py {source}" + ("" if title == TITLE else f' --title "{title}"')
                + ("" if bench_files == default_idle_benches(source) else
-                  "".join(f" --idle-bench {b}" for b in bench_files)))
+                  "".join(f" --idle-bench {b}" for b in bench_files))
+               + (f" --time-margins {','.join(f'{m:g}' for m in margins)}" if margins else ""))
     idle = (f"Idle shares: epoch 2 of `scripts/bench_gates.py` on an otherwise idle machine "
             f"({', '.join(f'`{b}`' for b in bench_files)}; each file names its command and hardware)."
             if bench_files else "No idle benchmark: equal time falls back to the recorded wall-clock.")
@@ -521,7 +525,7 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
         f"precision {facts.get('precision', '?')}, {facts['hardware']}; full training: {epochs_text(study.full.key.epochs)} "
         f"epochs, {full_text(study)} in {study.full_time:.0f} s.", "",
         "## The goal at budget 0.5", "", goal_verdict(study), "",
-        "## Every arm", "", arms_table(study), "",
+        "## Every arm", "", arms_table(study, margins), "",
         f"{analysis.INTERVAL_NOTE} Time: training wall-clock as each run recorded it "
         "(evaluation excluded), two runs sharing the machine, so a run's time depends on its "
         "neighbour. FLOPs: counted with torch.utils.flop_counter (scoring included). "
@@ -554,9 +558,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-bench", type=Path, action="append",
                         help="a scripts/bench_gates.py JSON measured idle at the study's settings, to match "
                              "time (repeatable; default: idle_bench*.json beside the record file)")
+    parser.add_argument("--time-margins", help="comma-separated margins below full training's final metric "
+                                               "for the time-to-target columns (default: the goal's, e.g. 0.5)")
     args = parser.parse_args(argv)
     out, queue_file = analysis.page_locations(args.source, args.out, args.queue)
-    path = write_page(args.source, out, args.title, queue_file, args.idle_bench)
+    margins = tuple(float(m) for m in args.time_margins.split(",")) if args.time_margins else None
+    path = write_page(args.source, out, args.title, queue_file, args.idle_bench, margins)
     print(path.read_text())
     return 0
 

@@ -213,6 +213,11 @@ def test_a_run_off_the_studys_axes_is_a_variant_arm_never_full_training(tmp_path
     variant = study.arms[convergence.ArmKey("none", 1.0, False, 4, "bf16", variant="training.lookahead=null")]
     assert study.label(variant) == "none, 4 epochs, training.lookahead=null" and len(variant.runs) == 3
     assert study.label(study.matched(0.5)) == "none, 2 epochs"
+    # a column per margin below full training's mean final 81.00: 80.70 and 80.00, which the
+    # variant (79.00 on every seed; share of time, FLOPs and steps 1.000) reaches on no seed
+    table = convergence.arms_table(study, (0.3, 1.0))
+    assert "time to 80.70% (full - 0.3 pt), share of full's | time to 80.00% (full - 1 pt), share of full's |" in table
+    assert "| 1.000 | 1.000 | 1.000 | not reached by 3 of 3 | not reached by 3 of 3 |" in table
     # seed by seed 79 - 80 and 79 - 82: -2.00, t(1) 12.706 * 1.4142 / sqrt(2) = 12.71
     assert ("| none, 4 epochs, training.lookahead=null | 0,1,2 | 79.00 ± 0.00 | -2.00 ± 12.71 | 1.000 |"
             in convergence.variants_table(study))
