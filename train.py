@@ -239,7 +239,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             validation = dict.fromkeys([*task.metric_keys, "train_eval_loss"])  # null in epochs without evaluation
             if epoch % train_cfg.eval_every_epochs == 0 or epoch == train_cfg.epochs:
                 with timer.phase("eval"):  # torchrun: each rank a slice of the validation set, sums reduced
-                    validation = task.evaluate(model, val_loader, precision, cfg, dist)  # TTA: every level
+                    validation = task.evaluate(model, val_loader, precision, cfg, dist,  # TTA: every level
+                                               last=epoch == train_cfg.epochs)
                     if train_sample_loader is not None:  # eval mode, unaugmented, no test-time augmentation
                         validation["train_eval_loss"] = dist.evaluate(
                             evaluation_sums(model, train_sample_loader, precision))[0]

@@ -443,9 +443,10 @@ def cumulative(run: Run, key: str) -> list[float]:
     return list(itertools.accumulate(rec[key] for rec in run.epochs))
 
 
-def curve(arm: Arm, x_key: str) -> tuple[list[float], list[float], list[float], list[float]]:
-    """Per evaluated epoch over the arm's seeds: mean cumulative x, and mean, min, max of the metric."""
-    key, runs = arm.metric.key, list(arm.runs.values())
+def curve(arm: Arm, x_key: str, key: str | None = None) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per evaluated epoch over the arm's seeds: mean cumulative x, and mean, min, max of the
+    metric (or of the record's `key`)."""
+    key, runs = key or arm.metric.key, list(arm.runs.values())
     xs, mean, low, high = [], [], [], []
     for e in range(min(len(r.epochs) for r in runs)):
         if any(r.epochs[e][key] is None for r in runs):  # training.eval_every_epochs > 1

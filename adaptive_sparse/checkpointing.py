@@ -253,6 +253,7 @@ class Checkpointer:
 RESUMABLE_CHANGES = ("resume", "init_from", "progress", "device", "dataset.root", "dataset.search_roots",
                      "dataset.download", "dataset.cache_dir", "training.num_threads", "training.eval_every_epochs",
                      "training.eval_batch_size", "training.eval_flip_tta", "training.eval_translate_tta",
+                     "training.eval_tta_every_epoch",
                      "checkpoint", "distributed", "energy", "wandb", "debug")
 
 

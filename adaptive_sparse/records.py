@@ -17,7 +17,7 @@ class Metric:
 
     @property
     def is_accuracy(self) -> bool:
-        return self.key == "val_acc"
+        return self.key.startswith("val_acc")  # val_acc_tta0: the accuracy without TTA
 
     @property
     def sign(self) -> int:

@@ -70,13 +70,18 @@ class Task:
         """airbench's test-time augmentation level (0: none; tasks with images: 1 mirror, 2 also shifted)."""
         return 0
 
-    def evaluate(self, model: nn.Module, loader, precision: str, cfg: DictConfig, dist: Any) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, loader, precision: str, cfg: DictConfig, dist: Any,
+                 last: bool = True) -> dict[str, float]:
         """The validation figures (`metrics`) of what `loader` yields, at the configured TTA level
         (torchrun: each rank's shard, sums reduced). With TTA, also the accuracy at every level up
-        to it as `val_acc_tta<N>`, from the same forwards: a run with TTA is its own TTA ablation."""
-        by_level = evaluation_sums_by_tta(model, loader, precision, self.tta_level(cfg))
+        to it as `val_acc_tta<N>`, from the same forwards: a run with TTA is its own TTA ablation.
+        With `training.eval_tta_every_epoch=false`, evaluations before the `last` are at level 0
+        only (one forward instead of six), so `val_acc_tta0` is the curve every epoch has."""
+        configured = self.tta_level(cfg)
+        every_epoch = cfg.training.get("eval_tta_every_epoch", True)
+        by_level = evaluation_sums_by_tta(model, loader, precision, configured if last or every_epoch else 0)
         figures = self.metrics(*dist.evaluate(by_level[-1]))
-        if len(by_level) > 1:
+        if configured:
             figures.update({f"val_acc_tta{n}": dist.evaluate(sums)[1] for n, sums in enumerate(by_level)})
         return figures
 

@@ -262,3 +262,23 @@ def test_epochs_trained_of_a_run_recorded_before_the_key_comes_from_its_records(
     older = SimpleNamespace(summary={"epochs": 10}, epochs=[{"samples_seen": 49152}] * 9 + [{"samples_seen": 45056}])
     assert convergence.epochs_trained(older) == 9 + 45056 / 49152
     assert convergence.epochs_trained(SimpleNamespace(summary={"epochs": 4}, epochs=[{}] * 4)) == 4
+
+
+def test_a_study_with_tta_at_the_end_only_times_its_targets_on_the_plain_accuracy(tmp_path):
+    """Full training records val_acc_tta0 every epoch and TTA (val_acc, 2 points higher) only at
+    its end: the time to full training's final minus 0.5 reads val_acc_tta0 against full
+    training's final val_acc_tta0 (78 and 80: target 78.5), not the TTA figure (81: 80.5)."""
+    fabricate(tmp_path / "sweep")
+    for run in (tmp_path / "sweep").iterdir():
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for record in lines:  # tta0 is the curve; the last epoch's val_acc is 2 points above it
+            record["val_acc_tta0"] = record["val_acc"] - (2.0 if record is lines[-1] else 0.0)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "val_acc_tta0": lines[-1]["val_acc_tta0"]}))
+    study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"))
+    assert study.curve.key == "val_acc_tta0" and study.curve_target(0.5) == 78.5
+    # full training's tta0 curves: 74, 76, 78, 78 (seed 0) and 76, 78, 80, 80 (seed 1), 25 s an
+    # epoch: seed 0 never reaches 78.5, seed 1 at epoch 3 (75 s)
+    assert study.times_to(study.full, 0.5) == [None, 75.0]
+    assert "time to 78.50% val_acc_tta0 (full - 0.5 pt)" in convergence.arms_table(study)
