@@ -343,9 +343,12 @@ def differences_table(study: Study) -> tuple[str, list[tuple[str, float, Estimat
 
 
 def variants_table(study: Study) -> str:
-    """Full training's variants (the recipe's ablation: full training minus one part) against
-    full training itself, paired by seed; empty when the study has none."""
-    variants = [a for a in study.arms.values() if a.key.gate == "none" and a.key.variant]
+    """Full training's variants over its epochs (the recipe's ablation: full training minus one
+    part, or in another precision) against full training itself, paired by seed; empty when the
+    study has none."""
+    variants = [a for a in study.arms.values() if a.key.gate == "none" and a is not study.full
+                and (a.key.variant or a.key.precision != study.full.key.precision)
+                and a.key.epochs == study.full.key.epochs]
     if not variants:
         return ""
     unit, digits = study.metric.unit, study.metric.digits

@@ -16,10 +16,10 @@ convergence = load_script("convergence_report")
 
 def fake_run(root: Path, gate: str, seed: int, epochs: int, acc: float, time_s: float,
              rate: float | None = 1.0, pack: bool = False, epochs_trained: float | None = None,
-             extra: tuple[str, ...] = (), steps: int = 10) -> None:
+             extra: tuple[str, ...] = (), steps: int = 10, precision: str = "bf16") -> None:
     """A finished run: accuracy rises linearly to `acc`, every epoch takes time_s / epochs;
     `epochs_trained` when its last epoch stops early, `extra` overrides off the study's axes."""
-    run = root / f"{gate}_{rate}_{pack}_{epochs_trained or epochs}_{seed}{''.join(extra)}"
+    run = root / f"{gate}_{rate}_{pack}_{epochs_trained or epochs}_{seed}{''.join(extra)}{'' if precision == 'bf16' else precision}"
     (run / ".hydra").mkdir(parents=True)
     overrides = [f"gate={gate}", f"seed={seed}", f"training.epochs={epochs}", f"gate.pack={str(pack).lower()}",
                  *extra]
@@ -31,7 +31,7 @@ def fake_run(root: Path, gate: str, seed: int, epochs: int, acc: float, time_s: 
         "val_acc": acc, "train_time_s": time_s, "epoch_times_s": [time_s / epochs] * epochs,
         "gate": gate, "target_rate": rate, "epochs": epochs, "seed": seed, "flops_executed": 1e9 * epochs,
         "samples_seen": 640, "model": "cnn", "dataset": "cifar10", "data_source": "folder:/data/cifar10",
-        "hardware": "CPU, 1 threads", "precision": "bf16", "activation_rate": rate or 0.7,
+        "hardware": "CPU, 1 threads", "precision": precision, "activation_rate": rate or 0.7,
         **({"epochs_trained": epochs_trained} if epochs_trained else {})}))
 
 
@@ -221,6 +221,9 @@ def test_a_run_off_the_studys_axes_is_a_variant_arm_never_full_training(tmp_path
     # seed by seed 79 - 80 and 79 - 82: -2.00, t(1) 12.706 * 1.4142 / sqrt(2) = 12.71
     assert ("| none, 4 epochs, training.lookahead=null | 0,1,2 | 79.00 ± 0.00 | -2.00 ± 12.71 | 1.000 |"
             in convergence.variants_table(study))
+    fake_run(tmp_path / "sweep", "none", 0, 4, 81.0, 200.0, precision="fp32")  # another precision is one too
+    study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"))
+    assert "| none, 4 epochs, fp32 | 0 | 81.00 | 1.00 | 2.000 |" in convergence.variants_table(study)
     # 78, 80 -> 79.00 ± 12.71 (sd 1.4142); 79, 81 -> 80.00; 80, 82 -> 81.00
     assert "| none, 4 epochs | 0,1 | 79.00 ± 12.71 | 80.00 ± 12.71 | 81.00 ± 12.71 |" in convergence.tta_table(study)
 
