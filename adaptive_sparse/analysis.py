@@ -54,7 +54,8 @@ PLOTS = {"pareto": "final accuracy against training wall-clock, one line per gat
 RECORD_EPOCH_KEYS = ("epoch", "val_acc", "val_loss", "val_bpc", "train_loss", "epoch_time_s", "scoring_time_s",
                      "train_step_time_s", "activation_rate", "threshold", "budget", "samples_trained",
                      "optimizer_steps", "flops_executed", "flops_scoring", "compute_savings", "lr",
-                     "indexer_loss")
+                     "indexer_loss", "val_acc_tta0", "val_acc_tta1", "val_acc_tta2", "train_eval_loss",
+                     "samples_seen")
 
 
 # --------------------------------------------------------------------------- runs
@@ -449,7 +450,7 @@ def curve(arm: Arm, x_key: str, key: str | None = None) -> tuple[list[float], li
     key, runs = key or arm.metric.key, list(arm.runs.values())
     xs, mean, low, high = [], [], [], []
     for e in range(min(len(r.epochs) for r in runs)):
-        if any(r.epochs[e][key] is None for r in runs):  # training.eval_every_epochs > 1
+        if any(r.epochs[e].get(key) is None for r in runs):  # training.eval_every_epochs > 1, or a key added later
             continue
         xs.append(statistics.fmean(cumulative(r, x_key)[e] for r in runs))
         values = [r.epochs[e][key] for r in runs]

@@ -196,11 +196,11 @@ class Study:
         """What the curves and times to a target read every epoch: the metric, or, where full
         training evaluates with TTA at its end only (`eval_tta_every_epoch=false`), the accuracy
         without TTA (`val_acc_tta0`) that every epoch has."""
-        tta0 = Metric("val_acc_tta0")
-        every = all(e.get(tta0.key) is not None for r in self.full.runs.values() for e in r.epochs)
-        tta_at_end_only = any(e.get(tta0.key) != e.get(self.metric.key) for r in self.full.runs.values()
-                              for e in r.epochs[-1:])
-        return tta0 if self.metric.is_accuracy and every and tta_at_end_only else self.metric
+        tta0 = Metric("val_acc_tta0")  # an epoch recorded before the key: not evaluated on this curve
+        at_end = [r.epochs[-1].get(tta0.key) for r in self.full.runs.values()]
+        tta_at_end_only = all(v is not None for v in at_end) and any(
+            r.epochs[-1][tta0.key] != r.epochs[-1].get(self.metric.key) for r in self.full.runs.values())
+        return tta0 if self.metric.is_accuracy and tta_at_end_only else self.metric
 
     @property
     def curve_full(self) -> float:
