@@ -178,11 +178,12 @@ class Checkpointer:
 
     def __init__(self, path: Path, dist, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, gate, train_loader, every_epochs: int = 1, keep_epochs=(), scaler=None,
-                 config=None, lookahead=None):
+                 config=None, lookahead=None, packer=None):
         self.path, self.dist, self.every_epochs = Path(path), dist, every_epochs
         self.keep_epochs = {keep_epochs} if isinstance(keep_epochs, int) else set(keep_epochs)
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.gate, self.train_loader, self.lookahead = gate, train_loader, lookahead
+        self.packer = packer  # training.pack_remainder=carry: samples waiting across an epoch's end
         self.config = flat_config(config) if config is not None else None
 
     def due(self, epoch: int, last_epoch: int) -> bool:
@@ -198,7 +199,8 @@ class Checkpointer:
              progress: dict | None = None) -> None:
         """After `epoch` complete epochs; `progress` (capture_progress) when stopped inside the next."""
         rank_state = {"gate": self.gate.state_dict(), "train_loader": self.train_loader.state_dict(),
-                      "rng": capture_rng(), "progress": progress}
+                      "rng": capture_rng(), "progress": progress,
+                      "packer": self.packer.state_dict() if self.packer is not None else None}
         ranks = self.dist.gather(rank_state)  # a collective: every rank takes part
         if not self.dist.is_main:
             return
@@ -237,6 +239,8 @@ class Checkpointer:
             self.gate.load_state_dict(rank_state["gate"])
             self.train_loader.load_state_dict(rank_state["train_loader"])
             restore_rng(rank_state["rng"])
+            if self.packer is not None and rank_state.get("packer") is not None:
+                self.packer.load_state_dict(rank_state["packer"], next(self.model.parameters()).device)
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             if self.lookahead is not None:
@@ -264,7 +268,7 @@ def resumable_change(key: str) -> bool:
 
 # Keys added after checkpoints were written, with the value that trains as those runs did: a
 # checkpoint without the key resumes under that value (and is refused under any other).
-ADDED_KEYS = {"training.loss_reduction": "mean"}
+ADDED_KEYS = {"training.loss_reduction": "mean", "training.pack_remainder": "train"}
 
 
 def flat_config(cfg) -> dict[str, Any]:

@@ -57,6 +57,8 @@ def validate_config(cfg: DictConfig) -> None:
     lead_in = t.get("schedule_lead_in_epochs", 0)
     _require(_is_integer(lead_in) and lead_in >= 0,
              "training.schedule_lead_in_epochs", lead_in, "an integer >= 0")
+    _require(t.get("pack_remainder", "train") in ("train", "carry"), "training.pack_remainder",
+             t.get("pack_remainder"), "train or carry")
     _require(t.get("loss_reduction", "mean") in ("mean", "sum"), "training.loss_reduction",
              t.get("loss_reduction"), "mean or sum")
     smoothing = t.get("label_smoothing", 0.0)

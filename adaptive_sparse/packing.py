@@ -108,8 +108,15 @@ class SelectionPacker:
         return batch
 
 
+    def discard(self) -> int:
+        """Drop what still waits (the run's last remainder, under one batch, with
+        training.pack_remainder=carry); returns how many samples were dropped, untrained."""
+        dropped, self.waiting, self.weighted = self.num_waiting, [], False
+        return dropped
+
     def state_dict(self) -> dict:
-        """The samples still waiting (inside an epoch, when a run is stopped mid-way)."""
+        """The samples still waiting (inside an epoch when a run is stopped mid-way, or carried
+        over an epoch's end)."""
         return {"waiting": [{"inputs": b.inputs.cpu(), "targets": b.targets.cpu(), "idx": b.idx.cpu(),
                              "weight": None if b.weight is None else b.weight.cpu()} for b in self.waiting],
                 "weighted": self.weighted}

@@ -52,8 +52,9 @@ def language_settings(tmp_path) -> list[str]:
 
 # the classification run is FastNet's full recipe, small, with the default gate: its lookahead's
 # slow weights, alternating flips' epoch count and the whitening bias frozen after epoch 2 are
-# resumable state too, and the last epoch stops at half its batches
-FASTNET_RECIPE = [*DETERMINISTIC, "+experiment=fastnet", "gate=sundew", "gate.target_rate=0.5",
+# resumable state too, and the last epoch stops at half its batches; packed, the selected samples
+# left at an epoch's end wait in the checkpoint for the next epoch (training.pack_remainder=carry)
+FASTNET_RECIPE = [*DETERMINISTIC, "+experiment=fastnet", "gate=sundew", "gate.target_rate=0.5", "gate.pack=true",
                   "model.widths=[8,16,16]", "model.whiten_bias_epochs=2", "training.batch_size=64",
                   "training.last_epoch_fraction=0.5", "training.lookahead.every_steps=3"]
 
@@ -80,6 +81,8 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path, task):
     assert resumed_summary["val_loss"] == reference_summary["val_loss"]
     if task == "classification":  # 8 batches of 64 an epoch, the last epoch 4 of them: 2.5 epochs
         assert resumed_summary["epochs_trained"] == reference_summary["epochs_trained"] == 2.5
+        # every step a full batch of 64: the remainder waited, the run's last one was dropped
+        assert all(r["samples_trained"] == 64 * r["optimizer_steps"] for r in resumed_records)
     assert resumed_summary["samples_trained"] == reference_summary["samples_trained"]
 
 
