@@ -416,7 +416,7 @@ def goal_verdict(study: Study) -> str:
     lines = []
     metric, goal, digits = study.metric, study.goals, study.metric.digits
     for arm in study.arms.values():
-        if arm.key.gate == "none" or arm.key.rate != 0.5:
+        if arm.key.gate == "none" or arm.key.rate != 0.5 or arm.key.variant:  # variants: their own tables
             continue
         judged = judge(study, arm)
         result = judged.result

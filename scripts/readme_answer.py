@@ -48,7 +48,7 @@ def answer_rows() -> list[str]:
         unit, digits = study.metric.unit, study.metric.digits
         for budget in study.budgets():
             gated = {k.gate: a for k, a in study.arms.items() if k.rate == budget and k.packed
-                     and k.gate in ("sundew_memory", "random") and k.selection is None}
+                     and k.gate in ("sundew_memory", "random") and k.selection is None and not k.variant}
             if "sundew_memory" not in gated:
                 continue
             sundew = report.judge(study, gated["sundew_memory"])
