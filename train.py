@@ -130,11 +130,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     gate = instantiate(cfg.gate, num_samples=train_loader.num_samples, num_classes=task.num_outputs(data),
                        model_kwargs=task.model_kwargs(data), seed=cfg.seed + dist.rank,
                        total_epochs=train_cfg.epochs, device=device)
-    packer = SelectionPacker(train_cfg.batch_size, enabled=gate.pack)  # gate.pack: full training batches
-    # carry: an epoch's remainder waits for the next epoch's samples instead of training as one
-    # small batch (at batch 1024, a step of a dozen samples at the full rate, and their BatchNorm
-    # statistics, wrecked the fast recipe's evaluations)
-    carry_remainder = gate.pack and train_cfg.get("pack_remainder", "train") == "carry"
+    packer = SelectionPacker(train_cfg.batch_size, enabled=gate.pack,  # gate.pack: full training batches
+                             carry=train_cfg.get("pack_remainder", "train") == "carry")
     dist.attach(gate, packer)  # torchrun: global activation rate; ranks step together
     if gate.select_before_loading:  # gates deciding from memory: the loader serves only what they select
         SelectingBatchSampler.serving(train_loader, gate, dist)
@@ -147,7 +144,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     checkpoints = Checkpointer(checkpoint_path, dist, model=model, optimizer=optimizer, scheduler=scheduler,
                                gate=gate, train_loader=train_loader, every_epochs=cfg.checkpoint.every_epochs,
                                keep_epochs=cfg.checkpoint.keep_epochs, scaler=scaler, config=cfg, lookahead=lookahead,
-                               packer=packer if carry_remainder else None)
+                               packer=packer if packer.carry else None)
     start = checkpoints.restore() if resuming else ResumePoint()
     if resuming:
         log.info("resumed from %s after epoch %d%s (step %d)", checkpoint_path, start.epoch,
@@ -232,11 +229,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                                 "train/batch_loss": tally.last_batch_loss})
                     if train_loader.remaining and stop.requested(dist):  # all ranks agree, after the same batch
                         stop_here(epoch - 1)
-                if carry_remainder and epoch == train_cfg.epochs:
-                    packer.discard()  # the run's last remainder (under one batch): not trained, not counted
-                elif not carry_remainder:
-                    for batch in packer.drain():  # packed: the epoch's remainder, so none waits past it
-                        train_selected(batch)
+                for batch in packer.end_of_epoch(last=epoch == train_cfg.epochs):  # packed: the remainder
+                    train_selected(batch)
                 if lookahead is not None and epoch == train_cfg.epochs:
                     lookahead.finish()  # training ends on the slow weights
             if scheduler is not None and not per_batch:

@@ -53,8 +53,11 @@ class SelectionPacker:
     """
 
     def __init__(self, batch_size: int, enabled: bool,
-                 count_reducer: Callable[[int], int] = local_count, ranks: int = 1):
+                 count_reducer: Callable[[int], int] = local_count, ranks: int = 1, carry: bool = False):
         self.batch_size, self.enabled = int(batch_size), bool(enabled)
+        # carry (training.pack_remainder=carry): an epoch's remainder waits for the next epoch's
+        # samples rather than training as one small batch (see `end_of_epoch`)
+        self.carry = self.enabled and bool(carry)
         self.count_reducer, self.ranks = count_reducer, int(ranks)
         self.waiting: list[TrainBatch] = []  # packed: weights relative (1 = an ordinary sample)
         self.empty: TrainBatch | None = None  # a zero-sample batch of the right shapes
@@ -108,11 +111,15 @@ class SelectionPacker:
         return batch
 
 
-    def discard(self) -> int:
-        """Drop what still waits (the run's last remainder, under one batch, with
-        training.pack_remainder=carry); returns how many samples were dropped, untrained."""
-        dropped, self.waiting, self.weighted = self.num_waiting, [], False
-        return dropped
+    def end_of_epoch(self, last: bool) -> Iterator[TrainBatch]:
+        """What trains at an epoch's end: `drain`'s batches; with `carry`, nothing (the remainder
+        waits for the next epoch), and after the run's `last` epoch its remainder, under one
+        batch, is dropped untrained (at batch 1024 a step on a dozen samples at the full rate,
+        and their BatchNorm statistics, wrecked the fast recipe's evaluations)."""
+        if not self.carry:
+            yield from self.drain()
+        elif last:
+            self.waiting, self.weighted = [], False
 
     def state_dict(self) -> dict:
         """The samples still waiting (inside an epoch when a run is stopped mid-way, or carried
