@@ -129,12 +129,18 @@ def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
     return scores.detach()
 
 
+def tta_level(flip: bool, translate: bool) -> int:
+    """airbench's TTA level of these switches: 0 none, 1 mirror, 2 mirror and translate
+    (translation's views are mirrored pairs, so it counts only with the mirror)."""
+    return int(bool(flip)) + int(bool(flip) and bool(translate))
+
+
 def tta_logits(model: nn.Module, inputs: torch.Tensor, flip: bool, translate: bool) -> torch.Tensor:
     """Test-time augmentation's logits [B, C] for images [B, 3, H, W]: the image alone; with
     `flip`, the mean over it and its mirror image; with `translate` too, airbench94's six views:
     half that mean, plus a quarter each for the same mean over the image shifted one pixel up-left
     and one down-right (reflected padding)."""
-    return tta_logits_by_level(model, inputs, int(flip) + int(flip and translate))[-1]
+    return tta_logits_by_level(model, inputs, tta_level(flip, translate))[-1]
 
 
 def tta_logits_by_level(model: nn.Module, inputs: torch.Tensor, level: int) -> list[torch.Tensor]:
@@ -160,7 +166,7 @@ def evaluation_sums(model: nn.Module, loader, precision: str = "fp32", flip_tta:
     targets of -100 are not scored). Sums rather than means so that ranks' shares of the
     validation set add up exactly. With `flip_tta` (and `translate_tta`) the logits are
     `tta_logits`'s over the image's views."""
-    return evaluation_sums_by_tta(model, loader, precision, int(flip_tta) + int(flip_tta and translate_tta))[-1]
+    return evaluation_sums_by_tta(model, loader, precision, tta_level(flip_tta, translate_tta))[-1]
 
 
 @torch.inference_mode()

@@ -23,7 +23,7 @@ from torch import nn
 from adaptive_sparse.config import ConfigError
 from adaptive_sparse.data import BatchLoader, ImageData, IndexedBatches
 from adaptive_sparse.metering import ExampleBatch, class_example, example_like
-from adaptive_sparse.step import evaluation_sums_by_tta
+from adaptive_sparse.step import evaluation_sums_by_tta, tta_level
 
 
 class Task:
@@ -178,8 +178,7 @@ class ClassificationTask(Task):
         return class_example(tuple(data.train.images.shape[1:]))
 
     def tta_level(self, cfg: DictConfig) -> int:
-        flip = bool(cfg.training.eval_flip_tta)
-        return int(flip) + int(flip and cfg.training.get("eval_translate_tta", False))
+        return tta_level(cfg.training.eval_flip_tta, cfg.training.get("eval_translate_tta", False))
 
     def describe(self, data: ImageData) -> str:
         return f"{len(data.train)} train, {len(data.test)} test images"
