@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_sparse.attention import auxiliary_loss
+from adaptive_sparse.records import epochs_trained
 from adaptive_sparse.significance import BatchScores
 
 # n -> (inputs, targets) of a batch of n samples on the meta device: shapes and dtypes only
@@ -209,8 +210,7 @@ def summarise_run(history: list[dict], target_rate: float, flop_meter: FlopMeter
         "compute_savings": 1.0 - flops["flops_executed"] / flops["flops_full"],
         "sample_savings": 1.0 - trained / seen,
         "epochs": len(history),
-        # the last epoch's share of a whole one (training.last_epoch_fraction: airbench94's 9.9 epochs)
-        "epochs_trained": len(history) - 1 + last["samples_seen"] / history[0]["samples_seen"],
+        "epochs_trained": epochs_trained(history),  # training.last_epoch_fraction counted
         "samples_seen": seen,
         "samples_trained": trained,
         "flops_per_sample_forward": flop_meter.forward_per_sample,

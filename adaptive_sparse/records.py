@@ -77,6 +77,12 @@ def time_to_metric(records: Iterable[dict[str, Any]], target: float, metric: Met
     return None
 
 
+def epochs_trained(records: list[dict[str, Any]]) -> float:
+    """Epochs a run trained, its last counted by its share of a whole one (samples seen in it
+    over the first epoch's): airbench94's 10 epochs with a last of 44 of 48 batches are 9.917."""
+    return len(records) - 1 + records[-1]["samples_seen"] / records[0]["samples_seen"]
+
+
 def time_to_accuracy(records: Iterable[dict[str, Any]], accuracy: float) -> float | None:
     """`time_to_metric` for val_acc: the first evaluated epoch at or above `accuracy`."""
     return time_to_metric(records, accuracy)

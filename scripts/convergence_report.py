@@ -44,6 +44,7 @@ import re
 import statistics
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from adaptive_sparse import analysis, records
@@ -120,8 +121,9 @@ def epochs_trained(run: Run) -> float:
     their records (the last epoch's samples seen over the first's), else their whole epochs."""
     if "epochs_trained" in run.summary:
         return run.summary["epochs_trained"]
-    seen = [e.get("samples_seen") for e in run.epochs]
-    return len(seen) - 1 + seen[-1] / seen[0] if seen and all(seen) else run.summary["epochs"]
+    if run.epochs and all(e.get("samples_seen") for e in run.epochs):
+        return records.epochs_trained(run.epochs)
+    return run.summary["epochs"]
 
 
 def group_arms(runs: list[Run], metric: Metric) -> dict[ArmKey, Arm]:
@@ -159,7 +161,6 @@ class Study:
     full: Arm
     metric: Metric    # what the runs are judged by (their records' `metric`)
     full_time: float  # mean training seconds of full training
-    full_acc: float   # its mean final metric (accuracy, or loss)
     idle: dict[tuple[str, float, bool, str | None], float] = field(default_factory=dict)  # see idle_shares
 
     @property
@@ -191,7 +192,7 @@ class Study:
                  and k.precision == self.full.key.precision and abs(k.epochs - epochs) <= within]
         return min(nones, key=lambda pair: pair[0])[1] if nones else None
 
-    @property
+    @cached_property
     def curve(self) -> Metric:
         """What the curves and times to a target read every epoch: the metric, or, where full
         training evaluates with TTA at its end only (`eval_tta_every_epoch=false`), the accuracy
@@ -202,9 +203,10 @@ class Study:
             r.epochs[-1][tta0.key] != r.epochs[-1].get(self.metric.key) for r in self.full.runs.values())
         return tta0 if self.metric.is_accuracy and tta_at_end_only else self.metric
 
-    @property
+    @cached_property
     def curve_full(self) -> float:
-        """Full training's mean final value of the curve's metric."""
+        """Full training's mean final value of the curve's metric (the study's metric's, unless
+        `curve` reads the accuracy without TTA)."""
         return statistics.fmean(r.summary[self.curve.key] for r in self.full.runs.values())
 
     def curve_target(self, margin: float) -> float:
@@ -256,8 +258,7 @@ def build_study(runs: list[Run], bench_files: list[Path] = ()) -> Study:
     if not nones:
         raise SystemExit("no gate=none run: the study needs full training to compare with")
     full = max(nones, key=lambda a: (not a.key.variant, a.key.epochs, len(a.runs)))
-    return Study(arms, full, metric, statistics.fmean(full.times()), statistics.fmean(full.finals().values()),
-                 idle_shares(list(bench_files)))
+    return Study(arms, full, metric, statistics.fmean(full.times()), idle_shares(list(bench_files)))
 
 
 # --------------------------------------------------------------------------- tables

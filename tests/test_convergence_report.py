@@ -57,7 +57,7 @@ def test_record_file_round_trips_the_runs_and_drops_absolute_paths(tmp_path):
 def test_paired_differences_and_intervals_by_hand(tmp_path):
     fabricate(tmp_path / "sweep")
     study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"))
-    assert study.full_acc == 81.0 and study.full_time == 100.0
+    assert study.curve_full == 81.0 and study.full_time == 100.0
     gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "bf16")]
     mean, half, n = analysis.paired(gated, study.matched(0.5))
     # differences 3 and 4: mean 3.5, sd 0.7071, half-width t(1) 12.706 * 0.7071 / sqrt(2) = 6.353
@@ -245,7 +245,7 @@ def test_a_loss_metric_is_judged_lower_is_better(tmp_path):
                        "metric": "val_loss", "higher_is_better": False, "task": "char_lm"}
             (run / "summary.json").write_text(json.dumps(summary))
     study = convergence.build_study(analysis.collect_runs(root))
-    assert study.full_acc == 1.51
+    assert study.curve_full == 1.51
     gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "bf16")]
     mean, half, n = analysis.paired(gated, study.matched(0.5))
     # differences -0.03 and -0.04: mean -0.035, sd 0.00707, half-width 12.706 * 0.00707 / sqrt(2) = 0.0635
