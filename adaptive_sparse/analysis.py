@@ -25,7 +25,7 @@ import socket
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, NamedTuple
+from typing import Any, Callable, Collection, NamedTuple
 
 from omegaconf import OmegaConf
 
@@ -444,15 +444,20 @@ def cumulative(run: Run, key: str) -> list[float]:
     return list(itertools.accumulate(rec[key] for rec in run.epochs))
 
 
-def curve(arm: Arm, x_key: str, key: str | None = None) -> tuple[list[float], list[float], list[float], list[float]]:
+def curve(arm: Arm, x_key: str, key: str | None = None, x_scale: Callable[[Run], float | None] | None = None
+          ) -> tuple[list[float], list[float], list[float], list[float]]:
     """Per evaluated epoch over the arm's seeds: mean cumulative x, and mean, min, max of the
-    metric (or of the record's `key`)."""
+    metric (or of the record's `key`). `x_scale` multiplies each run's x (a share of a baseline
+    on the run's own hardware, say); runs it gives None are left out. All lists are empty when
+    no run is left."""
     key, runs = key or arm.metric.key, list(arm.runs.values())
+    scales = {id(r): 1.0 if x_scale is None else x_scale(r) for r in runs}
+    runs = [r for r in runs if scales[id(r)] is not None]
     xs, mean, low, high = [], [], [], []
-    for e in range(min(len(r.epochs) for r in runs)):
+    for e in range(min((len(r.epochs) for r in runs), default=0)):
         if any(r.epochs[e].get(key) is None for r in runs):  # training.eval_every_epochs > 1, or a key added later
             continue
-        xs.append(statistics.fmean(cumulative(r, x_key)[e] for r in runs))
+        xs.append(statistics.fmean(cumulative(r, x_key)[e] * scales[id(r)] for r in runs))
         values = [r.epochs[e][key] for r in runs]
         mean.append(statistics.fmean(values))
         low.append(min(values))

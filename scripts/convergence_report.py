@@ -33,7 +33,8 @@ Runs are judged by the metric their summary.json names (`metric`: val_acc for cl
 val_loss for task=char_lm, where lower is better), with the goals of `GOALS` in its unit.
 Intervals are adaptive_sparse.analysis's: 95% Student-t over seeds (none for one seed); paired differences take
 the same seed of both arms (arm minus baseline: positive is better for accuracy, negative for a loss). Times are training wall-clock (evaluation excluded) as recorded by
-each run, as a share of full training's mean.
+each run, as a share of full training's mean on the same machine (summary.json's `hardware`): a
+study that outlives a session spans machines, and a time from one is never divided by another's.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ import math
 import re
 import statistics
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -160,7 +162,7 @@ class Study:
     arms: dict[ArmKey, Arm]
     full: Arm
     metric: Metric    # what the runs are judged by (their records' `metric`)
-    full_time: float  # mean training seconds of full training
+    full_times: dict[str, float]  # mean training seconds of full training, by the hardware it ran on
     idle: dict[tuple[str, float, bool, str | None], float] = field(default_factory=dict)  # see idle_shares
 
     @property
@@ -212,10 +214,21 @@ class Study:
     def curve_target(self, margin: float) -> float:
         return self.curve.worse_by(self.curve_full, margin)
 
+    def run_share(self, run: Run, seconds: float | None = None) -> float | None:
+        """`seconds` (default: the run's training time) as a share of full training's mean on the
+        same hardware; None where full training has not run on it (a study that spans machines:
+        times recorded on two machines are never divided by each other)."""
+        full = self.full_times.get(run.summary.get("hardware"))
+        return None if full is None else (run.summary["train_time_s"] if seconds is None else seconds) / full
+
     def times_to(self, arm: Arm, margin: float) -> list[float | None]:
-        """Each run's training seconds until its curve first comes within `margin` of full training's final."""
+        """Each run's training time until its curve first comes within `margin` of full training's
+        final, as a share of full training's on the same hardware (None: not reached); runs on
+        hardware full training has not run on are left out."""
         target = self.curve_target(margin)
-        return [records.time_to_metric(r.epochs, target, self.curve) for r in arm.runs.values()]
+        timed = [r for r in arm.runs.values() if self.run_share(r) is not None]
+        seconds = [records.time_to_metric(r.epochs, target, self.curve) for r in timed]
+        return [None if s is None else self.run_share(r, s) for r, s in zip(timed, seconds)]
 
     def matched(self, budget: float) -> Arm | None:
         """Full training over budget * E epochs: equal FLOPs."""
@@ -232,18 +245,25 @@ class Study:
         share = self.idle_share(arm)
         if share is None:
             nearest = self.nearest_in_time(arm)
+            if nearest is None:
+                return math.nan, None, "no idle measurement, and no run beside full training's hardware"
             return nearest.key.epochs, nearest, "nearest in recorded wall-clock; no idle measurement"
         epochs = self.schedule_at(share)
         return epochs, self.none_over(epochs), f"equal time: the gate's epoch costs {share:.3f} of full training's, idle"
 
-    def share(self, arm: Arm) -> float:
-        return statistics.fmean(arm.times()) / self.full_time
+    def share(self, arm: Arm) -> float | None:
+        """The arm's mean recorded training time as a share of full training's, each run against
+        full training on its own hardware (None: none of its runs has such a partner)."""
+        shares = [s for s in map(self.run_share, arm.runs.values()) if s is not None]
+        return statistics.fmean(shares) if shares else None
 
-    def nearest_in_time(self, arm: Arm) -> Arm:
+    def nearest_in_time(self, arm: Arm) -> Arm | None:
         """The gate=none schedule whose mean wall-clock is closest to this arm's: the baseline
         at equal time when the gate's overheads make it slower than its FLOPs say."""
-        nones = [a for k, a in self.arms.items()
-                 if k.gate == "none" and not k.variant and k.precision == self.full.key.precision]
+        if self.share(arm) is None:
+            return None
+        nones = [a for k, a in self.arms.items() if k.gate == "none" and not k.variant
+                 and k.precision == self.full.key.precision and self.share(a) is not None]
         return min(nones, key=lambda a: abs(self.share(a) - self.share(arm)))
 
     def budgets(self) -> list[float]:
@@ -258,7 +278,15 @@ def build_study(runs: list[Run], bench_files: list[Path] = ()) -> Study:
     if not nones:
         raise SystemExit("no gate=none run: the study needs full training to compare with")
     full = max(nones, key=lambda a: (not a.key.variant, a.key.epochs, len(a.runs)))
-    return Study(arms, full, metric, statistics.fmean(full.times()), idle_shares(list(bench_files)))
+    by_hardware: dict[str, list[float]] = {}
+    for run in full.runs.values():
+        by_hardware.setdefault(run.summary.get("hardware"), []).append(run.summary["train_time_s"])
+    return Study(arms, full, metric, {hw: statistics.fmean(t) for hw, t in by_hardware.items()},
+                 idle_shares(list(bench_files)))
+
+
+def share_text(share: float | None) -> str:
+    return "–" if share is None else f"{share:.3f}"
 
 
 # --------------------------------------------------------------------------- tables
@@ -282,14 +310,14 @@ def arms_table(study: Study, margins: tuple[float, ...] | None = None) -> str:
         cells = []
         for margin in margins:
             reached = study.times_to(arm, margin)
-            done = [t / study.full_time for t in reached if t is not None]
-            cells.append(pm(interval(done)) if len(done) == len(reached)
+            done = [t for t in reached if t is not None]
+            cells.append("–" if not reached else pm(interval(done)) if len(done) == len(reached)
                          else f"not reached by {len(reached) - len(done)} of {len(reached)}")
         lines.append(f"| {study.label(arm)} | {','.join(map(str, sorted(arm.runs)))} | "
                      f"{pm(interval(list(arm.finals().values())), 2 if metric.is_accuracy else 4)} | "
                      + (f"{pm(interval(arm.best()), 4)} | " if best else "")
                      + f"{pm(interval(arm.times()), 0)} | "
-                     f"{study.share(arm):.3f} | {flops:.3f} | {steps:.3f} | {' | '.join(cells)} |")
+                     f"{share_text(study.share(arm))} | {flops:.3f} | {steps:.3f} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -321,7 +349,7 @@ def differences_table(study: Study) -> tuple[str, list[tuple[str, float, Estimat
         # InfoBatch sets no target rate: no budget to match, but the nearest schedule in time still pairs
         versus_flops = paired(arm, study.matched(k.rate)) if k.rate is not None else None
         share = study.idle_share(arm)
-        cells = [label, f"{study.share(arm):.3f}", "–" if share is None else f"{share:.3f}"]
+        cells = [label, share_text(study.share(arm)), share_text(share)]
         cells += versus(versus_flops, digits)
         if share is None:
             cells += ["–", "–"]
@@ -333,7 +361,8 @@ def differences_table(study: Study) -> tuple[str, list[tuple[str, float, Estimat
             if versus_time:
                 forest.append((f"{label} vs {epochs_text(epochs)} epochs (equal idle time)", k.rate, versus_time))
         nearest = study.nearest_in_time(arm)
-        cells += versus(paired(arm, nearest), digits, f" ({epochs_text(nearest.key.epochs)} epochs, {study.share(nearest):.3f})")
+        cells += versus(None if nearest is None else paired(arm, nearest), digits,
+                        "" if nearest is None else f" ({epochs_text(nearest.key.epochs)} epochs, {study.share(nearest):.3f})")
         random = study.arms.get(ArmKey("random", k.rate, k.packed, k.epochs, k.precision))
         cells += versus(paired(arm, random) if k.gate != "random" else None, digits)
         lines.append("| " + " | ".join(cells) + " |")
@@ -359,7 +388,7 @@ def variants_table(study: Study) -> str:
         difference = paired(arm, study.full)
         lines.append(f"| {study.label(arm)} | {','.join(map(str, sorted(arm.runs)))} | "
                      f"{pm(interval(list(arm.finals().values())), digits)} | "
-                     f"{'–' if difference is None else pm(difference, digits)} | {study.share(arm):.3f} |")
+                     f"{'–' if difference is None else pm(difference, digits)} | {share_text(study.share(arm))} |")
     return "\n".join(lines)
 
 
@@ -399,7 +428,7 @@ def judge(study: Study, arm: Arm) -> Verdict:
     gain = None if result is None else metric.sign * result.mean  # > 0: the gate is better
     beat = result is not None and result.half is not None and gain >= goal.beat and gain - result.half > 0
     lossless = study.times_to(arm, goal.lossless)
-    in_time = sum(t is not None and t <= goal.lossless_share * study.full_time for t in lossless)
+    in_time = sum(t is not None and t <= goal.lossless_share for t in lossless)
     if beat or in_time == len(lossless):
         verdict = "met"
     elif result is None:
@@ -473,8 +502,9 @@ def plot_curves(study: Study, budget: float, path: Path) -> None:
     arms = [study.full, *(a for a in [study.matched(budget)] if a)]
     arms += [a for a in study.arms.values() if a.key.gate != "none" and a.key.rate == budget]
     for i, arm in enumerate(arms):
-        xs, mean, _, _ = analysis.curve(arm, "epoch_time_s", study.curve.key)
-        ax.plot([x / study.full_time for x in xs], mean, marker=".", color="black" if i == 0 else f"C{i}",
+        # each run's seconds over full training's on the same hardware (1 / its time there)
+        xs, mean, _, _ = analysis.curve(arm, "epoch_time_s", study.curve.key, x_scale=lambda r: study.run_share(r, 1.0))
+        ax.plot(xs, mean, marker=".", color="black" if i == 0 else f"C{i}",
                 linestyle="--" if arm.key.gate == "none" else "-", label=f"{study.label(arm)} (n={len(arm.runs)})")
     metric, margin, final = study.curve, study.goals.time_margin, study.curve_full
     ax.axhline(study.curve_target(margin), color="grey", linewidth=0.8, linestyle=":")
@@ -518,6 +548,21 @@ def full_text(study: Study) -> str:
     return f"{study.metric.key} {pm(figure, 4)}"
 
 
+def hardware_text(study: Study) -> str:
+    """Where the study's runs trained: one machine's name, or each with its count of runs."""
+    counts = Counter(r.summary.get("hardware", "?") for a in study.arms.values() for r in a.runs.values())
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "; ".join(f"{hardware} ({n} run{'' if n == 1 else 's'})" for hardware, n in counts.most_common())
+
+
+def full_time_text(study: Study) -> str:
+    """Full training's mean training seconds, on each machine it ran on when more than one."""
+    if len(study.full_times) == 1:
+        return f"{next(iter(study.full_times.values())):.0f} s"
+    return ", ".join(f"{seconds:.0f} s on {hardware}" for hardware, seconds in study.full_times.items())
+
+
 def default_idle_benches(source: Path) -> list[Path]:
     """The idle benchmarks beside a record file (idle_bench*.json); none for a sweep directory."""
     return sorted(source.parent.glob("idle_bench*.json")) if source.is_file() else []
@@ -550,13 +595,15 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
         f"# {title}", "",
         f"Made by `{command}` from {sum(len(a.runs) for a in study.arms.values())} "
         f"runs. Model {facts['model']}, dataset {facts['dataset']} ({facts.get('data_source', '?')}), "
-        f"precision {facts.get('precision', '?')}, {facts['hardware']}; full training: {epochs_text(study.full.key.epochs)} "
-        f"epochs, {full_text(study)} in {study.full_time:.0f} s.", "",
+        f"precision {facts.get('precision', '?')}, {hardware_text(study)}; full training: {epochs_text(study.full.key.epochs)} "
+        f"epochs, {full_text(study)} in {full_time_text(study)}.", "",
         "## The goal at budget 0.5", "", goal_verdict(study), "",
         "## Every arm", "", arms_table(study, margins), "",
         f"{analysis.INTERVAL_NOTE} Time: training wall-clock as each run recorded it "
         "(evaluation excluded), two runs sharing the machine, so a run's time depends on its "
-        "neighbour. FLOPs: counted with torch.utils.flop_counter (scoring included). "
+        "neighbour" + ("" if len(study.full_times) == 1 else
+                       "; each run's share is of full training's on the same machine (runs on a machine "
+                       "full training has not run on have none)") + ". FLOPs: counted with torch.utils.flop_counter (scoring included). "
         "Optimiser steps: counted per epoch (`optimizer_steps`); for epochs run before that key "
         "existed, one per batch of 64."
         + ("" if study.curve == study.metric else

@@ -16,7 +16,8 @@ convergence = load_script("convergence_report")
 
 def fake_run(root: Path, gate: str, seed: int, epochs: int, acc: float, time_s: float,
              rate: float | None = 1.0, pack: bool = False, epochs_trained: float | None = None,
-             extra: tuple[str, ...] = (), steps: int = 10, precision: str = "bf16") -> None:
+             extra: tuple[str, ...] = (), steps: int = 10, precision: str = "bf16",
+             hardware: str = "CPU, 1 threads") -> None:
     """A finished run: accuracy rises linearly to `acc`, every epoch takes time_s / epochs;
     `epochs_trained` when its last epoch stops early, `extra` overrides off the study's axes."""
     run = root / f"{gate}_{rate}_{pack}_{epochs_trained or epochs}_{seed}{''.join(extra)}{'' if precision == 'bf16' else precision}"
@@ -31,7 +32,7 @@ def fake_run(root: Path, gate: str, seed: int, epochs: int, acc: float, time_s: 
         "val_acc": acc, "train_time_s": time_s, "epoch_times_s": [time_s / epochs] * epochs,
         "gate": gate, "target_rate": rate, "epochs": epochs, "seed": seed, "flops_executed": 1e9 * epochs,
         "samples_seen": 640, "model": "cnn", "dataset": "cifar10", "data_source": "folder:/data/cifar10",
-        "hardware": "CPU, 1 threads", "precision": precision, "activation_rate": rate or 0.7,
+        "hardware": hardware, "precision": precision, "activation_rate": rate or 0.7,
         **({"epochs_trained": epochs_trained} if epochs_trained else {})}))
 
 
@@ -57,7 +58,7 @@ def test_record_file_round_trips_the_runs_and_drops_absolute_paths(tmp_path):
 def test_paired_differences_and_intervals_by_hand(tmp_path):
     fabricate(tmp_path / "sweep")
     study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"))
-    assert study.curve_full == 81.0 and study.full_time == 100.0
+    assert study.curve_full == 81.0 and study.full_times == {"CPU, 1 threads": 100.0}
     gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "bf16")]
     mean, half, n = analysis.paired(gated, study.matched(0.5))
     # differences 3 and 4: mean 3.5, sd 0.7071, half-width t(1) 12.706 * 0.7071 / sqrt(2) = 6.353
@@ -66,6 +67,26 @@ def test_paired_differences_and_intervals_by_hand(tmp_path):
     # (1 + 3.5) / 2: random's seeds 72.0, 72.5 against gated 73.0, 76.0
     assert study.share(gated) == 0.52
     assert study.nearest_in_time(gated) is study.matched(0.5)  # 52 s: the 2-epoch schedule's 50 s, not 100 s
+
+
+def test_a_study_across_machines_divides_times_only_by_full_trainings_on_the_same_one(tmp_path):
+    """Seed 0 trained on machine A (full training 100 s), seed 1 on B (200 s), a third gated
+    run on C, where full training never ran: its time is compared with nothing."""
+    root = tmp_path / "sweep"
+    fake_run(root, "none", 0, 4, 80.0, 100.0, hardware="A")
+    fake_run(root, "none", 1, 4, 82.0, 200.0, hardware="B")
+    for seed, (acc, seconds, hardware) in enumerate([(73.0, 52.0, "A"), (76.0, 110.0, "B"), (75.0, 60.0, "C")]):
+        fake_run(root, "sundew_memory", seed, 4, acc, seconds, rate=0.5, pack=True, hardware=hardware)
+    study = convergence.build_study(analysis.collect_runs(root))
+    gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "bf16")]
+    assert study.full_times == {"A": 100.0, "B": 200.0}
+    assert study.share(gated) == (0.52 + 0.55) / 2  # 52 / 100 and 110 / 200; C's run has no partner
+    # target 81 - 1 = 80: seed 0's full training gets there at its 4th epoch (100 s of 100), seed
+    # 1's (76, 78, 80, 82) at its 3rd (150 s of 200); the gated runs never do, C's is left out
+    assert study.times_to(study.full, 1.0) == [1.0, 0.75]
+    assert study.times_to(gated, 1.0) == [None, None]
+    page = convergence.write_page(root, tmp_path / "page").read_text()
+    assert "A (2 runs); B (2 runs); C (1 run)" in page and "in 100 s on A, 200 s on B." in page
 
 
 def test_page_states_the_goal_and_lists_what_is_missing(tmp_path):
@@ -283,5 +304,5 @@ def test_a_study_with_tta_at_the_end_only_times_its_targets_on_the_plain_accurac
     assert study.curve.key == "val_acc_tta0" and study.curve_target(0.5) == 78.5
     # full training's tta0 curves: 74, 76, 78, 78 (seed 0) and 76, 78, 80, 80 (seed 1), 25 s an
     # epoch: seed 0 never reaches 78.5, seed 1 at epoch 3 (75 s)
-    assert study.times_to(study.full, 0.5) == [None, 75.0]
+    assert study.times_to(study.full, 0.5) == [None, 0.75]
     assert "time to 78.50% val_acc_tta0 (full - 0.5 pt)" in convergence.arms_table(study)
