@@ -131,17 +131,23 @@ def collect_runs(source: str | Path) -> list[Run]:
 
 def export_records(runs: list[Run], root: Path, path: Path) -> int:
     """One JSON line per complete run (its directory relative to `root`, overrides, summary
-    and trimmed per-epoch records): a few kB a run, committed in place of run directories."""
-    lines = []
+    and trimmed per-epoch records): a few kB a run, committed in place of run directories.
+    An existing record at `path` keeps the runs `runs` do not hold, because a study outlives
+    its sessions and a fresh machine's sweep directory holds only the runs made there; a run in
+    both is written from `runs`. Returns how many runs the record holds."""
+    lines = {}  # by run directory: the record's, then this export's
+    if path.exists():
+        lines = {json.loads(line)["run"]: line for line in path.read_text().splitlines() if line.strip()}
     for run in (r for r in runs if r.complete):
         epochs = [{k: rec[k] for k in RECORD_EPOCH_KEYS if k in rec} for rec in run.epochs]
         summary = {k: v for k, v in run.summary.items() if k != "epoch_times_s"}  # in the epochs already
         if "data_source" in summary:
             summary["data_source"] = records.short_source(summary["data_source"])
-        lines.append(json.dumps({"run": str(run.path.relative_to(root)), "overrides": run.overrides,
-                                 "summary": summary, "epochs": epochs}, sort_keys=True))
+        name = str(run.path.relative_to(root))
+        lines[name] = json.dumps({"run": name, "overrides": run.overrides, "summary": summary, "epochs": epochs},
+                                 sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(line + "\n" for line in lines))  # directory order, as collect_runs reads them
+    path.write_text("".join(lines[name] + "\n" for name in sorted(lines)))  # directory order, as collect_runs reads them
     return len(lines)
 
 

@@ -25,13 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory, or a runs.jsonl record file")
     parser.add_argument("--wandb", action="store_true", help="also publish a W&B Report for the sweep's group")
     parser.add_argument("--export", type=Path, metavar="RUNS_JSONL",
-                        help="write the complete runs' compact record to this file")
+                        help="write the complete runs' compact record to this file (a record already "
+                             "there keeps the runs the sweep directory does not hold)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.exists():
         parser.error(f"{args.sweep_dir} is neither a directory nor a record file")
     if args.export:
-        count = analysis.export_records(analysis.collect_runs(args.sweep_dir), args.sweep_dir, args.export)
-        print(f"wrote {count} runs to {args.export}")
+        runs = analysis.collect_runs(args.sweep_dir)
+        count = analysis.export_records(runs, args.sweep_dir, args.export)
+        print(f"{args.export}: {count} runs, {sum(r.complete for r in runs)} of them from {args.sweep_dir}")
     path, rows, runs = analysis.write_report(args.sweep_dir)
     print(analysis.table_markdown(rows) if rows else "no complete runs")
     for run in runs:

@@ -55,6 +55,20 @@ def test_record_file_round_trips_the_runs_and_drops_absolute_paths(tmp_path):
     assert again[0].summary["data_source"] == "folder:cifar10"
 
 
+def test_a_record_keeps_its_runs_when_a_later_sweep_directory_holds_only_new_ones(tmp_path):
+    """A study's second session, on a fresh machine: its sweep holds one new run and a rerun of
+    a recorded one; the export keeps the other seven and takes the rerun's figures."""
+    fabricate(tmp_path / "first")
+    record = tmp_path / "runs.jsonl"
+    analysis.export_records(analysis.collect_runs(tmp_path / "first"), tmp_path / "first", record)
+    fake_run(tmp_path / "second", "none", 0, 4, 79.0, 90.0)             # rerun: none_1.0_False_4_0
+    fake_run(tmp_path / "second", "random", 2, 4, 71.0, 48.0, rate=0.5, pack=True)  # new seed
+    assert analysis.export_records(analysis.collect_runs(tmp_path / "second"), tmp_path / "second", record) == 9
+    runs = {r.path.name: r.summary["val_acc"] for r in analysis.read_records(record)}
+    assert runs["none_1.0_False_4_0"] == 79.0 and runs["random_0.5_True_4_2"] == 71.0
+    assert runs["none_1.0_False_4_1"] == 82.0 and list(runs) == sorted(runs)
+
+
 def test_paired_differences_and_intervals_by_hand(tmp_path):
     fabricate(tmp_path / "sweep")
     study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"))
