@@ -316,9 +316,20 @@ def arms_table(study: Study, margins: tuple[float, ...] | None = None) -> str:
         lines.append(f"| {study.label(arm)} | {','.join(map(str, sorted(arm.runs)))} | "
                      f"{pm(interval(list(arm.finals().values())), 2 if metric.is_accuracy else 4)} | "
                      + (f"{pm(interval(arm.best()), 4)} | " if best else "")
-                     + f"{pm(interval(arm.times()), 0)} | "
+                     + f"{times_text(study, arm)} | "
                      f"{share_text(study.share(arm))} | {flops:.3f} | {steps:.3f} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def times_text(study: Study, arm: Arm) -> str:
+    """The arm's recorded training seconds over seeds; on each machine apart when the study
+    spans more than one (a mean across machines would mix their speeds)."""
+    if len(study.full_times) == 1:
+        return pm(interval(arm.times()), 0)
+    by_hardware: dict[str, list[float]] = {}
+    for run in arm.runs.values():
+        by_hardware.setdefault(run.summary.get("hardware", "?"), []).append(run.summary["train_time_s"])
+    return "; ".join(f"{pm(interval(times), 0)} on {hardware}" for hardware, times in by_hardware.items())
 
 
 def optimizer_steps(run: Run) -> int:

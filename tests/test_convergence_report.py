@@ -101,6 +101,7 @@ def test_a_study_across_machines_divides_times_only_by_full_trainings_on_the_sam
     assert study.times_to(gated, 1.0) == [None, None]
     page = convergence.write_page(root, tmp_path / "page").read_text()
     assert "A (2 runs); B (2 runs); C (1 run)" in page and "in 100 s on A, 200 s on B." in page
+    assert "| 52 on A; 110 on B; 60 on C |" in page  # the gated arm's train time cell
 
 
 def test_page_states_the_goal_and_lists_what_is_missing(tmp_path):
