@@ -218,7 +218,7 @@ class Study:
         """`seconds` (default: the run's training time) as a share of full training's mean on the
         same hardware; None where full training has not run on it (a study that spans machines:
         times recorded on two machines are never divided by each other)."""
-        full = self.full_times.get(run.summary.get("hardware"))
+        full = self.full_times.get(hardware_of(run))
         return None if full is None else (run.summary["train_time_s"] if seconds is None else seconds) / full
 
     def times_to(self, arm: Arm, margin: float) -> list[float | None]:
@@ -278,11 +278,21 @@ def build_study(runs: list[Run], bench_files: list[Path] = ()) -> Study:
     if not nones:
         raise SystemExit("no gate=none run: the study needs full training to compare with")
     full = max(nones, key=lambda a: (not a.key.variant, a.key.epochs, len(a.runs)))
-    by_hardware: dict[str, list[float]] = {}
-    for run in full.runs.values():
-        by_hardware.setdefault(run.summary.get("hardware"), []).append(run.summary["train_time_s"])
-    return Study(arms, full, metric, {hw: statistics.fmean(t) for hw, t in by_hardware.items()},
-                 idle_shares(list(bench_files)))
+    full_times = {hw: statistics.fmean(r.summary["train_time_s"] for r in runs) for hw, runs in by_hardware(full).items()}
+    return Study(arms, full, metric, full_times, idle_shares(list(bench_files)))
+
+
+def hardware_of(run: Run) -> str:
+    """The machine a run trained on, as its summary.json names it ('?' for a record without)."""
+    return run.summary.get("hardware", "?")
+
+
+def by_hardware(arm: Arm) -> dict[str, list[Run]]:
+    """The arm's runs by the machine each trained on, in seed order."""
+    groups: dict[str, list[Run]] = {}
+    for run in arm.runs.values():
+        groups.setdefault(hardware_of(run), []).append(run)
+    return groups
 
 
 def share_text(share: float | None) -> str:
@@ -326,10 +336,8 @@ def times_text(study: Study, arm: Arm) -> str:
     spans more than one (a mean across machines would mix their speeds)."""
     if len(study.full_times) == 1:
         return pm(interval(arm.times()), 0)
-    by_hardware: dict[str, list[float]] = {}
-    for run in arm.runs.values():
-        by_hardware.setdefault(run.summary.get("hardware", "?"), []).append(run.summary["train_time_s"])
-    return "; ".join(f"{pm(interval(times), 0)} on {hardware}" for hardware, times in by_hardware.items())
+    return "; ".join(f"{pm(interval([r.summary['train_time_s'] for r in runs]), 0)} on {hardware}"
+                     for hardware, runs in by_hardware(arm).items())
 
 
 def optimizer_steps(run: Run) -> int:
@@ -440,7 +448,7 @@ def judge(study: Study, arm: Arm) -> Verdict:
     beat = result is not None and result.half is not None and gain >= goal.beat and gain - result.half > 0
     lossless = study.times_to(arm, goal.lossless)
     in_time = sum(t is not None and t <= goal.lossless_share for t in lossless)
-    if beat or in_time == len(lossless):
+    if beat or (lossless and in_time == len(lossless)):  # no run timed against full training: not met by time
         verdict = "met"
     elif result is None:
         verdict = f"undecided (full training over {epochs_text(epochs)} epochs not yet run)"
@@ -561,7 +569,7 @@ def full_text(study: Study) -> str:
 
 def hardware_text(study: Study) -> str:
     """Where the study's runs trained: one machine's name, or each with its count of runs."""
-    counts = Counter(r.summary.get("hardware", "?") for a in study.arms.values() for r in a.runs.values())
+    counts = Counter(hardware_of(r) for a in study.arms.values() for r in a.runs.values())
     if len(counts) == 1:
         return next(iter(counts))
     return "; ".join(f"{hardware} ({n} run{'' if n == 1 else 's'})" for hardware, n in counts.most_common())

@@ -104,6 +104,18 @@ def test_a_study_across_machines_divides_times_only_by_full_trainings_on_the_sam
     assert "| 52 on A; 110 on B; 60 on C |" in page  # the gated arm's train time cell
 
 
+def test_a_gate_timed_only_on_a_machine_full_training_never_ran_on_is_not_met_by_time(tmp_path):
+    """No run of the gated arm has a full-training partner on its machine, so nothing says it
+    came within the margin in half the time: the verdict cannot be "met" on that count."""
+    root = tmp_path / "sweep"
+    for seed in (0, 1):
+        fake_run(root, "none", seed, 4, 80.0 + seed, 100.0, hardware="A")
+        fake_run(root, "sundew_memory", seed, 4, 70.0, 30.0, rate=0.5, pack=True, hardware="C")
+    study = convergence.build_study(analysis.collect_runs(root))
+    gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "bf16")]
+    assert study.times_to(gated, 0.3) == [] and convergence.judge(study, gated).verdict != "met"
+
+
 def test_page_states_the_goal_and_lists_what_is_missing(tmp_path):
     fabricate(tmp_path / "sweep")
     queue = tmp_path / "queue.txt"
