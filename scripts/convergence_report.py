@@ -33,7 +33,7 @@ Runs are judged by the metric their summary.json names (`metric`: val_acc for cl
 val_loss for task=char_lm, where lower is better), with the goals of `GOALS` in its unit.
 Intervals are adaptive_sparse.analysis's: 95% Student-t over seeds (none for one seed); paired differences take
 the same seed of both arms (arm minus baseline: positive is better for accuracy, negative for a loss). Times are training wall-clock (evaluation excluded) as recorded by
-each run, as a share of full training's mean on the same machine (summary.json's `hardware`): a
+each run, as a share of full training's mean on the same machine (summary.json's `hardware` and `precision`): a
 study that outlives a session spans machines, and a time from one is never divided by another's.
 """
 from __future__ import annotations
@@ -283,8 +283,13 @@ def build_study(runs: list[Run], bench_files: list[Path] = ()) -> Study:
 
 
 def hardware_of(run: Run) -> str:
-    """The machine a run trained on, as its summary.json names it ('?' for a record without)."""
-    return run.summary.get("hardware", "?")
+    """The machine a run trained on and the precision it trained in, as its summary.json names them
+    ('?' for a record without): 'AMD EPYC, 1 threads, bf16'. The precision belongs to the machine's
+    name because two kinds of machine can share a CPU name and differ in native bf16, and with it in
+    their speed by 2x."""
+    hardware = run.summary.get("hardware", "?")
+    precision = run.summary.get("precision")
+    return hardware if precision is None else f"{hardware}, {precision}"
 
 
 def by_hardware(arm: Arm) -> dict[str, list[Run]]:
@@ -614,7 +619,7 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
         f"# {title}", "",
         f"Made by `{command}` from {sum(len(a.runs) for a in study.arms.values())} "
         f"runs. Model {facts['model']}, dataset {facts['dataset']} ({facts.get('data_source', '?')}), "
-        f"precision {facts.get('precision', '?')}, {hardware_text(study)}; full training: {epochs_text(study.full.key.epochs)} "
+        f"{hardware_text(study)}; full training: {epochs_text(study.full.key.epochs)} "
         f"epochs, {full_text(study)} in {full_time_text(study)}.", "",
         "## The goal at budget 0.5", "", goal_verdict(study), "",
         "## Every arm", "", arms_table(study, margins), "",

@@ -72,7 +72,7 @@ def test_a_record_keeps_its_runs_when_a_later_sweep_directory_holds_only_new_one
 def test_paired_differences_and_intervals_by_hand(tmp_path):
     fabricate(tmp_path / "sweep")
     study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"))
-    assert study.curve_full == 81.0 and study.full_times == {"CPU, 1 threads": 100.0}
+    assert study.curve_full == 81.0 and study.full_times == {"CPU, 1 threads, bf16": 100.0}
     gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "bf16")]
     mean, half, n = analysis.paired(gated, study.matched(0.5))
     # differences 3 and 4: mean 3.5, sd 0.7071, half-width t(1) 12.706 * 0.7071 / sqrt(2) = 6.353
@@ -93,15 +93,28 @@ def test_a_study_across_machines_divides_times_only_by_full_trainings_on_the_sam
         fake_run(root, "sundew_memory", seed, 4, acc, seconds, rate=0.5, pack=True, hardware=hardware)
     study = convergence.build_study(analysis.collect_runs(root))
     gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "bf16")]
-    assert study.full_times == {"A": 100.0, "B": 200.0}
+    assert study.full_times == {"A, bf16": 100.0, "B, bf16": 200.0}
     assert study.share(gated) == (0.52 + 0.55) / 2  # 52 / 100 and 110 / 200; C's run has no partner
     # target 81 - 1 = 80: seed 0's full training gets there at its 4th epoch (100 s of 100), seed
     # 1's (76, 78, 80, 82) at its 3rd (150 s of 200); the gated runs never do, C's is left out
     assert study.times_to(study.full, 1.0) == [1.0, 0.75]
     assert study.times_to(gated, 1.0) == [None, None]
     page = convergence.write_page(root, tmp_path / "page").read_text()
-    assert "A (2 runs); B (2 runs); C (1 run)" in page and "in 100 s on A, 200 s on B." in page
-    assert "| 52 on A; 110 on B; 60 on C |" in page  # the gated arm's train time cell
+    assert "A, bf16 (2 runs); B, bf16 (2 runs); C, bf16 (1 run)" in page
+    assert "in 100 s on A, bf16, 200 s on B, bf16." in page
+    assert "| 52 on A, bf16; 110 on B, bf16; 60 on C, bf16 |" in page  # the gated arm's train time cell
+
+
+def test_the_same_cpu_in_another_precision_is_another_machine(tmp_path):
+    """Two kinds of machine share the name 'AMD EPYC' and differ in native bf16: a gated run in fp32
+    on it is not timed against full training in bf16 there (100 s), whose epochs cost half as much."""
+    root = tmp_path / "sweep"
+    fake_run(root, "none", 0, 4, 80.0, 100.0, hardware="A")
+    fake_run(root, "sundew_memory", 0, 4, 75.0, 90.0, rate=0.5, pack=True, hardware="A", precision="fp32")
+    study = convergence.build_study(analysis.collect_runs(root))
+    gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "fp32")]
+    assert convergence.hardware_of(gated.runs[0]) == "A, fp32"
+    assert study.run_share(gated.runs[0]) is None and study.share(gated) is None
 
 
 def test_a_gate_timed_only_on_a_machine_full_training_never_ran_on_is_not_met_by_time(tmp_path):
@@ -269,9 +282,10 @@ def test_a_run_off_the_studys_axes_is_a_variant_arm_never_full_training(tmp_path
     # seed by seed 79 - 80 and 79 - 82: -2.00, t(1) 12.706 * 1.4142 / sqrt(2) = 12.71
     assert ("| none, 4 epochs, training.lookahead=null | 0,1,2 | 79.00 ± 0.00 | -2.00 ± 12.71 | 1.000 |"
             in convergence.variants_table(study))
-    fake_run(tmp_path / "sweep", "none", 0, 4, 81.0, 200.0, precision="fp32")  # another precision is one too
+    # another precision is a variant too; its time is not divided by bf16's (another machine, maybe)
+    fake_run(tmp_path / "sweep", "none", 0, 4, 81.0, 200.0, precision="fp32")
     study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"))
-    assert "| none, 4 epochs, fp32 | 0 | 81.00 | 1.00 | 2.000 |" in convergence.variants_table(study)
+    assert "| none, 4 epochs, fp32 | 0 | 81.00 | 1.00 | – |" in convergence.variants_table(study)
     # 78, 80 -> 79.00 ± 12.71 (sd 1.4142); 79, 81 -> 80.00; 80, 82 -> 81.00
     assert "| none, 4 epochs | 0,1 | 79.00 ± 12.71 | 80.00 ± 12.71 | 81.00 ± 12.71 |" in convergence.tta_table(study)
 
