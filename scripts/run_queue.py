@@ -16,6 +16,12 @@ work are taken up at their next run. A run that starts from another's checkpoint
 (`init_from=PATH`) is not claimed before PATH exists: a worker takes the next free run instead,
 and when only such runs are left while other runs are still in progress, it waits for them.
 Overrides after `--` go to every run and stay out of the directory names.
+
+`--precision bf16` keeps a study in one precision across machines: a run that leaves
+`training.precision` to the machine (`auto`) is taken only by a worker whose machine resolves
+`auto` to bf16, so a worker on a CPU without native bf16 does not train the study's next seed in
+fp32 beside its bf16 seeds (an arm of its own, with nothing to pair with); it takes the lines
+that name their precision and leaves the rest, as `--list` shows ("elsewhere").
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
+from adaptive_sparse.config import resolve_device, resolve_precision
 from adaptive_sparse.sweeps import read_queue, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,10 +96,24 @@ def finished(run_dir: Path, recorded: set[str]) -> bool:
     return (run_dir / "summary.json").exists() or run_dir.name in recorded
 
 
-def next_run(queue: list[list[str]], out: Path, recorded: set[str] = frozenset()) -> tuple[list[str], Path] | None:
+def names_precision(overrides: list[str]) -> bool:
+    """Whether the overrides set training.precision themselves (rather than leave it to `auto`)."""
+    return any(o.split("=", 1)[0].lstrip("+") == "training.precision" for o in overrides)
+
+
+def for_another_machine(overrides: list[str], study_precision: str | None, machine_precision: str) -> bool:
+    """A run that leaves its precision to the machine, where the machine's `auto` is not the
+    study's precision (None: any machine will do)."""
+    return study_precision not in (None, machine_precision) and not names_precision(overrides)
+
+
+def next_run(queue: list[list[str]], out: Path, recorded: set[str] = frozenset(),
+             skip: Callable[[list[str]], bool] = lambda overrides: False) -> tuple[list[str], Path] | None:
+    """The first run of the queue that is not finished, not waiting for a checkpoint and not
+    `skip`ped, claimed for this process; None when there is none."""
     for overrides in queue:
         run_dir = out / run_name(overrides)
-        if finished(run_dir, recorded) or missing_checkpoint(overrides):
+        if finished(run_dir, recorded) or missing_checkpoint(overrides) or skip(overrides):
             continue
         if claim(out / f"{run_dir.name}.claim"):
             return overrides, run_dir
@@ -117,8 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print each run's state and exit")
     parser.add_argument("--poll-s", type=float, default=60.0,
                         help="while only runs waiting for a checkpoint are left, look again this often")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                        help="the study's precision: runs that leave it to the machine (auto) are taken "
+                             "only on a machine whose auto resolves to it")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    machine = resolve_precision("auto", resolve_device("auto"))
+    def elsewhere(overrides: list[str]) -> bool:
+        return for_another_machine([*overrides, *common], args.precision, machine)
     if args.list:
         recorded = recorded_runs(args.queue)
         for overrides in read_queue(args.queue):
@@ -127,13 +155,14 @@ def main(argv: list[str] | None = None) -> int:
                      "recorded" if run_dir.name in recorded else
                      "claimed" if (args.out / f"{run_dir.name}.claim").exists() else
                      "blocked" if missing_checkpoint(overrides) else
+                     "elsewhere" if elsewhere(overrides) else
                      "started" if run_dir.exists() else "waiting")
             print(f"{state:8s} {' '.join(overrides)}")
         return 0
     # the queue and the record are read again before each run: edit the queue while workers run
     while True:
         queue, recorded = read_queue(args.queue), recorded_runs(args.queue)
-        job = next_run(queue, args.out, recorded)
+        job = next_run(queue, args.out, recorded, skip=elsewhere)
         if job is None:
             blocked = blocked_runs(queue, args.out, recorded)
             if blocked and runs_in_progress(args.out):
@@ -141,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for overrides in blocked:
                 print(f"never started (no {missing_checkpoint(overrides)}): {' '.join(overrides)}", flush=True)
+            left = [o for o in queue if not finished(args.out / run_name(o), recorded) and elsewhere(o)]
+            if left:
+                print(f"{len(left)} runs left for a machine that trains {args.precision} "
+                      f"(this one trains {machine} at training.precision=auto)", flush=True)
             break
         overrides, run_dir = job
         # quoted: the directory's name holds '=' and ',', which Hydra's override grammar would parse

@@ -106,3 +106,18 @@ def test_a_worker_waits_for_a_checkpoint_only_while_a_run_is_in_progress(tmp_pat
     monkeypatch.setattr(queue.subprocess, "call", lambda *a, **k: pytest.fail("a blocked run was started"))
     assert queue.main([str(file), "--out", str(out), "--poll-s", "5"]) == 0
     assert sleeps == [5]
+
+
+def test_a_study_in_bf16_leaves_its_auto_runs_to_a_machine_with_native_bf16(tmp_path):
+    """On a machine whose auto is fp32, `--precision bf16` skips the runs that leave precision to
+    the machine and takes a line that names its own; on a bf16 machine it takes them all."""
+    runs = [["seed=4"], ["training.precision=fp32", "seed=0"], ["+training.precision=bf16", "seed=5"]]
+    on_fp32 = lambda overrides: queue.for_another_machine(overrides, "bf16", "fp32")
+    assert [on_fp32(r) for r in runs] == [True, False, False]
+    assert not any(queue.for_another_machine(r, "bf16", "bf16") for r in runs)
+    assert not any(queue.for_another_machine(r, None, "fp32") for r in runs)  # no --precision: any machine
+    out = tmp_path / "out"
+    out.mkdir()
+    assert queue.next_run(runs, out, skip=on_fp32) == (runs[1], out / "seed=0,training.precision=fp32")
+    assert queue.next_run(runs, out, skip=on_fp32) == (runs[2], out / "seed=5,training.precision=bf16")
+    assert queue.next_run(runs, out, skip=on_fp32) is None  # seed=4 waits for a bf16 machine
