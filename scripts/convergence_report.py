@@ -284,10 +284,14 @@ def build_study(runs: list[Run], bench_files: list[Path] = ()) -> Study:
 
 def hardware_of(run: Run) -> str:
     """The machine a run trained on and the precision it trained in, as its summary.json names them
-    ('?' for a record without): 'AMD EPYC, 1 threads, bf16'. The precision belongs to the machine's
-    name because two kinds of machine can share a CPU name and differ in native bf16, and with it in
-    their speed by 2x."""
+    ('?' for a record without): 'AMD EPYC, 1 threads, bf16', or 'AMD EPYC (no native bf16), 1
+    threads, fp32'. Two kinds of machine share a CPU name and differ in native bf16, and with it in
+    speed by 2x or more: runs written since summaries carry `native_bf16` name it; for older ones
+    the precision alone tells them apart (bf16 ran only where it was native)."""
     hardware = run.summary.get("hardware", "?")
+    if run.summary.get("native_bf16") is False:
+        cpu, _, threads = hardware.partition(", ")
+        hardware = f"{cpu} (no native bf16)" + (f", {threads}" if threads else "")
     precision = run.summary.get("precision")
     return hardware if precision is None else f"{hardware}, {precision}"
 

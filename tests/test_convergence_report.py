@@ -115,6 +115,9 @@ def test_the_same_cpu_in_another_precision_is_another_machine(tmp_path):
     gated = study.arms[convergence.ArmKey("sundew_memory", 0.5, True, 4, "fp32")]
     assert convergence.hardware_of(gated.runs[0]) == "A, fp32"
     assert study.run_share(gated.runs[0]) is None and study.share(gated) is None
+    # a summary that says its CPU lacks native bf16 names it, whatever the precision
+    gated.runs[0].summary.update(hardware="A, 1 threads", native_bf16=False)
+    assert convergence.hardware_of(gated.runs[0]) == "A (no native bf16), 1 threads, fp32"
 
 
 def test_a_gate_timed_only_on_a_machine_full_training_never_ran_on_is_not_met_by_time(tmp_path):
