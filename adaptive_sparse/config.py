@@ -141,14 +141,21 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bf16 natively (a CUDA GPU that supports it, or a CPU with
+    AVX512_BF16 or AMX). summary.json records it: machines sharing a CPU name differ in it (an
+    AMD EPYC with avx512_bf16 and one without have both run here), and with it in speed."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
-    """`training.precision=auto`: bf16 autocast on CUDA and on CPUs with native bf16, fp32
+    """`training.precision=auto`: bf16 autocast where the device has native bf16, fp32
     elsewhere; an explicit fp32, bf16 or fp16 is kept as asked."""
     if name != "auto":
         return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    return "bf16" if has_native_bf16(device) else "fp32"
 
 
 def threads_per_job(launcher: Mapping[str, Any], cpu_count: int | None = None) -> int | None:

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from adaptive_sparse.checkpointing import atomic_write_text
-from adaptive_sparse.config import cpu_has_native_bf16
+from adaptive_sparse.config import has_native_bf16
 from adaptive_sparse.sweeps import wandb_identity
 
 log = logging.getLogger(__name__)
@@ -201,14 +201,6 @@ class RunLog:
 
     def __exit__(self, *exc) -> None:
         self.finish()
-
-
-def has_native_bf16(device: torch.device) -> bool:
-    """Whether the device multiplies bf16 natively: machines that share a CPU name differ in it
-    (both an AMD EPYC with avx512_bf16 and one without have run here), and with it in speed."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def environment_facts(device: torch.device) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from adaptive_sparse.config import resolve_device, resolve_precision
-from adaptive_sparse.sweeps import read_queue, run_name
+from adaptive_sparse.sweeps import parse_overrides, read_queue, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ def finished(run_dir: Path, recorded: set[str]) -> bool:
 
 def names_precision(overrides: list[str]) -> bool:
     """Whether the overrides set training.precision themselves (rather than leave it to `auto`)."""
-    return any(o.split("=", 1)[0].lstrip("+") == "training.precision" for o in overrides)
+    return "training.precision" in parse_overrides(overrides)
 
 
 def for_another_machine(overrides: list[str], study_precision: str | None, machine_precision: str) -> bool:
