@@ -385,6 +385,10 @@ class SparseAttention(DenseAttention):
                 is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None:
             raise NotImplementedError("SparseAttention takes no attn_mask (is_causal=True for a decoder)")
+        if not is_causal and not getattr(self, "checked_two_sided", False):
+            check_top_k_holds_forced_keys(self.top_k, self.local_window, self.global_tokens, self.granularity,
+                                          self.block_size, causal=False)
+            self.checked_two_sided = True
         q, k, v = self.split_heads(x)  # 3 x [B, H, N, D]
         self._warn_if_dense(x.shape[1])
         features = self.indexer_features(x, is_causal)
@@ -453,12 +457,22 @@ def check_sparse_settings(*, top_k: int, local_window: int, global_tokens: int, 
     require(indexer_loss_weight >= 0, "indexer_loss_weight", indexer_loss_weight, "a number >= 0")
     require(warmup_epochs == 0 or indexer_loss_weight > 0, "warmup_epochs", warmup_epochs,
             "0 unless indexer_loss_weight > 0 (the warm-up trains only the indexer)")
+    check_top_k_holds_forced_keys(top_k, local_window, global_tokens, granularity, block_size, causal=True)
+
+
+def check_top_k_holds_forced_keys(top_k: int, local_window: int, global_tokens: int, granularity: str,
+                                  block_size: int, causal: bool) -> None:
+    """Refuse a top_k below the always-kept keys: the global tokens, the local window (one side
+    when causal, both sides otherwise) and the query's own token or block. Built, a layer is
+    held to the causal count, the smaller (it does not yet know how it will be called); its
+    first bidirectional call checks the other."""
     unit = 1 if granularity == "token" else block_size
-    forced = -(-global_tokens // unit) + 2 * (local_window // unit) + 1
-    budget = -(-top_k // unit)
-    require(forced <= budget, "top_k", top_k,
-            f"at least the {forced * unit} always-kept keys (global_tokens + both sides of local_window "
-            f"+ the query's own {'token' if unit == 1 else 'block'})")
+    sides = 1 if causal else 2
+    forced = -(-global_tokens // unit) + sides * (local_window // unit) + 1
+    if forced > -(-top_k // unit):
+        window = "the keys before the query in local_window" if causal else "both sides of local_window"
+        raise ValueError(f"attention.top_k={top_k!r} is not allowed: at least the {forced * unit} always-kept "
+                         f"keys (global_tokens + {window} + the query's own {'token' if unit == 1 else 'block'})")
 
 
 class IndexerLoss(NamedTuple):

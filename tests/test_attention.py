@@ -90,8 +90,18 @@ def test_block_target_is_the_attention_mass_per_selected_block():
 
 
 def test_top_k_below_the_always_kept_keys_is_refused():
-    with pytest.raises(ValueError, match="attention.top_k=8"):
-        SparseAttention(DIM, HEADS, top_k=8, local_window=4, global_tokens=1)  # needs 1 + 9 keys
+    with pytest.raises(ValueError, match="attention.top_k=5"):
+        SparseAttention(DIM, HEADS, top_k=5, local_window=4, global_tokens=1)  # even causal: 1 + 4 + 1 keys
+
+
+def test_top_k_that_holds_only_the_causal_window_serves_a_decoder_but_not_an_encoder():
+    """1 global + 4 keys before the query + itself = 6 fit a causal call; called both ways
+    the window's other 4 keys make 10, so the first bidirectional call is refused."""
+    layer = SparseAttention(DIM, HEADS, top_k=6, local_window=4, global_tokens=1)
+    x = torch.randn(1, 12, DIM)
+    assert torch.isfinite(layer(x, is_causal=True)).all()
+    with pytest.raises(ValueError, match=r"attention.top_k=6 .* at least the 10 always-kept keys"):
+        layer(x)
 
 
 # ------------------------------------------------------------------ outside the selection: nothing
