@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -47,6 +48,10 @@ from adaptive_sparse.step import evaluation_sums, inject_nan_at_step, signal_at_
 from adaptive_sparse.tracking import RunLog, environment_facts, table_header, table_row
 
 log = logging.getLogger("train")
+# The schedule steps once per loader batch (training.scheduler_interval=batch), so that a gated run
+# follows full training's schedule; a packed gate's first optimiser step comes a few batches in,
+# which torch would warn of in every such run. Meant, so silenced, for this script only.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
