@@ -79,7 +79,7 @@ BENCH_CONFIGS = {("random", False, None): "random", ("random", True, None): "ran
 # Overrides that place a run on the study's axes (read from its summary) or say where and how it
 # ran; any other override makes the run a variant of its arm (an ablation), an arm of its own.
 AXES = ("experiment", "gate", "gate.pack", "gate.target_rate", "seed", "training.epochs",
-        "training.last_epoch_fraction", "training.precision")
+        "training.last_epoch_fraction", "training.precision", "training.loss_reduction")
 
 
 @dataclass(frozen=True)
@@ -91,16 +91,18 @@ class ArmKey:
     precision: str = "bf16"
     selection: str | None = None  # sundew's rule when it is not the default percentile
     variant: str = ""   # the overrides off the study's axes, e.g. "training.lookahead=null"
+    loss: str = "mean"  # training.loss_reduction: airbench's keep-half sums, so its arms say which
 
     def label(self, study_precision: str = "bf16") -> str:
         """The arm's name on the page; its precision is named when it is not the study's."""
+        loss = ", summed loss" if self.loss == "sum" else ", mean loss" if self.selection == "top" else ""
         other = ("" if self.precision == study_precision else f", {self.precision}") + (
             f", {self.variant}" if self.variant else "")
         if self.gate == "none":
-            return f"none, {epochs_text(self.epochs)} epochs{other}"
+            return f"none, {epochs_text(self.epochs)} epochs{loss}{other}"
         rate = "" if self.rate is None else f" {self.rate:g}"
         rule = f", {self.selection}" if self.selection else ""
-        return f"{self.gate}{rate}{rule}{', packed' if self.packed else ''}{other}"
+        return f"{self.gate}{rate}{rule}{loss}{', packed' if self.packed else ''}{other}"
 
 
 def epochs_text(epochs: float) -> str:
@@ -115,7 +117,8 @@ def arm_key(run: Run) -> ArmKey:
     variant = ",".join(f"{k}={v}" for k, v in sorted(run.overrides.items())
                        if k not in AXES and not resumable_change(k))
     return ArmKey(s["gate"], s["target_rate"], packed and s["gate"] != "none", round(epochs_trained(run), 4),
-                  s.get("precision") or "fp32", selection, variant)
+                  s.get("precision") or "fp32", selection, variant,
+                  str(run.overrides.get("training.loss_reduction", "mean")))
 
 
 def epochs_trained(run: Run) -> float:

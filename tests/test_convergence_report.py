@@ -160,7 +160,7 @@ def test_selection_rule_other_than_percentile_is_its_own_arm(tmp_path):
         summary.write_text(json.dumps({**json.loads(summary.read_text()), "selection": "top"}))
     study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"))
     top = study.arms[convergence.ArmKey("sundew_proxy", 0.5, False, 4, "bf16", "top")]
-    assert study.label(top) == "sundew_proxy 0.5, top" and study.budgets() == [0.5]
+    assert study.label(top) == "sundew_proxy 0.5, top, mean loss" and study.budgets() == [0.5]
     difference = analysis.paired(top, study.matched(0.5))
     assert (difference.mean, difference.n) == (1.0, 2)  # 71 - 70 and 73 - 72
 
@@ -168,6 +168,13 @@ def test_selection_rule_other_than_percentile_is_its_own_arm(tmp_path):
 def test_an_arm_in_another_precision_than_full_training_says_so():
     fp32 = convergence.ArmKey("none", 1.0, False, 20, "fp32")
     assert fp32.label("bf16") == "none, 20 epochs, fp32" and fp32.label("fp32") == "none, 20 epochs"
+
+
+def test_keep_half_arms_say_whether_their_loss_is_summed_or_the_mean():
+    summed = convergence.ArmKey("sundew_proxy", 0.5, False, 4, "bf16", "top", loss="sum")
+    assert summed.label() == "sundew_proxy 0.5, top, summed loss"
+    assert convergence.ArmKey("none", 1.0, False, 20, loss="sum").label() == "none, 20 epochs, summed loss"
+    assert convergence.ArmKey("random", 0.5, True, 4).label() == "random 0.5, packed"  # mean: the default, unsaid
 
 
 def test_one_seed_leaves_the_goal_undecided(tmp_path):
