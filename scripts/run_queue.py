@@ -19,7 +19,7 @@ Overrides after `--` go to every run and stay out of the directory names.
 
 `--precision bf16` keeps a study in one precision across machines: a run that leaves
 `training.precision` to the machine (`auto`) is taken only by a worker whose machine resolves
-`auto` to bf16, so a worker on a CPU without native bf16 does not train the study's next seed in
+`auto` to bf16 on the device the run names (`device=`, default auto), so a worker on a CPU without native bf16 does not train the study's next seed in
 fp32 beside its bf16 seeds (an arm of its own, with nothing to pair with); it takes the lines
 that name their precision and leaves the rest, as `--list` shows ("elsewhere").
 """
@@ -101,6 +101,12 @@ def names_precision(overrides: list[str]) -> bool:
     return "training.precision" in parse_overrides(overrides)
 
 
+def auto_precision(overrides: list[str]) -> str:
+    """What `training.precision=auto` trains in on this machine, on the device the overrides
+    name (`device=cpu` on a machine with a GPU trains on its CPU, in the CPU's auto)."""
+    return resolve_precision("auto", resolve_device(parse_overrides(overrides).get("device", "auto")))
+
+
 def for_another_machine(overrides: list[str], study_precision: str | None, machine_precision: str) -> bool:
     """A run that leaves its precision to the machine, where the machine's `auto` is not the
     study's precision (None: any machine will do)."""
@@ -144,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                              "only on a machine whose auto resolves to it")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    machine = resolve_precision("auto", resolve_device("auto"))
+    machine = auto_precision(common)
     def elsewhere(overrides: list[str]) -> bool:
-        return for_another_machine([*overrides, *common], args.precision, machine)
+        line = [*overrides, *common]
+        return for_another_machine(line, args.precision, auto_precision(line))
     if args.list:
         recorded = recorded_runs(args.queue)
         for overrides in read_queue(args.queue):

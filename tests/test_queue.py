@@ -121,3 +121,15 @@ def test_a_study_in_bf16_leaves_its_auto_runs_to_a_machine_with_native_bf16(tmp_
     assert queue.next_run(runs, out, skip=on_fp32) == (runs[1], out / "seed=0,training.precision=fp32")
     assert queue.next_run(runs, out, skip=on_fp32) == (runs[2], out / "seed=5,training.precision=bf16")
     assert queue.next_run(runs, out, skip=on_fp32) is None  # seed=4 waits for a bf16 machine
+
+
+def test_auto_precision_is_read_on_the_device_a_run_names(monkeypatch):
+    """`device=` in a queue line or after `--` decides which device's auto the run trains in."""
+    import torch
+    # the script is loaded as a namespace: patch the name where its function looks it up
+    monkeypatch.setitem(queue.auto_precision.__globals__, "resolve_precision",
+                        lambda name, device: f"{name} on {device.type}")
+    assert queue.auto_precision(["seed=0", "device=cpu"]) == "auto on cpu"
+    assert queue.auto_precision(["device=cuda:1"]) == "auto on cuda"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert queue.auto_precision(["seed=0"]) == f"auto on {expected}"
