@@ -57,6 +57,13 @@ class Look:
         return {"looked_at": self.looked_at.cpu(), "index": self.selection.index.cpu(),
                 "weight": None if weight is None else weight.cpu()}
 
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> "Look":
+        """The Look that `state_dict` saved (in a mid-epoch checkpoint), on `device`."""
+        weight = state["weight"]
+        return cls(state["looked_at"].to(device),
+                   Selection(state["index"].to(device), None if weight is None else weight.to(device)))
+
     def served_selection(self, device: torch.device) -> Selection:
         """For a batch that holds exactly the chosen samples: all of its rows, the gate's weights,
         and how many samples the gate chose them from."""
@@ -118,10 +125,7 @@ class SelectingBatchSampler(Sampler[list[int]]):
 
     def look_from_state(self, state: dict) -> Look:
         """A Look saved in a mid-epoch checkpoint, on the gate's device."""
-        device = self.gate.device
-        weight = state["weight"]
-        return Look(state["looked_at"].to(device), Selection(state["index"].to(device),
-                                                             None if weight is None else weight.to(device)))
+        return Look.from_state(state, self.gate.device)
 
     @classmethod
     def serving(cls, loader: IndexedBatches, gate: Gate, ranks: Distributed) -> "SelectingBatchSampler":

@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from adaptive_sparse.data import IndexedBatches
-from adaptive_sparse.gates import InfoBatchGate, RandomGate, SelectiveBackpropGate, SundewGate
-from adaptive_sparse.sampler import SelectingBatchSampler
+from adaptive_sparse.gates import InfoBatchGate, RandomGate, Selection, SelectiveBackpropGate, SundewGate
+from adaptive_sparse.sampler import Look, SelectingBatchSampler
 from adaptive_sparse.significance import BatchScores
 from conftest import read_run, run_train, two_ranks_spawn
 
@@ -184,3 +184,12 @@ def test_train_py_trains_the_same_samples_to_the_same_model_either_way(tmp_path,
     for key in ("samples_trained", "samples_seen", "optimizer_steps", "train_loss", "val_loss"):
         assert [r[key] for r in before] == [r[key] for r in after], key
     assert before_summary["activation_rate"] < 1.0
+
+
+@pytest.mark.parametrize("weight", [None, torch.tensor([0.5, 0.25])])
+def test_a_look_saved_in_a_checkpoint_comes_back_as_it_was(weight):
+    look = Look(torch.tensor([40, 7, 13, 2]), Selection(torch.tensor([1, 3]), weight))
+    back = Look.from_state(look.state_dict(), torch.device("cpu"))
+    assert back.chosen.tolist() == [7, 2] and back.looked_at.tolist() == [40, 7, 13, 2]
+    relative = back.relative_weight()  # weight x 4 looked at: 1 is an ordinary sample
+    assert (relative is None) if weight is None else relative.tolist() == [2.0, 1.0]
