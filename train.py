@@ -286,6 +286,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                        dataset=choices.dataset, data_source=data.source, seed=cfg.seed,
                        scoring=cfg.gate.get("scoring"), selection=cfg.gate.get("selection"),
                        select_before_loading=gate.select_before_loading,
+                       loss_reduction=cfg.training.get("loss_reduction", "mean"),
                        precision=precision, energy_kwh=energy_meter.kwh, energy_source=energy_meter.source,
                        params=count_parameters(model), **environment_facts(device))
         run_log.write_summary(summary)

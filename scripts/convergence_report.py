@@ -116,9 +116,9 @@ def arm_key(run: Run) -> ArmKey:
     selection = s.get("selection") if s.get("selection") != "percentile" else None  # older records: none
     variant = ",".join(f"{k}={v}" for k, v in sorted(run.overrides.items())
                        if k not in AXES and not resumable_change(k))
+    loss = s.get("loss_reduction") or run.overrides.get("training.loss_reduction", "mean")  # older summaries: the override
     return ArmKey(s["gate"], s["target_rate"], packed and s["gate"] != "none", round(epochs_trained(run), 4),
-                  s.get("precision") or "fp32", selection, variant,
-                  str(run.overrides.get("training.loss_reduction", "mean")))
+                  s.get("precision") or "fp32", selection, variant, str(loss))
 
 
 def epochs_trained(run: Run) -> float:

@@ -177,6 +177,23 @@ def test_keep_half_arms_say_whether_their_loss_is_summed_or_the_mean():
     assert convergence.ArmKey("random", 0.5, True, 4).label() == "random 0.5, packed"  # mean: the default, unsaid
 
 
+def test_an_arm_reads_its_loss_from_the_summary_and_older_records_from_the_override(tmp_path):
+    fabricate(tmp_path / "sweep")
+    for seed in (0, 1):
+        fake_run(tmp_path / "sweep", "sundew_proxy", seed, 4, 71.0, 50.0, rate=0.5)
+        summary = next((tmp_path / "sweep").glob(f"sundew_proxy_0.5_False_4_{seed}")) / "summary.json"
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "selection": "top", "loss_reduction": "sum"}))
+    runs = analysis.collect_runs(tmp_path / "sweep")
+    top = [r for r in runs if r.summary["gate"] == "sundew_proxy"]
+    assert {convergence.arm_key(r).loss for r in top} == {"sum"}  # the summary, no override needed
+    older = top[0]
+    del older.summary["loss_reduction"]
+    older.overrides["training.loss_reduction"] = "sum"
+    assert convergence.arm_key(older).loss == "sum"
+    del older.overrides["training.loss_reduction"]
+    assert convergence.arm_key(older).loss == "mean"  # neither: the default it trained with
+
+
 def test_one_seed_leaves_the_goal_undecided(tmp_path):
     fabricate(tmp_path / "sweep")
     for run in (tmp_path / "sweep").glob("*_1"):  # keep seed 0 only

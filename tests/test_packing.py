@@ -133,7 +133,8 @@ def test_auto_precision_picks_bf16_only_where_the_cpu_has_it(monkeypatch):
         assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
 
 
-def test_summary_records_the_precision_actually_used(tmp_path, tiny):
-    result = run_train(tmp_path / "run", *tiny, "gate=none", "training.precision=fp32")
+def test_summary_records_the_precision_and_loss_reduction_actually_used(tmp_path, tiny):
+    result = run_train(tmp_path / "run", *tiny, "gate=none", "training.precision=fp32", "training.loss_reduction=sum")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert read_run(tmp_path / "run")[1]["precision"] == "fp32"
+    summary = read_run(tmp_path / "run")[1]
+    assert (summary["precision"], summary["loss_reduction"]) == ("fp32", "sum")
