@@ -1,40 +1,36 @@
 """Adaptive Sparse Training: gates that decide, batch by batch, which samples to train on.
 
-The public names below load on first use (PEP 562), so that light modules such as
-`adaptive_sparse.records` stay importable without torch.
+Needs torch alone. Selecting after loading, in any loop:
 
-    from adaptive_sparse import SundewGate
-    gate = SundewGate(target_rate=0.5, num_samples=len(dataset), scoring="memory")
-    keep = gate.select(idx, None).index              # positions of the batch to train
-    gate.observe(idx[keep], losses, logits)          # their per-sample losses (and logits)
+    from adaptive_sparse import SundewGate, gated_loss
+    gate = SundewGate(len(dataset), target_rate=0.5, scoring="memory")
+    selection = gate.select(idx, None)               # idx: the batch's dataset indices [B]
+    losses = per_sample_loss(model(x[selection.index]), y[selection.index])
+    gated_loss(losses, selection).backward()         # the selection's weights applied
+    gate.observe(idx[selection.index], losses, logits)
 
-or, loading only what the gate selects (adaptive_sparse/sampler.py):
+or loading only what the gate selects:
 
-    sampler = SelectingBatchSampler(gate, len(dataset), batch_size=128)
+    sampler = SelectingBatchSampler(gate, batch_size=128)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=4)
     loss = sampler.update(losses, logits)            # per batch: the loss to backpropagate
 
+Attention layers live in `adaptive_sparse.attention`, models in `adaptive_sparse.models`, and
+the Hydra training app in `adaptive_sparse.training` (`pip install adaptive-sparse[train]`).
 docs/library.md is the manual.
 """
-from __future__ import annotations
+from adaptive_sparse.gating.gates import (
+                                          Gate,
+                                          InfoBatchGate,
+                                          NoGate,
+                                          RandomGate,
+                                          Selection,
+                                          SelectiveBackpropGate,
+                                          SundewGate,
+                                          gated_loss,
+)
+from adaptive_sparse.gating.sampler import SelectingBatchSampler
 
-import importlib
-from typing import Any
-
-__version__ = "0.4.0"
-
-_PUBLIC = {
-    "Gate": "gates", "NoGate": "gates", "RandomGate": "gates", "SundewGate": "gates",
-    "InfoBatchGate": "gates", "SelectiveBackpropGate": "gates", "Selection": "gates",
-    "SelectingBatchSampler": "sampler", "BatchScores": "significance", "SelectionPacker": "packing", "TrainBatch": "packing",
-    "FlopMeter": "metering", "train_on_subset": "step",
-    "SimpleCNN": "models", "FastNet": "models", "ClassificationTask": "tasks", "CharLMTask": "tasks", "GPT": "gpt",
-    "DenseAttention": "attention", "SparseAttention": "attention",
-}
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'adaptive_sparse' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"adaptive_sparse.{_PUBLIC[name]}"), name)
+__version__ = "0.5.0"
+__all__ = ["Gate", "InfoBatchGate", "NoGate", "RandomGate", "SelectingBatchSampler", "Selection",
+           "SelectiveBackpropGate", "SundewGate", "gated_loss"]

@@ -1,7 +1,7 @@
 """Sundew in a plain PyTorch loop: torchvision's ImageFolder, per-sample PIL transforms, loader
 workers, and a gate that decides before anything is loaded.
 
-    pip install .      # or: pip install -e .  (from the repository)
+    pip install . torchvision   # the library needs torch alone; this script reads JPEGs with torchvision
     python examples/imagefolder_sundew.py --data ../shared/data/cifar10 --epochs 1
     python examples/imagefolder_sundew.py --data DATA --gate none          # full training
     python examples/imagefolder_sundew.py --data DATA --select after       # load all, then select
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from adaptive_sparse import NoGate, RandomGate, SelectingBatchSampler, SimpleCNN, SundewGate
+from adaptive_sparse import NoGate, RandomGate, SelectingBatchSampler, SundewGate, gated_loss
+from adaptive_sparse.models.cnn import SimpleCNN
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -55,9 +56,9 @@ class WithIndex(Dataset):
 
 
 def make_gate(args: argparse.Namespace, num_samples: int):
-    kinds = {"sundew": lambda: SundewGate(args.target_rate, num_samples, scoring="memory", seed=args.seed),
-             "random": lambda: RandomGate(args.target_rate, num_samples, seed=args.seed),
-             "none": lambda: NoGate(num_samples=num_samples)}
+    kinds = {"sundew": lambda: SundewGate(num_samples, args.target_rate, scoring="memory", seed=args.seed),
+             "random": lambda: RandomGate(num_samples, args.target_rate, seed=args.seed),
+             "none": lambda: NoGate(num_samples)}
     return kinds[args.gate]()
 
 
@@ -84,13 +85,14 @@ def epoch_selecting_after_loading(model, optimizer, loader, gate, limit: int | N
     for b, (images, labels, idx) in enumerate(loader):
         if limit is not None and b >= limit:
             break
-        keep = gate.select(idx, None).index                  # every sample of the batch was loaded anyway
+        selection = gate.select(idx, None)                   # every sample of the batch was loaded anyway
+        keep = selection.index
         if not len(keep):
             continue
         losses, logits = forward(model, images[keep], labels[keep])
         gate.observe(idx[keep], losses, logits)              # the gate learns from the trained samples
         optimizer.zero_grad(set_to_none=True)
-        losses.mean().backward()
+        gated_loss(losses, selection).backward()             # the gate's loss weights applied, if any
         optimizer.step()
         trained += len(keep)
     return trained
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     test_loader = DataLoader(test_set, batch_size=500, num_workers=args.workers)
 
     if args.select == "before":
-        sampler = SelectingBatchSampler(gate, len(train_set), args.batch_size, seed=args.seed,   # (1)
+        sampler = SelectingBatchSampler(gate, args.batch_size, seed=args.seed,   # (1)
                                         limit_batches=args.limit_batches)
         train_loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers)
         run_epoch = lambda: epoch_selecting_before_loading(model, optimizer, train_loader, sampler)

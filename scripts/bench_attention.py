@@ -1,6 +1,6 @@
 """Dense against sparse attention, alone, at the ViT's width: time, FLOPs and peak memory per length.
 
-    python scripts/bench_attention.py --seq-lens 256,1024,4096,16384 --json bench_attention.json
+    python -m scripts.bench_attention --seq-lens 256,1024,4096,16384 --json bench_attention.json
 
 For each length n: `DenseAttention` (fused `scaled_dot_product_attention`) and `SparseAttention`
 in each variant (`token` and `block` granularity; `token-mask`: token's selection through the
@@ -33,8 +33,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_sparse.attention import DenseAttention, SparseAttention, auxiliary_loss
-from adaptive_sparse.metering import json_from_child, median_ms
-from adaptive_sparse.tracking import hardware_description
+from adaptive_sparse.training.tracking import hardware_description
+from scripts.timing import json_from_child, median_ms
 
 # the sparse variants: attention.granularity, and for token granularity attention.kernel
 VARIANTS = {"token": {"granularity": "token"}, "token-mask": {"granularity": "token", "kernel": "mask"},
@@ -118,8 +118,8 @@ def measure(variant: str, n: int, args: argparse.Namespace) -> dict:
 
 # ------------------------------------------------------------------ the sweep (parent process)
 def run_child(variant: str, n: int, argv: list[str]) -> dict:
-    return json_from_child([sys.executable, __file__, *argv, "--child", variant, "--n", str(n)],
-                           f"{variant} at n={n}")
+    return json_from_child([sys.executable, "-m", "scripts.bench_attention", *argv, "--child", variant,
+                            "--n", str(n)], f"{variant} at n={n}")
 
 
 def rows_for_length(n: int, granularities: list[str], argv: list[str]) -> list[dict]:

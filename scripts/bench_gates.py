@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from adaptive_sparse.records import short_source, time_to_accuracy
+from adaptive_sparse.training.records import short_source, time_to_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {

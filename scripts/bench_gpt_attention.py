@@ -1,7 +1,7 @@
 """Dense against sparse attention where context makes attention matter: the whole GPT training
 step and its attention layer alone, at contexts 1,024 to 8,192, on 1 and 2 threads.
 
-    python scripts/bench_gpt_attention.py --json docs/bench/gpt_attention.json
+    python -m scripts.bench_gpt_attention --json docs/bench/gpt_attention.json
 
 Model: `model=gpt` at 4 layers, 4 heads, 128 wide (the language task's baby GPT, context
 raised), batch of --batch-tokens tokens (batch = tokens // context, at least 1). Dense is
@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_sparse.attention import DenseAttention, SparseAttention, auxiliary_loss
-from adaptive_sparse.config import resolve_precision
-from adaptive_sparse.gpt import GPT
-from adaptive_sparse.metering import json_from_child, median_ms
-from adaptive_sparse.step import autocast_context
-from adaptive_sparse.tracking import code_version, hardware_description
+from adaptive_sparse.models.gpt import GPT
+from adaptive_sparse.training.runtime import resolve_precision
+from adaptive_sparse.training.step import autocast_context
+from adaptive_sparse.training.tracking import code_version, hardware_description
+from scripts.timing import json_from_child, median_ms
 
 VOCAB, WIDTH, LAYERS, HEADS = 65, 128, 4, 4
 
@@ -95,8 +95,8 @@ def measure(variant: str, context: int, threads: int, args: argparse.Namespace) 
 
 
 def run_child(variant: str, context: int, threads: int, argv: list[str]) -> dict:
-    return json_from_child([sys.executable, __file__, *argv, "--child", f"{variant},{context},{threads}"],
-                           f"{variant} at {context} on {threads} threads")
+    cmd = [sys.executable, "-m", "scripts.bench_gpt_attention", *argv, "--child", f"{variant},{context},{threads}"]
+    return json_from_child(cmd, f"{variant} at {context} on {threads} threads")
 
 
 def row(dense: dict, sparse: dict) -> dict:
@@ -176,7 +176,7 @@ def main(argv: list[str]) -> int:
     print(table(rows))
     if args.json:
         out = Path(args.json)
-        record = {"command": "python scripts/bench_gpt_attention.py " + " ".join(argv),
+        record = {"command": "python -m scripts.bench_gpt_attention " + " ".join(argv),
                   "hardware": hardware_description(torch.device("cpu")), "torch": torch.__version__,
                   "model": {"n_layer": LAYERS, "n_head": HEADS, "n_embd": WIDTH, "vocab": VOCAB},
                   "sparse": {"granularity": "block", "top_k": args.top_k, "block_size": args.block_size,

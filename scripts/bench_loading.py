@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from adaptive_sparse.tracking import code_version, hardware_description
+from adaptive_sparse.training.tracking import code_version, hardware_description
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "imagefolder_sundew.py"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from adaptive_sparse.data import load_dataset
+from adaptive_sparse.training.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@
 Each non-empty line of the queue file (after `#` comments) is one run: train.py overrides.
 A run's directory is OUT/<its overrides as a short name>. A worker skips runs that finished
 (summary.json) or that the study's committed record already holds (runs.jsonl beside the
-queue file, written by `scripts/report.py OUT --export`: a fresh machine does not redo
+queue file, written by `python -m scripts.studies.report OUT --export`: a fresh machine does not redo
 them), claims the first free one (OUT/<name>.claim, holding its process id, made
 atomically), and runs `python train.py ... resume=auto`, so a run interrupted in an earlier
 session continues from its last checkpoint. Start one worker per core; stop them at any time
@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from adaptive_sparse.config import resolve_device, resolve_precision
-from adaptive_sparse.sweeps import parse_overrides, read_queue, run_name
+from adaptive_sparse.training.records import parse_overrides, read_queue, run_name
+from adaptive_sparse.training.runtime import resolve_device, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 

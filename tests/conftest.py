@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +10,8 @@ from types import SimpleNamespace
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+
+import train as train_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -46,7 +47,7 @@ def train_in_process(run_dir: Path, *overrides: str, env: dict[str, str] | None 
     import torch
     from hydra.core.global_hydra import GlobalHydra
 
-    from adaptive_sparse.rundir import unlock_run_dir
+    from adaptive_sparse.training.lifecycle import unlock_run_dir
 
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), dict(os.environ),
              os.getcwd(), sys.argv)
@@ -59,7 +60,7 @@ def train_in_process(run_dir: Path, *overrides: str, env: dict[str, str] | None 
             warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
                 err.write(warnings.formatwarning(message, category, filename, lineno, line))
             try:
-                runpy.run_path(str(ROOT / "train.py"), run_name="__main__")  # as `python train.py` runs it
+                train_script.cli()  # as `python train.py` runs it
             except SystemExit as stop:  # sys.exit("message"): the interpreter prints it and exits 1
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
                 if isinstance(stop.code, str):
@@ -80,11 +81,6 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict]:
     """(metrics.jsonl records, summary.json) of a finished run."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines], json.loads((run_dir / "summary.json").read_text())
-
-
-def load_script(name: str) -> SimpleNamespace:
-    """scripts/NAME.py (scripts/ is no package) run as a module, its top-level names as attributes."""
-    return SimpleNamespace(**runpy.run_path(str(ROOT / "scripts" / f"{name}.py")))
 
 
 def cyclic_text(n: int) -> str:

@@ -6,14 +6,21 @@ import math
 
 import pytest
 import torch
+from conftest import TINY, compose_config, read_run, run_train
 from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
-from adaptive_sparse.attention import (DenseAttention, IndexerFeatures, SparseAttention, attend_to_selected_blocks,
-                                       attend_to_selected_keys, attend_with_key_mask, auxiliary_loss, forced_keys, index_scores,
-                                       indexer_kl, select_keys, selected_block_mass, set_attention_epoch)
-
-from conftest import TINY, compose_config, read_run, run_train
+from adaptive_sparse.attention.dense import DenseAttention
+from adaptive_sparse.attention.indexer import IndexerFeatures, index_scores, indexer_kl
+from adaptive_sparse.attention.kernels import (
+    attend_to_selected_blocks,
+    attend_to_selected_keys,
+    attend_with_key_mask,
+    forced_keys,
+    select_keys,
+    selected_block_mass,
+)
+from adaptive_sparse.attention.sparse import SparseAttention, auxiliary_loss, set_attention_epoch
 
 DIM, HEADS = 24, 3
 
@@ -266,8 +273,8 @@ def test_vit_with_sparse_attention_trains_and_logs_the_indexer_loss(tmp_path):
 def test_block_granularity_runs_with_the_groups_own_defaults():
     """`attention=sparse attention.granularity=block` at the ViT's 65 tokens: the group's
     top_k and block_size must fit together (the issue found block_size 64 refused)."""
-    from hydra.utils import instantiate
     from conftest import compose_config
+    from hydra.utils import instantiate
 
     cfg = compose_config(["model=vit", "attention=sparse", "attention.granularity=block"])
     layer = instantiate(cfg.attention)(dim=192, num_heads=3, qkv_bias=True)

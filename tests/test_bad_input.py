@@ -8,14 +8,14 @@ import re
 
 import numpy as np
 import pytest
+from conftest import TINY, compose_config, run_train
+from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 from PIL import Image
 
-from hydra.errors import MissingConfigException
-
-from adaptive_sparse.config import ConfigError, validate_config
-from adaptive_sparse.data import DatasetError, load_dataset
-from conftest import TINY, compose_config, run_train
+from adaptive_sparse.training.data import DatasetError, load_dataset
+from adaptive_sparse.training.lifecycle import ConfigError
+from adaptive_sparse.training.runtime import validate_config
 
 BAD_INPUTS = [
     (["gate.target_rate=0"], "gate.target_rate=0 is not allowed"),

@@ -11,9 +11,9 @@ import time
 
 import pytest
 import torch
-
-from adaptive_sparse.checkpointing import CheckpointError, load_checkpoint, locate_checkpoint
 from conftest import ROOT, TINY, read_run, run_train, tiny_char_lm
+
+from adaptive_sparse.training.checkpoint import CheckpointError, load_checkpoint, locate_checkpoint
 
 DETERMINISTIC = [*TINY, "training.epochs=3", "deterministic=true", "training.num_threads=1"]
 TIMING_KEYS = {"epoch_time_s", "data_time_s", "scoring_time_s", "select_time_s", "train_step_time_s",
@@ -162,8 +162,9 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_checkpoint(tmp_
 
 
 def test_resume_refuses_a_changed_training_key_naming_both_values(tmp_path):
-    from adaptive_sparse.checkpointing import flat_config, refuse_changed_config
     from conftest import compose_config
+
+    from adaptive_sparse.training.checkpoint import flat_config, refuse_changed_config
 
     saved = flat_config(compose_config(["gate.target_rate=0.06"]))
     assert saved["gate.target_rate"] == 0.06 and saved["training.optimizer._target_"] == "torch.optim.Adam"

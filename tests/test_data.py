@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import CIFAR_FOLDER
 from omegaconf import OmegaConf
 
-from adaptive_sparse.data import BatchLoader, DatasetError, Split, load_cifar10, load_dataset
-from conftest import CIFAR_FOLDER
+from adaptive_sparse.training.data import BatchLoader, DatasetError, Split, load_cifar10, load_dataset
 
 
 def ramp_split(n: int = 10) -> Split:
@@ -20,7 +20,7 @@ def test_batches_cover_every_index_once_and_carry_them():
     loader = BatchLoader(split, batch_size=4, device=torch.device("cpu"), shuffle=True, seed=0,
                          mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))
     seen = []
-    for x, y, idx in loader:
+    for x, y, idx, _ in loader:
         assert torch.equal(x[:, 0, 0, 0], idx.float())  # pixel value == dataset index
         assert torch.equal(y, split.labels[idx])
         seen += idx.tolist()

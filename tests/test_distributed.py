@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TINY, compose_config, read_run, two_ranks_spawn
 from hydra.utils import instantiate
 
-from adaptive_sparse.checkpointing import load_checkpoint
-from adaptive_sparse.data import load_dataset
-from adaptive_sparse.gates import RandomGate
-from adaptive_sparse.step import evaluation_sums
-from conftest import ROOT, TINY, compose_config, read_run, two_ranks_spawn
+from adaptive_sparse.gating.gates import RandomGate
+from adaptive_sparse.training.checkpoint import load_checkpoint
+from adaptive_sparse.training.data import load_dataset
+from adaptive_sparse.training.step import evaluation_sums
 
 
 def _torchrun(run_dir, *overrides: str, timeout: int = 180) -> subprocess.CompletedProcess:
@@ -26,7 +26,7 @@ def _torchrun(run_dir, *overrides: str, timeout: int = 180) -> subprocess.Comple
 
 
 def _random_gate_selections(seed: int, batches: int, batch_size: int, rate: float) -> list[int]:
-    gate = RandomGate(target_rate=rate, seed=seed)
+    gate = RandomGate(64, target_rate=rate, seed=seed)
     return [len(gate.select(torch.arange(batch_size), None).index) for _ in range(batches)]
 
 
@@ -100,8 +100,8 @@ def test_two_rank_weighted_selection_trains_and_tracks_the_target(tmp_path):
 def _average_gradients_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as torch_dist
 
-    from adaptive_sparse.distributed import Distributed
-    from adaptive_sparse.step import train_on_subset
+    from adaptive_sparse.training.distributed import Distributed
+    from adaptive_sparse.training.step import train_on_subset
 
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -131,12 +131,12 @@ def test_gradient_is_the_global_mean_and_a_rank_with_no_samples_joins(tmp_path):
 
 
 def test_sharded_loader_gives_disjoint_equal_slices_of_one_permutation():
-    from adaptive_sparse.data import BatchLoader, Split
+    from adaptive_sparse.training.data import BatchLoader, Split
 
     split = Split(torch.zeros(10, 3, 2, 2, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
     loaders = [BatchLoader(split, 2, torch.device("cpu"), shuffle=True, seed=7, shard=(r, 3)) for r in range(3)]
     for epoch in range(2):
-        served = [torch.cat([idx for _, _, idx in loader]) for loader in loaders]
+        served = [torch.cat([idx for _, _, idx, _ in loader]) for loader in loaders]
         assert [len(s) for s in served] == [3, 3, 3] and [len(loader) for loader in loaders] == [2, 2, 2]
         union = torch.cat(served)
         assert len(set(union.tolist())) == 9  # disjoint; 10 % 3 = 1 sample dropped this epoch

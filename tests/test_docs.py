@@ -2,9 +2,10 @@
 README.md's answer is generated from the records."""
 from pathlib import Path
 
+from conftest import CONF_DIR, ROOT
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, ROOT, load_script
+from scripts.studies import readme_answer
 
 GROUPS = ("task", "dataset", "model", "attention", "gate", "energy")
 
@@ -43,10 +44,9 @@ def test_every_group_option_is_named_in_the_configuration_page():
 
 
 def test_the_readme_answer_is_what_the_records_give_and_fits_the_page():
-    """README.md's answer and combined-claim tables are generated (scripts/readme_answer.py): a
+    """README.md's answer and combined-claim tables are generated (scripts/studies/readme_answer.py): a
     record changed without regenerating them, or a hand edit inside them, fails here."""
-    answer = load_script("readme_answer")
     text = (ROOT / "README.md").read_text()
-    assert answer.regenerated(text) == text
+    assert readme_answer.regenerated(text) == text
     assert "| SimpleCNN, CIFAR-10, 40 epochs | 0.5 | 3 |" in text  # a row, not an empty block
     assert len(text.splitlines()) <= 150

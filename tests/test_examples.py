@@ -1,15 +1,14 @@
-"""examples/: the plain-PyTorch scripts run as a user would run them, on a tiny image folder."""
+"""examples/: the plain-PyTorch scripts run as a user would run them (the image folder one on a tiny folder)."""
 from __future__ import annotations
 
 import json
-import runpy
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "imagefolder_sundew.py"
+from examples import imagefolder_sundew, minimal_loop
 
 
 @pytest.fixture
@@ -28,12 +27,20 @@ def image_folder(tmp_path) -> Path:
 @pytest.mark.parametrize("select, workers", [pytest.param("before", "2", marks=pytest.mark.slow),  # worker start-ups
                                              ("before", "0"), ("after", "0")])
 def test_the_imagefolder_example_trains_about_half_of_each_epoch(image_folder, tmp_path, select, workers):
-    main = runpy.run_path(str(EXAMPLE), run_name="example")["main"]
     out = tmp_path / "epochs.json"
-    records = main(["--data", str(image_folder), "--epochs", "2", "--batch-size", "8", "--workers", workers,
+    records = imagefolder_sundew.main(["--data", str(image_folder), "--epochs", "2", "--batch-size", "8", "--workers", workers,
                     "--select", select, "--json", str(out)])
     assert json.loads(out.read_text()) == records and [r["epoch"] for r in records] == [1, 2]
     for record in records:
         assert 0.3 * 48 <= record["samples_trained"] <= 0.7 * 48  # target 0.5 of 48 samples
         assert record["activation_rate"] == record["samples_trained"] / 48
         assert record["eval_time_s"] > 0 and record["epoch_time_s"] > 0
+
+
+def test_the_minimal_example_trains_half_the_samples_and_learns_with_torch_alone():
+    results = minimal_loop.main(["--epochs", "2"])
+    full = results["full training"]
+    assert full["samples_trained"] == 2 * 4096 and full["test_acc"] > 60.0  # chance: 25%
+    for name in ("sundew, after loading", "sundew, before loading"):
+        assert 0.45 <= results[name]["activation_rate"] <= 0.55
+        assert results[name]["test_acc"] > full["test_acc"] - 10.0

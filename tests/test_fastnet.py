@@ -6,14 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from adaptive_sparse.data import BatchLoader, DatasetError, Split
-from adaptive_sparse.lookahead import Lookahead
-from adaptive_sparse.models import FastNet
-from adaptive_sparse.optim import sgd_with_scaled_biases, triangular_schedule
-from adaptive_sparse.significance import BatchScores
-from adaptive_sparse.step import evaluation_sums, evaluation_sums_by_tta, tta_logits, tta_logits_by_level
 from conftest import compose_with_hydra
+
+from adaptive_sparse.gating.significance import BatchScores
+from adaptive_sparse.models.fastnet import FastNet
+from adaptive_sparse.training.data import BatchLoader, DatasetError, Split
+from adaptive_sparse.training.optim import Lookahead, sgd_with_scaled_biases, triangular_schedule
+from adaptive_sparse.training.step import evaluation_sums, evaluation_sums_by_tta, tta_logits, tta_logits_by_level
 
 
 def test_whitening_layer_decorrelates_the_patches_it_was_fitted_to():
@@ -159,7 +158,7 @@ def test_reflected_crop_padding_never_shows_a_zero():
 def test_drop_last_serves_only_full_batches():
     split = Split(torch.zeros(10, 3, 2, 2, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
     loader = BatchLoader(split, 4, torch.device("cpu"), shuffle=True, drop_last=True)
-    assert len(loader) == 2 and [len(idx) for _, _, idx in loader] == [4, 4]
+    assert len(loader) == 2 and [len(idx) for _, _, idx, _ in loader] == [4, 4]
     assert len(BatchLoader(split, 4, torch.device("cpu"), shuffle=True)) == 3
     with pytest.raises(DatasetError, match="10 samples make no batch of training.batch_size=16"):
         BatchLoader(split, 16, torch.device("cpu"), shuffle=True, drop_last=True)

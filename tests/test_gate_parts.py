@@ -4,10 +4,16 @@ import math
 import pytest
 import torch
 
-from adaptive_sparse.selection import PercentileRule, PriorityRule, ThresholdRule, probabilities_with_mean
-from adaptive_sparse.significance import BatchScores, FreshScoring, MemoryScoring, SampleMemory, SignificanceModel
+from adaptive_sparse.gating.rules import PercentileRule, PriorityRule, ThresholdRule, probabilities_with_mean
+from adaptive_sparse.gating.significance import (
+    BatchScores,
+    FreshScoring,
+    MemoryScoring,
+    SampleMemory,
+    SignificanceModel,
+)
 
-LOSS_ONLY = SignificanceModel({"loss": 1.0}, num_classes=10)
+LOSS_ONLY = SignificanceModel({"loss": 1.0}, num_outputs=10)
 
 
 def test_memory_scoring_remembers_training_losses_and_refreshes_on_schedule():
@@ -35,7 +41,7 @@ def test_priority_rule_fills_its_budget_with_unseen_then_most_significant():
 
 
 def test_top_selection_keeps_the_highest_loss_half_of_every_batch():
-    from adaptive_sparse.gates import SundewGate
+    from adaptive_sparse.gating.gates import SundewGate
 
     gate = SundewGate(target_rate=0.5, num_samples=8, selection="top", exploration=0.0,
                       weights={"loss": 1.0})
@@ -63,12 +69,12 @@ def test_threshold_rule_starts_at_the_normal_quantile_of_its_rate():
 
 
 def test_controller_gains_act_on_the_threshold_rule_and_are_refused_elsewhere():
-    from adaptive_sparse.gates import SundewGate
+    from adaptive_sparse.gating.gates import SundewGate
 
-    gate = SundewGate(selection="threshold", controller={"kp": 4.0, "ki": None})
+    gate = SundewGate(8, selection="threshold", controller={"kp": 4.0, "ki": None})
     assert (gate.controller.kp, gate.controller.ki) == (4.0, 0.5)  # null: the rule's default
-    assert (SundewGate(selection="threshold").controller.kp, SundewGate().controller.kp) == (2.0, 0.0)
-    with pytest.raises(ValueError, match="gate.controller.kp and ki act only with gate.selection=threshold"):
-        SundewGate(selection="percentile", controller={"kp": 4.0})
-    with pytest.raises(ValueError, match="scoring=memory"):
-        SundewGate(selection="threshold", scoring="memory", controller={"ki": 1.0})
+    assert (SundewGate(8, selection="threshold").controller.kp, SundewGate(8).controller.kp) == (2.0, 0.0)
+    with pytest.raises(ValueError, match="controller kp and ki act only with selection='threshold'"):
+        SundewGate(8, selection="percentile", controller={"kp": 4.0})
+    with pytest.raises(ValueError, match="scoring='memory'"):
+        SundewGate(8, selection="threshold", scoring="memory", controller={"ki": 1.0})

@@ -4,10 +4,9 @@ import math
 import pytest
 import torch
 
-from adaptive_sparse.controller import PIController
-from adaptive_sparse.gates import NoGate, RandomGate, SundewGate
-from adaptive_sparse.selection import normal_threshold
-from adaptive_sparse.significance import BatchScores, SampleMemory, SignificanceModel
+from adaptive_sparse.gating.gates import NoGate, RandomGate, SundewGate
+from adaptive_sparse.gating.rules import PIController, normal_threshold
+from adaptive_sparse.gating.significance import BatchScores, SampleMemory, SignificanceModel
 
 BATCH = 64
 
@@ -20,7 +19,7 @@ def drifting_scores(step: int, steps: int, g: torch.Generator) -> BatchScores:
 
 
 def test_none_selects_every_sample():
-    gate = NoGate()
+    gate = NoGate(8)
     assert gate.select(torch.arange(10, 20), None).index.tolist() == list(range(10))
 
 
@@ -98,7 +97,7 @@ def test_pi_controller_anti_windup_stops_integrating_at_the_bound():
 
 def test_significance_components_by_hand():
     model = SignificanceModel({"loss": 1.0, "entropy": 0.5, "learning_value": 0.5, "novelty": 1.0},
-                              num_classes=10)
+                              num_outputs=10)
     memory = SampleMemory(4)
     memory.record(torch.tensor([1]), BatchScores(torch.tensor([1.0]), torch.tensor([0.3])))
     memory.record_trained(torch.tensor([1]))
@@ -180,16 +179,18 @@ def test_refresh_epoch_scores_every_sample():
     assert flags == [False, False, True, False, True]
 
 
-def test_none_ignores_a_swept_target_rate():
-    gate = NoGate(target_rate=0.25)
+def test_none_trains_every_sample_and_takes_no_target_rate():
+    gate = NoGate(64)
     assert gate.target_rate == 1.0
     assert len(gate.select(torch.arange(64), None).index) == 64
+    with pytest.raises(TypeError, match="target_rate"):
+        NoGate(64, target_rate=0.25)  # a sweep sets `budget`, which full training ignores
 
 
 def test_sample_memory_merges_two_ranks_epoch_by_hand():
     """Two ranks, four samples: rank 0 visited sample 0 this epoch, rank 1 sample 2 (twice).
     After the merge both hold both visits, and trained counts add up."""
-    from adaptive_sparse.significance import BatchScores, SampleMemory
+    from adaptive_sparse.gating.significance import BatchScores, SampleMemory
 
     ranks = [SampleMemory(4), SampleMemory(4)]
     for memory in ranks:

@@ -6,19 +6,27 @@ import math
 
 import pytest
 import torch
+from conftest import compose_config, cyclic_text, read_run, run_train
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from adaptive_sparse.attention import IndexerFeatures, select_keys
-from adaptive_sparse.config import ConfigError
-from adaptive_sparse.data import DatasetError
-from adaptive_sparse.gpt import GPT
-from adaptive_sparse.significance import BatchScores
-from adaptive_sparse.step import evaluation_sums
-from adaptive_sparse.text import EvalWindows, TokenSplit, TrainWindows, load_shakespeare_char, window_count
-
-from conftest import compose_config, cyclic_text, load_script, read_run, run_train
 from test_attention import DIM, sparse_and_dense  # a sparse layer and a dense one sharing their weights
+
+from adaptive_sparse.attention.indexer import IndexerFeatures
+from adaptive_sparse.attention.kernels import select_keys
+from adaptive_sparse.gating.significance import BatchScores
+from adaptive_sparse.models.gpt import GPT
+from adaptive_sparse.training.data import DatasetError
+from adaptive_sparse.training.data.text import (
+    EvalWindows,
+    TokenSplit,
+    TrainWindows,
+    load_shakespeare_char,
+    window_count,
+)
+from adaptive_sparse.training.gating import build_gate
+from adaptive_sparse.training.lifecycle import ConfigError
+from adaptive_sparse.training.step import evaluation_sums
+from scripts import char_baselines
 
 KERNELS = [("token", "gather"), ("token", "mask"), ("block", "gather")]
 
@@ -113,13 +121,13 @@ def test_training_windows_have_stable_indices_and_a_shared_phase():
     assert window_count(23, 4, random_phase=False) == 5  # (23 - 1) // 4
     assert window_count(23, 4, random_phase=True) == 4   # (23 - 1 - 3) // 4
     loader = TrainWindows(split, 4, batch_size=5, device=torch.device("cpu"), shuffle=False)
-    inputs, targets, idx = next(iter(loader))
+    inputs, targets, idx, _ = next(iter(loader))
     assert idx.tolist() == [0, 1, 2, 3, 4]
     assert inputs[2].tolist() == [8, 9, 10, 11] and targets[2].tolist() == [9, 10, 11, 12]
     phased = TrainWindows(split, 4, batch_size=4, device=torch.device("cpu"), shuffle=False, random_phase=True,
                           seed=3)
     for _ in range(3):
-        inputs, targets, _ = next(iter(phased))
+        inputs, targets, *_ = next(iter(phased))
         assert torch.equal(inputs[1] - inputs[0], torch.full((4,), 4))  # one grid shifted whole
         assert 0 <= inputs[0, 0].item() <= 3 and inputs[-1, -1].item() + 1 <= 22
 
@@ -127,7 +135,7 @@ def test_training_windows_have_stable_indices_and_a_shared_phase():
 def test_validation_scores_every_character_after_the_first_once():
     split = TokenSplit(torch.arange(11))  # 10 targets; T = 4: windows at 0 and 4, then a tail at 6
     loader = EvalWindows(split, 4, batch_size=8, device=torch.device("cpu"))
-    inputs, targets, _ = next(iter(loader))
+    inputs, targets, *_ = next(iter(loader))
     assert inputs.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [6, 7, 8, 9]]
     assert targets.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [-100, -100, 9, 10]]
     scored = targets[targets >= 0]
@@ -190,7 +198,7 @@ def test_a_text_dataset_with_the_classification_task_is_refused(tmp_path):
 
 
 def test_an_image_dataset_with_char_lm_is_refused():
-    from adaptive_sparse.data import make_synthetic
+    from adaptive_sparse.training.data import make_synthetic
 
     cfg = compose_config(["task=char_lm", "model=gpt", "dataset=synthetic"])
     with pytest.raises(ConfigError, match="not a text dataset"):
@@ -210,7 +218,7 @@ def test_the_window_follows_the_model_by_default_and_the_proxy_is_a_small_gpt():
                           "gate=sundew_proxy"])
     task = instantiate(cfg.task)
     assert task.block_size == 256
-    gate = instantiate(cfg.gate, num_samples=8, num_classes=65, model_kwargs={"vocab_size": 65})
+    gate = build_gate(cfg.gate, None, {"num_samples": 8, "num_outputs": 65}, {"vocab_size": 65})
     assert isinstance(gate.scorer.model, GPT) and gate.scorer.model.block_size == 256
 
 
@@ -252,9 +260,9 @@ def test_every_gate_trains_on_sequences(tmp_path, gate):
 def test_a_stage_with_a_lead_in_trains_at_the_tail_of_the_longer_schedule():
     """training.schedule_lead_in_epochs: the recipe's sparse stage (init_from a dense run's epoch 4
     of 10) continues the dense run's cosine instead of warming up again from its peak."""
-    from adaptive_sparse.optim import build_scheduler
+    from adaptive_sparse.training.optim import build_scheduler
 
-    cfg = OmegaConf.create({"_target_": "adaptive_sparse.optim.warmup_cosine_schedule", "_partial_": True,
+    cfg = OmegaConf.create({"_target_": "adaptive_sparse.training.optim.warmup_cosine_schedule", "_partial_": True,
                             "warmup_steps": 10, "min_ratio": 0.0})
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     stage = build_scheduler(cfg, optimizer, total_steps=60, lead_in_steps=40)  # steps 40..99 of 100
@@ -270,7 +278,7 @@ def test_a_stage_with_a_lead_in_trains_at_the_tail_of_the_longer_schedule():
 
 
 def test_counting_baselines_by_hand():
-    baselines = load_script("char_baselines")
+    baselines = char_baselines
     train, val = torch.tensor([0, 1, 0, 1, 0]), torch.tensor([0, 1, 0])
     # unigram: p(0) = 3/5, p(1) = 2/5; bigram: 0 is always followed by 1, 1 by 0
     assert baselines.ngram_cross_entropy(train, val, 2, 1, 0.0) == pytest.approx(

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CONF_DIR, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from adaptive_sparse.attention import auxiliary_loss
-from adaptive_sparse.metering import FlopMeter
-from adaptive_sparse.significance import BatchScores
-
-from conftest import CONF_DIR, compose_config
+from adaptive_sparse.attention.sparse import auxiliary_loss
+from adaptive_sparse.gating.significance import BatchScores
+from adaptive_sparse.training.metering import FlopMeter
 
 LANGUAGE_MODELS = {"gpt"}  # models with positions: task=char_lm; the others classify images
 # smaller than their defaults, so the fast tier stays fast: the same code paths, fewer channels and blocks
@@ -71,7 +70,7 @@ def test_forward_backward_finite_with_a_gradient_on_every_trainable_parameter(mo
 @pytest.mark.parametrize("model,attention", model_cases())
 def test_flops_are_counted_per_sample(model, attention):
     net, _, inputs, targets = build(model, attention)
-    from adaptive_sparse.metering import example_like
+    from adaptive_sparse.training.metering import example_like
 
     meter = FlopMeter(net, example_like(inputs, targets))
     assert 0 < meter.forward_per_sample < meter.train_per_sample

@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import read_run, run_train
 
-from adaptive_sparse.config import cpu_has_native_bf16, resolve_precision
-from adaptive_sparse.gates import RandomGate, Selection, SundewGate
-from adaptive_sparse.packing import SelectionPacker
+from adaptive_sparse.gating.gates import RandomGate, Selection, SundewGate
+from adaptive_sparse.gating.packing import SelectionPacker
+from adaptive_sparse.training.runtime import cpu_has_native_bf16, resolve_precision
 
 
 def loader_batches(n: int, batch: int):
@@ -19,7 +19,7 @@ def loader_batches(n: int, batch: int):
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_packing_trains_each_selected_sample_once_in_order_in_full_batches(rate):
-    gate, packer = RandomGate(target_rate=rate, seed=0), SelectionPacker(batch_size=64, enabled=True)
+    gate, packer = RandomGate(5000, target_rate=rate, seed=0), SelectionPacker(batch_size=64, enabled=True)
     selected, trained, sizes = [], [], []
     for images, labels, idx in loader_batches(5000, 64):
         selection = gate.select(idx, None)
@@ -105,18 +105,18 @@ def test_proxy_scoring_is_charged_as_scoring_and_costs_a_few_percent(tmp_path, t
 
 def test_gate_state_lives_on_the_device_it_is_built_for():
     gate = SundewGate(target_rate=0.5, num_samples=10, scoring="proxy", device="meta",
-                      proxy=lambda num_classes: torch.nn.Linear(4, num_classes))
+                      proxy=torch.nn.Linear(4, 10))
     assert {t.device.type for t in gate.memory.tensors().values()} == {"meta"}
     assert {p.device.type for p in gate.scorer.model.parameters()} == {"meta"}
     assert gate.rule.history.values.device.type == "meta"
-    from adaptive_sparse.gates import InfoBatchGate, SelectiveBackpropGate
+    from adaptive_sparse.gating.gates import InfoBatchGate, SelectiveBackpropGate
     assert InfoBatchGate(num_samples=10, device="meta").memory.last_loss.device.type == "meta"
-    assert SelectiveBackpropGate(device="meta").history.values.device.type == "meta"
+    assert SelectiveBackpropGate(10, device="meta").history.values.device.type == "meta"
 
 
 def test_proxy_scoring_without_a_proxy_model_is_refused():
-    with pytest.raises(ValueError, match="gate.proxy"):
-        SundewGate(scoring="proxy", proxy=None)
+    with pytest.raises(ValueError, match="scoring='proxy' needs proxy="):
+        SundewGate(10, scoring="proxy", proxy=None)
 
 
 AMD_FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 fma\n"
@@ -127,7 +127,7 @@ def test_auto_precision_picks_bf16_only_where_the_cpu_has_it(monkeypatch):
     assert cpu_has_native_bf16(AMD_FLAGS) and not cpu_has_native_bf16(OLD_FLAGS)
     assert cpu_has_native_bf16("flags : avx512f amx_bf16 amx_tile\n")
     for flags, expected in ((AMD_FLAGS, "bf16"), (OLD_FLAGS, "fp32")):
-        monkeypatch.setattr("adaptive_sparse.config.cpu_has_native_bf16", lambda info=None, f=flags: cpu_has_native_bf16(f))
+        monkeypatch.setattr("adaptive_sparse.training.runtime.cpu_has_native_bf16", lambda info=None, f=flags: cpu_has_native_bf16(f))
         assert resolve_precision("auto", torch.device("cpu")) == expected
         assert resolve_precision("fp32", torch.device("cpu")) == "fp32"  # explicit choices stay
         assert resolve_precision("bf16", torch.device("cpu")) == "bf16"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 from conftest import CONF_DIR, TINY, compose_with_hydra, cyclic_text, read_run, run_train
+from omegaconf import OmegaConf
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # the report's "Next Steps" (and the extra sweeps) -> the preset that answers each

@@ -14,18 +14,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONF_DIR, ROOT, TINY, compose_config, read_run, run_train, tiny_char_lm
 from omegaconf import OmegaConf
 from PIL import Image
 
-from adaptive_sparse.attention import SparseAttention
-from adaptive_sparse.checkpointing import (FILE_MODE, CheckpointError, DiskFullError, _atomic_write,
-                                           atomic_write_text, refuse_changed_config)
-from adaptive_sparse.config import ConfigError, refuse_unread_additions, validate_config
-from adaptive_sparse.data import CIFAR10_CLASSES, DatasetError, load_cifar10
-from adaptive_sparse.gates import RandomGate
-from adaptive_sparse.rundir import RunDirLocked, lock_run_dir, remove_stale_temp_files, unlock_run_dir
-from conftest import CONF_DIR, ROOT, TINY, compose_config, read_run, run_train, tiny_char_lm
-
+from adaptive_sparse.attention.sparse import SparseAttention
+from adaptive_sparse.gating.gates import RandomGate
+from adaptive_sparse.training.checkpoint import CheckpointError, refuse_changed_config
+from adaptive_sparse.training.data import CIFAR10_CLASSES, DatasetError, load_cifar10
+from adaptive_sparse.training.io import FILE_MODE, DiskFullError, _atomic_write, atomic_write_text
+from adaptive_sparse.training.lifecycle import (
+    ConfigError,
+    RunDirLocked,
+    lock_run_dir,
+    remove_stale_temp_files,
+    unlock_run_dir,
+)
+from adaptive_sparse.training.runtime import refuse_unread_additions, validate_config
 
 # --------------------------------------------------------------------------- one run per directory
 
@@ -58,7 +63,7 @@ def test_a_second_run_into_a_busy_directory_is_refused_and_the_first_stays_whole
 
 def test_the_lock_dies_with_its_process(tmp_path):
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom adaptive_sparse.rundir import "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom adaptive_sparse.training.lifecycle import "
                                f"lock_run_dir\nlock_run_dir({str(run_dir)!r}); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert holder.stdout.readline().strip() == "held"
@@ -157,14 +162,14 @@ def test_silently_accepted_values_are_now_refused(overrides, message):
 
 
 def test_a_gate_that_needs_a_target_rate_refuses_null():
-    with pytest.raises(ConfigError, match="gate.target_rate=null: RandomGate needs a target rate"):
-        RandomGate(None)
+    with pytest.raises(ValueError, match=r"RandomGate: target_rate=None is not allowed: a fraction in \(0, 1\]"):
+        RandomGate(8, None)
 
 
 def test_a_misspelt_added_key_is_refused_with_the_closest_key():
-    cfg = compose_config(["+training.lrr=0.1"])
-    with pytest.raises(ConfigError, match=r"\+training.lrr=0.1 adds a key that nothing reads; did you mean training.lr\?"):
-        refuse_unread_additions(["+training.lrr=0.1"], cfg, CONF_DIR)
+    cfg = compose_config(["+training.epoch=3"])
+    with pytest.raises(ConfigError, match=r"\+training.epoch=3 adds a key that nothing reads; did you mean training.epochs\?"):
+        refuse_unread_additions(["+training.epoch=3"], cfg, CONF_DIR)
     # a group, and a key for a constructor (which refuses what it does not take), pass
     refuse_unread_additions(["+experiment=convergence", "+gate.extra=1"], compose_config(["+gate.extra=1"]), CONF_DIR)
 
@@ -209,14 +214,14 @@ def test_a_user_error_is_one_line_in_the_console_and_train_log(tmp_path):
     refused = run_train(tmp_path / "a", *TINY, "gate.scoring=nope")
     assert refused.returncode == 1
     assert "Traceback" not in refused.stdout + refused.stderr
-    line = "gate.scoring='nope' is not allowed: one of ('forward', 'memory', 'proxy')"
+    line = "SundewGate: scoring='nope' is not allowed: one of ('forward', 'memory', 'proxy')"
     assert line in refused.stdout and line in (tmp_path / "a" / "train.log").read_text()
 
 
 def test_only_user_errors_lose_their_traceback(monkeypatch, caplog):
     import logging
 
-    from adaptive_sparse.errors import user_errors_reported
+    from adaptive_sparse.training.lifecycle import user_errors_reported
 
     log = logging.getLogger("train")
     with pytest.raises(SystemExit) as stopped, user_errors_reported(log):
@@ -232,7 +237,7 @@ def test_only_user_errors_lose_their_traceback(monkeypatch, caplog):
 
 
 def test_the_command_line_lock_reads_hydra_quoting(tmp_path, monkeypatch):
-    from adaptive_sparse.rundir import lock_from_argv
+    from adaptive_sparse.training.lifecycle import lock_from_argv
 
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "queue" / "run a"
@@ -294,7 +299,7 @@ def test_ctrl_c_from_outside_saves_and_the_run_resumes(tmp_path):
 
 
 def test_a_checkpoint_inside_an_epoch_keeps_the_time_of_the_phases_still_running():
-    from adaptive_sparse.metering import PhaseTimer
+    from adaptive_sparse.training.metering import PhaseTimer
 
     timer = PhaseTimer(torch.device("cpu"))
     with timer.phase("epoch"):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import read_run, run_train, two_ranks_spawn
 from torch.utils.data import DataLoader, Dataset
 
-from adaptive_sparse.data import IndexedBatches
-from adaptive_sparse.gates import InfoBatchGate, RandomGate, Selection, SelectiveBackpropGate, SundewGate
-from adaptive_sparse.sampler import Look, SelectingBatchSampler
-from adaptive_sparse.significance import BatchScores
-from conftest import read_run, run_train, two_ranks_spawn
+from adaptive_sparse.gating.gates import InfoBatchGate, RandomGate, Selection, SelectiveBackpropGate, SundewGate
+from adaptive_sparse.gating.sampler import EpochOrder, Look, SelectingBatchSampler
+from adaptive_sparse.gating.significance import BatchScores
 
 
 def fake_losses(idx: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -20,10 +19,10 @@ def fake_losses(idx: torch.Tensor, epoch: int) -> torch.Tensor:
 
 def make_gate(kind: str, n: int):
     if kind == "random":
-        return RandomGate(0.3, n, seed=3)
+        return RandomGate(n, 0.3, seed=3)
     if kind == "infobatch":
-        return InfoBatchGate(prune_ratio=0.5, anneal_after=1.0, num_samples=n, seed=3, total_epochs=3)
-    return SundewGate(0.3, n, scoring="memory", seed=3, selection=kind)
+        return InfoBatchGate(prune_ratio=0.5, anneal_after=1.0, num_samples=n, seed=3, epochs=3)
+    return SundewGate(n, 0.3, scoring="memory", seed=3, selection=kind)
 
 
 @pytest.mark.parametrize("kind", ["random", "percentile", "top", "infobatch"])
@@ -32,8 +31,8 @@ def test_planning_the_epoch_first_makes_the_decisions_selecting_after_loading_ma
     handed back; before loading, it decides the whole epoch first. Same choices, 3 epochs."""
     n, batch = 200, 16
     after, before = make_gate(kind, n), make_gate(kind, n)
-    order_after = IndexedBatches(n, batch, torch.device("cpu"), shuffle=True, seed=5)
-    sampler = SelectingBatchSampler(before, n, batch, seed=5, pack=False)
+    order_after = EpochOrder(torch.arange(n), batch, seed=5)
+    sampler = SelectingBatchSampler(before, batch, seed=5, pack=False)
     for epoch in (1, 2, 3):
         after.start_epoch(epoch)
         chosen_after = []
@@ -53,8 +52,8 @@ def test_planning_the_epoch_first_makes_the_decisions_selecting_after_loading_ma
 
 def test_packed_batches_are_full_and_in_selection_order():
     n, batch = 100, 8
-    sampler = SelectingBatchSampler(RandomGate(0.5, n, seed=0), n, batch, seed=1)
-    reference = SelectingBatchSampler(RandomGate(0.5, n, seed=0), n, batch, seed=1, pack=False)
+    sampler = SelectingBatchSampler(RandomGate(n, 0.5, seed=0), batch, seed=1)
+    reference = SelectingBatchSampler(RandomGate(n, 0.5, seed=0), batch, seed=1, pack=False)
     packed, looks = list(sampler), list(reference)
     flat = [i for b in looks for i in b]
     assert [i for b in packed for i in b] == flat  # the same samples, in the same order
@@ -67,8 +66,8 @@ def test_update_returns_the_gate_weighted_loss_and_teaches_the_memory():
     """InfoBatch in its second epoch: a sample below the first epoch's mean loss that survives
     pruning counts 1 / (1 - 0.5) = 2 times; the rest count once."""
     n = 8
-    gate = InfoBatchGate(prune_ratio=0.5, anneal_after=1.0, num_samples=n, total_epochs=2, seed=0)
-    sampler = SelectingBatchSampler(gate, n, 8, shuffle=False)
+    gate = InfoBatchGate(prune_ratio=0.5, anneal_after=1.0, num_samples=n, epochs=2, seed=0)
+    sampler = SelectingBatchSampler(gate, 8, shuffle=False)
     (first,) = list(sampler)
     assert first == list(range(8))  # epoch 1: nothing seen, nothing pruned
     losses = torch.tensor([1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0])  # mean 2: samples 0-3 are well learned
@@ -83,16 +82,14 @@ def test_update_returns_the_gate_weighted_loss_and_teaches_the_memory():
 
 
 def test_a_gate_that_needs_a_scoring_forward_is_refused_by_name():
-    for gate in (SundewGate(0.5, 10), SundewGate(0.5, 10, scoring="memory", refresh_every_epochs=2),
-                 SelectiveBackpropGate(0.5, num_samples=10)):
+    for gate in (SundewGate(10, 0.5), SundewGate(10, 0.5, scoring="memory", refresh_every_epochs=2),
+                 SelectiveBackpropGate(10, 0.5)):
         with pytest.raises(ValueError, match="scoring forward"):
-            SelectingBatchSampler(gate, 10, 4)
-    with pytest.raises(ValueError, match="gate.select_before_loading=true"):
-        SundewGate(0.5, 10, select_before_loading=True).select_before_loading
+            SelectingBatchSampler(gate, 4)
 
 
 def test_losses_of_the_wrong_shape_or_without_a_batch_are_refused():
-    sampler = SelectingBatchSampler(RandomGate(1.0, 8), 8, 4)
+    sampler = SelectingBatchSampler(RandomGate(8, 1.0), 4)
     with pytest.raises(RuntimeError, match="no batch is waiting"):
         sampler.update(torch.ones(4))
     iter(sampler).__next__()
@@ -123,13 +120,13 @@ def test_dataloader_with_workers_loads_only_the_selected_and_resumes_exactly():
                                logits)
         return served
 
-    gate = lambda: SundewGate(0.5, 64, scoring="memory", seed=1)
-    whole = SelectingBatchSampler(gate(), 64, 8, seed=2)
+    gate = lambda: SundewGate(64, 0.5, scoring="memory", seed=1)
+    whole = SelectingBatchSampler(gate(), 8, seed=2)
     served = run(whole, 3)
-    first = SelectingBatchSampler(gate(), 64, 8, seed=2)
+    first = SelectingBatchSampler(gate(), 8, seed=2)
     served_first = run(first, 2)
     state = first.state_dict()
-    resumed = SelectingBatchSampler(gate(), 64, 8, seed=2)
+    resumed = SelectingBatchSampler(gate(), 8, seed=2)
     resumed.load_state_dict(state)
     assert served_first + run(resumed, 1) == served
     for epoch in served:
@@ -143,8 +140,8 @@ def _sampler_rank(rank: int, port: int, out: str) -> None:
 
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    gate = SundewGate(0.5, 101, scoring="memory", seed=7)  # same seed on every rank
-    sampler = SelectingBatchSampler(gate, 101, 8, seed=4)
+    gate = SundewGate(101, 0.5, scoring="memory", seed=7)  # same seed on every rank
+    sampler = SelectingBatchSampler(gate, 8, seed=4)
     epochs = []
     for epoch in (1, 2):
         served = []

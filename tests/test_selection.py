@@ -6,9 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive_sparse.gates import InfoBatchGate, SelectiveBackpropGate, SundewGate, pruning_epoch_rate
-from adaptive_sparse.significance import BatchScores, ScoreHistory
-from adaptive_sparse.step import weighted_loss
+from adaptive_sparse.gating.gates import (
+    InfoBatchGate,
+    SelectiveBackpropGate,
+    SundewGate,
+    gated_loss,
+    pruning_epoch_rate,
+)
+from adaptive_sparse.gating.significance import BatchScores, ScoreHistory
 
 BATCH = 64
 
@@ -48,8 +53,8 @@ def test_inverse_probability_weights_make_the_subset_gradient_unbiased(unbiased)
 
 def test_weighted_loss_is_the_mean_without_weights_and_the_weighted_sum_with_them():
     losses = torch.tensor([1.0, 2.0, 6.0])
-    assert weighted_loss(losses, None).item() == pytest.approx(3.0)
-    assert weighted_loss(losses, torch.tensor([0.5, 0.25, 0.0])).item() == pytest.approx(1.0)
+    assert gated_loss(losses, None).item() == pytest.approx(3.0)
+    assert gated_loss(losses, torch.tensor([0.5, 0.25, 0.0])).item() == pytest.approx(1.0)
 
 
 def test_score_history_percentiles_by_hand():
@@ -96,12 +101,12 @@ def test_pruning_epoch_rate_by_hand():
     # 6 epochs at 0.25 spend 1.5 epochs of samples; a full last epoch leaves 0.5 for the other 5
     assert pruning_epoch_rate(0.25, 6, 1) == pytest.approx(0.1)
     assert pruning_epoch_rate(0.25, 6, 0) == 0.25
-    with pytest.raises(ValueError, match="gate.anneal_epochs"):
+    with pytest.raises(ValueError, match="anneal_epochs=2 of epochs=6"):
         pruning_epoch_rate(0.25, 6, 2)  # two full epochs already exceed 1.5
 
 
 def test_sundew_annealing_trains_everything_in_the_last_epochs_without_scoring():
-    gate = SundewGate(target_rate=0.75, num_samples=BATCH, anneal_epochs=2, total_epochs=4)
+    gate = SundewGate(target_rate=0.75, num_samples=BATCH, anneal_epochs=2, epochs=4)
     assert gate.controller.target == pytest.approx(0.5)  # (0.75 * 4 - 2) / (4 - 2)
     phases = []
     for epoch in range(1, 5):
@@ -119,7 +124,7 @@ def infobatch_after_one_epoch(loss: torch.Tensor, **kw) -> InfoBatchGate:
 
 def test_infobatch_prunes_only_below_the_mean_and_rescales_what_it_keeps():
     loss = torch.cat([torch.full((48,), 0.5), torch.full((16,), 2.5)])  # mean 1.0: 48 below
-    gate = infobatch_after_one_epoch(loss, prune_ratio=0.5, total_epochs=10)
+    gate = infobatch_after_one_epoch(loss, prune_ratio=0.5, epochs=10)
     gate.start_epoch(2)
     assert gate.mean_loss == pytest.approx(1.0)
     kept_low = 0
@@ -136,7 +141,7 @@ def test_infobatch_prunes_only_below_the_mean_and_rescales_what_it_keeps():
 
 def test_infobatch_never_prunes_unseen_samples_and_anneals_at_the_end():
     loss = torch.tensor([0.1, 0.2, 5.0, float("nan")])  # sample 3 never seen
-    gate = InfoBatchGate(num_samples=4, prune_ratio=0.9, total_epochs=8, seed=0)
+    gate = InfoBatchGate(num_samples=4, prune_ratio=0.9, epochs=8, seed=0)
     gate.observe(torch.arange(3), BatchScores(loss[:3], torch.zeros(3)))
     gate.start_epoch(2)
     for _ in range(50):
@@ -152,7 +157,7 @@ def test_infobatch_never_prunes_unseen_samples_and_anneals_at_the_end():
 
 @pytest.mark.parametrize("target", [0.1, 0.25, 0.5])
 def test_selective_backprop_keeps_its_rate_and_favours_the_biggest_losers(target):
-    gate = SelectiveBackpropGate(target_rate=target, seed=0)
+    gate = SelectiveBackpropGate(64, target_rate=target, seed=0)
     assert gate.beta == pytest.approx(1 / target - 1)
     g = torch.Generator().manual_seed(1)  # not the gate's seed: its draws would equal the losses' draws
     trained, top, bottom = 0, 0, 0

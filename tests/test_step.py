@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive_sparse.gates import Gate, Selection
-from adaptive_sparse.metering import FlopMeter, Tally, class_example
-from adaptive_sparse.models import SimpleCNN
-from adaptive_sparse.step import score_batch, train_on_subset
+from adaptive_sparse.gating.gates import Gate, Selection
+from adaptive_sparse.gating.scorers import score_batch
+from adaptive_sparse.models.cnn import SimpleCNN
+from adaptive_sparse.training.metering import FlopMeter, Tally, class_example
+from adaptive_sparse.training.step import train_on_subset
 
 
 class FixedGate(Gate):
@@ -17,7 +18,7 @@ class FixedGate(Gate):
     needs_scores = True
 
     def __init__(self, positions):
-        super().__init__(target_rate=0.5)
+        super().__init__(8, target_rate=0.5)
         self.positions = torch.tensor(positions)
 
     def select(self, idx, scores):

@@ -9,11 +9,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import ROOT, TINY
 from hydra.types import RunMode
 
-from adaptive_sparse.config import threads_per_job
-from adaptive_sparse.sweeps import job_tags, parse_overrides, sweep_group_name, wandb_identity
-from conftest import ROOT, TINY
+from adaptive_sparse.training.records import job_tags, parse_overrides, sweep_group_name, wandb_identity
+from adaptive_sparse.training.runtime import threads_per_job
 
 EXCLUDED = ["dataset.root", "wandb.mode"]
 

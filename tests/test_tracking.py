@@ -1,7 +1,7 @@
 """What a run records about the code that made it."""
 import subprocess
 
-from adaptive_sparse.tracking import code_version
+from adaptive_sparse.training.tracking import code_version
 
 
 def test_code_version_names_the_commit_and_a_dirty_tree(tmp_path):

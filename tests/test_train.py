@@ -3,12 +3,12 @@ import time
 
 import pytest
 import torch
+from conftest import TINY, compose_config, read_run, run_train, tiny_char_lm, train_in_process
 from hydra.utils import instantiate
 
-from adaptive_sparse.checkpointing import load_checkpoint
-from adaptive_sparse.data import load_dataset
-from adaptive_sparse.step import evaluation_sums
-from conftest import TINY, compose_config, read_run, run_train, tiny_char_lm, train_in_process
+from adaptive_sparse.training.checkpoint import load_checkpoint
+from adaptive_sparse.training.data import load_dataset
+from adaptive_sparse.training.step import evaluation_sums
 
 CONTRACT_EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "activation_rate", "threshold",
                        "epoch_time_s", "flops_executed", "compute_savings", "sample_savings"}
@@ -137,7 +137,7 @@ def test_a_whole_run_in_process_per_task_and_its_training_loss_that_compares_acr
 
 
 def test_the_training_sample_is_spread_evenly_over_the_split():
-    from adaptive_sparse.tasks import ClassificationTask
+    from adaptive_sparse.training.tasks import ClassificationTask
 
     class Ten:
         train = list(range(10))

@@ -1,0 +1,127 @@
+"""The README's answer table, made from the committed study records (so it cannot drift from them).
+
+    python -m scripts.studies.readme_answer            # rewrite the block in README.md
+    python -m scripts.studies.readme_answer --check    # exit 1 if README.md's block is not what the records give
+
+For each budget study and budget: sundew (memory scoring, packed) and the random control, each
+against full training cut to the gate's equal idle-measured time (paired by seed, 95% Student-t
+interval), and the study's goal at budget 0.5, judged as its page judges it
+(scripts.studies.convergence); and the report's combined claim (gate x sparse attention) as
+epoch-time speedups from the idle benchmark records. Each block lies between its marker lines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scripts.studies import analysis, convergence
+from scripts.studies.analysis import Estimate
+
+ROOT = Path(__file__).resolve().parents[2]
+START = "<!-- answer: made by `python -m scripts.studies.readme_answer` from the study records; do not edit by hand -->"
+END = "<!-- /answer -->"
+CLAIM_START = "<!-- claims: made by `python -m scripts.studies.readme_answer` from the benchmark records; do not edit by hand -->"
+CLAIM_END = "<!-- /claims -->"
+# the report's combined claim, measured idle: (setting, dense-attention record, sparse-attention record),
+# each a scripts/bench_gates.py run of gate=none and sundew (memory, packed) in one sitting
+COMBINED = [("ViT, CIFAR-10, 65 tokens, sundew 6%", "docs/bench/bench_vit_combined_dense.json",
+             "docs/bench/bench_vit_combined_sparse.json"),
+            ("GPT, tiny-shakespeare, 2,048 tokens, sundew 25%", "docs/bench/bench_long_combined_dense.json",
+             "docs/bench/bench_long_combined_sparse.json")]
+# (setting, study folder, idle benchmarks beside the record unless named)
+# (the first FastNet study, two seeds on the recipe without its last five parts, whose +1.25 points
+# five seeds on the full recipe did not repeat, is left to its page: docs/results/fastnet)
+STUDIES = [("SimpleCNN, CIFAR-10, 40 epochs", "convergence", None),
+           ("FastNet, airbench94's recipe in full, 9.9 epochs", "fastnet-recipe",
+            ["docs/bench/bench_gates_fastnet_recipe_0.5.json", "docs/bench/bench_gates_fastnet_recipe_0.25.json"]),
+           ("baby GPT, tiny-shakespeare, 10 epochs", "shakespeare-char", None)]
+
+
+def answer_rows() -> list[str]:
+    rows = ["| setting | budget | seeds | sundew vs full training at equal time | random vs the same | goal | page |",
+            "|---|---|---|---|---|---|---|"]
+    for setting, folder, benches in STUDIES:
+        record = ROOT / "docs" / "results" / folder / "runs.jsonl"
+        bench_files = ([ROOT / b for b in benches] if benches else convergence.default_idle_benches(record))
+        study = convergence.build_study(analysis.collect_runs(record), bench_files)
+        unit, digits = study.metric.unit, study.metric.digits
+        for budget in study.budgets():
+            gated = {k.gate: a for k, a in study.arms.items() if k.rate == budget and k.packed
+                     and k.gate in ("sundew_memory", "random") and k.selection is None and not k.variant}
+            if "sundew_memory" not in gated:
+                continue
+            sundew = convergence.judge(study, gated["sundew_memory"])
+            epochs = convergence.epochs_text(sundew.epochs)
+            against = f"{signed(sundew.result, digits)} {unit} ({epochs} epochs)" if sundew.result else "–"
+            random = gated.get("random") and convergence.judge(study, gated["random"]).result
+            control = f"{signed(random, digits)} {unit}" if random else "–"
+            goal = sundew.verdict if budget == 0.5 else "–"
+            rows.append(f"| {setting} | {budget:g} | {len(gated['sundew_memory'].runs)} | {against} | {control} | "
+                        f"{goal} | [{folder}](docs/results/{folder}/README.md) |")
+    return rows
+
+
+def signed(figure: Estimate, digits: int) -> str:
+    """'+0.54 ± 0.65' (a single seed: '+0.54')."""
+    text = f"{figure.mean:+.{digits}f}"
+    return text if figure.half is None else f"{text} ± {figure.half:.{digits}f}"
+
+
+def combined_rows() -> list[str]:
+    """Epoch-time speedups against dense attention with gate=none, from each pair of idle records."""
+    rows = ["| setting (idle, one sitting) | sundew with sparse attention | sundew alone | sparse attention alone | records |",
+            "|---|---|---|---|---|"]
+    for setting, dense_file, sparse_file in COMBINED:
+        if not (ROOT / dense_file).exists() or not (ROOT / sparse_file).exists():
+            continue
+        dense_record, sparse_record = (json.loads((ROOT / f).read_text()) for f in (dense_file, sparse_file))
+        dense, sparse = ({r["config"]: r for r in record["rows"]} for record in (dense_record, sparse_record))
+        base = dense["none"]["epoch_time_s"]
+        speed = lambda row: f"{base / row['epoch_time_s']:.2f}x"  # noqa: E731
+        rows.append(f"| {setting} ({dense_record['hardware']}) | {speed(sparse['sundew-memory-packed'])} | "
+                    f"{speed(dense['sundew-memory-packed'])} | {speed(sparse['none'])} | "
+                    f"[dense]({dense_file}), [sparse]({sparse_file}) |")
+    return rows
+
+
+def block() -> str:
+    return "\n".join([START, *answer_rows(), END])
+
+
+def claims_block() -> str:
+    return "\n".join([CLAIM_START, *combined_rows(), CLAIM_END])
+
+
+def replace_block(text: str, new_block: str, start: str = START, end: str = END) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no generated block (the lines {start!r} ... {end!r})")
+    head, rest = text.split(start, 1)
+    return head + new_block + rest.split(end, 1)[1]
+
+
+def regenerated(text: str) -> str:
+    """README.md's text with both generated blocks made afresh from the records."""
+    return replace_block(replace_block(text, block()), claims_block(), CLAIM_START, CLAIM_END)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if the block is stale")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = parser.parse_args(argv)
+    text = args.readme.read_text()
+    updated = regenerated(text)
+    if args.check:
+        if updated != text:
+            print("README.md's answer block differs from the records: run python -m scripts.studies.readme_answer")
+            return 1
+        return 0
+    args.readme.write_text(updated)
+    print(block() + "\n\n" + claims_block())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
