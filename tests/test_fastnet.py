@@ -12,7 +12,8 @@ from adaptive_sparse.gating.significance import BatchScores
 from adaptive_sparse.models.fastnet import FastNet
 from adaptive_sparse.training.data import BatchLoader, DatasetError, Split
 from adaptive_sparse.training.optim import Lookahead, sgd_with_scaled_biases, triangular_schedule
-from adaptive_sparse.training.step import evaluation_sums, evaluation_sums_by_tta, tta_logits, tta_logits_by_level
+from adaptive_sparse.training.step import evaluation_sums, evaluation_sums_by_level
+from adaptive_sparse.training.tasks import ClassificationTask, tta_logits_by_level
 
 
 def test_whitening_layer_decorrelates_the_patches_it_was_fitted_to():
@@ -70,7 +71,7 @@ def test_flip_tta_averages_the_logits_of_an_image_and_its_mirror():
     images[0, 0, 0] = torch.tensor([4.0, -2.0])  # left 4, right -2: plain logits [4, 0]; mirrored [-2, 0]
     loader = [(images, torch.tensor([0]), torch.tensor([0]))]
     plain, _, _ = evaluation_sums(LeftColumn(), loader)
-    tta, correct, _ = evaluation_sums(LeftColumn(), loader, flip_tta=True)
+    tta, correct, _ = evaluation_sums(LeftColumn(), loader, views=ClassificationTask(eval_flip_tta=True).views(last=True))
     assert plain == pytest.approx(math.log(1 + math.exp(-4)), rel=1e-5)  # CE of logits [4, 0], label 0 (fp32)
     assert tta == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-5)  # of their mean with [-2, 0]: [1, 0]
     assert correct == 1
@@ -95,13 +96,13 @@ def test_translate_tta_weighs_the_mirrored_pair_half_and_each_shift_a_quarter():
     image = torch.arange(9.0).view(1, 1, 3, 3)  # rows 0 1 2 / 3 4 5 / 6 7 8
     # views' top-left pixels: the image 0, its mirror 2; shifted up-left (reflect pad 1): 4 (the
     # pixel at (1, 1)) and mirrored 4; shifted down-right: 4 and mirrored 4 (reflected back in)
-    logits = tta_logits(TopLeft(), image, flip=True, translate=True)
-    assert logits[0, 0].item() == pytest.approx(0.5 * (0 + 2) / 2 + 0.25 * (4 + 4) / 2 + 0.25 * (4 + 4) / 2)
-    assert tta_logits(TopLeft(), image, flip=True, translate=False)[0, 0].item() == pytest.approx(1.0)
-    # every level from one set of forwards: 0 the image (0), 1 with its mirror (1), 2 six views (2.5)
+    # every level from one set of forwards: 0 the image (0), 1 with its mirror (1), 2 six views:
+    # 0.5 * (0 + 2) / 2 + 0.25 * (4 + 4) / 2 + 0.25 * (4 + 4) / 2 = 2.5
     assert [level[0, 0].item() for level in tta_logits_by_level(TopLeft(), image, 2)] == pytest.approx([0, 1, 2.5])
+    assert [level[0, 0].item() for level in tta_logits_by_level(TopLeft(), image, 1)] == pytest.approx([0, 1])
+    six_views = ClassificationTask(eval_flip_tta=True, eval_translate_tta=True).views(last=True)
     loader = [(image - 0.5, torch.tensor([1]), torch.tensor([0]))]  # logits [v - 0.5, 0], label 1: right at level 0 only
-    assert [correct for _, correct, _ in evaluation_sums_by_tta(TopLeft(), loader, level=2)] == [1, 0, 0]
+    assert [correct for _, correct, _ in evaluation_sums_by_level(TopLeft(), loader, views=six_views)] == [1, 0, 0]
 
 
 def test_lookahead_pulls_the_weights_to_a_slow_copy_on_its_schedule_by_hand():
@@ -182,8 +183,8 @@ def test_tta_at_the_end_only_evaluates_earlier_epochs_on_the_plain_image(tmp_pat
     val_acc is the six views'."""
     from conftest import TINY, read_run, train_in_process
 
-    result = train_in_process(tmp_path / "run", *TINY, "training.epochs=2", "training.eval_flip_tta=true",
-                              "training.eval_translate_tta=true", "training.eval_tta_every_epoch=false")
+    result = train_in_process(tmp_path / "run", *TINY, "training.epochs=2", "task.eval_flip_tta=true",
+                              "task.eval_translate_tta=true", "task.eval_tta_every_epoch=false")
     assert result.returncode == 0, result.stderr[-2000:]
     first, last = read_run(tmp_path / "run")[0]
     assert first["val_acc"] == first["val_acc_tta0"] and "val_acc_tta1" not in first

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from adaptive_sparse.training.checkpoint import load_checkpoint
 from adaptive_sparse.training.data import load_dataset
-from adaptive_sparse.training.step import evaluation_sums
+from adaptive_sparse.training.step import evaluation_sums, evaluation_sums_by_level
 
 CONTRACT_EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "activation_rate", "threshold",
                        "epoch_time_s", "flops_executed", "compute_savings", "sample_savings"}
@@ -102,8 +102,8 @@ def test_a_whole_run_in_process_per_task_and_its_training_loss_that_compares_acr
     train_eval_loss is the eval-mode loss of a fixed training sample: the final weights, evaluated
     here on the same samples, give it back."""
     overrides = ([*TINY, "dataset.num_train=256", "dataset.num_test=64", "gate=random", "gate.target_rate=0.5",
-                  "training.train_eval_samples=100", "dataset.val_size=56", "training.eval_flip_tta=true",
-                  "training.eval_translate_tta=true"] if task == "classification" else
+                  "training.train_eval_samples=100", "dataset.val_size=56", "task.eval_flip_tta=true",
+                  "task.eval_translate_tta=true"] if task == "classification" else
                  [*tiny_char_lm(tmp_path), "training.batch_size=32", "training.epochs=1", "gate=random", "gate.target_rate=0.5", "training.train_eval_samples=20"])
     run_dir = tmp_path / "run"
     result = train_in_process(run_dir, *overrides)
@@ -123,13 +123,13 @@ def test_a_whole_run_in_process_per_task_and_its_training_loss_that_compares_acr
     if task == "classification":  # 56 of the 256 training images held out to validate on; test at the end
         assert records[-1]["samples_seen"] == 200 and len(data.validation) == 56
         test_sums = evaluation_sums(model, task_object.eval_loader(data, cfg, torch.device("cpu"), None, split="test"),
-                                    summary["precision"], flip_tta=True, translate_tta=True)
+                                    summary["precision"], views=task_object.views(last=True))
         assert test_sums[2] == 64 and summary["test_acc"] == pytest.approx(100 * test_sums[1] / 64)
         assert summary["val_acc"] != summary["test_acc"] or summary["val_loss"] != summary["test_loss"]
         # the final weights at each TTA level (0 none, 1 mirror, 2 mirror and translate), by hand
         val_loader = task_object.eval_loader(data, cfg, torch.device("cpu"), None)
-        for level, views in enumerate([{}, {"flip_tta": True}, {"flip_tta": True, "translate_tta": True}]):
-            correct = evaluation_sums(model, val_loader, summary["precision"], **views)[1]
+        for level, correct in enumerate(c for _, c, _ in evaluation_sums_by_level(
+                model, val_loader, summary["precision"], views=task_object.views(last=True))):
             assert summary[f"val_acc_tta{level}"] == pytest.approx(100 * correct / 56)
         assert summary["val_acc_tta2"] == summary["val_acc"]
     else:  # no images, no TTA levels

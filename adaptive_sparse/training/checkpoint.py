@@ -198,8 +198,8 @@ class Checkpointer:
 # change them (a key matches itself and everything below it).
 RESUMABLE_CHANGES = ("resume", "init_from", "progress", "device", "dataset.root", "dataset.search_roots",
                      "dataset.download", "dataset.cache_dir", "training.num_threads", "training.eval_every_epochs",
-                     "training.eval_batch_size", "training.eval_flip_tta", "training.eval_translate_tta",
-                     "training.eval_tta_every_epoch",
+                     "training.eval_batch_size", "task.eval_flip_tta", "task.eval_translate_tta",
+                     "task.eval_tta_every_epoch",
                      "checkpoint", "distributed", "energy", "wandb", "debug")
 
 

@@ -54,8 +54,6 @@ def validate_config(cfg: DictConfig) -> None:
     fraction = t.get("last_epoch_fraction", 1.0)
     _require(isinstance(fraction, (int, float)) and 0 < fraction <= 1, "training.last_epoch_fraction", fraction,
              "a number in (0, 1]")
-    _require(not t.get("eval_translate_tta") or t.get("eval_flip_tta"), "training.eval_translate_tta",
-             t.get("eval_translate_tta"), "false unless training.eval_flip_tta is true (its views are mirrored pairs)")
     lead_in = t.get("schedule_lead_in_epochs", 0)
     _require(_is_integer(lead_in) and lead_in >= 0,
              "training.schedule_lead_in_epochs", lead_in, "an integer >= 0")

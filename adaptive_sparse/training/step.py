@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,65 +107,41 @@ def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
     return scores.detach()
 
 
-def tta_level(flip: bool, translate: bool) -> int:
-    """airbench's TTA level of these switches: 0 none, 1 mirror, 2 mirror and translate
-    (translation's views are mirrored pairs, so it counts only with the mirror)."""
-    return int(bool(flip)) + int(bool(flip) and bool(translate))
+Views = Callable[[nn.Module, torch.Tensor], list[torch.Tensor]]  # (model, inputs) -> logits at each level
 
 
-def tta_logits(model: nn.Module, inputs: torch.Tensor, flip: bool, translate: bool) -> torch.Tensor:
-    """Test-time augmentation's logits [B, C] for images [B, 3, H, W]: the image alone; with
-    `flip`, the mean over it and its mirror image; with `translate` too, airbench94's six views:
-    half that mean, plus a quarter each for the same mean over the image shifted one pixel up-left
-    and one down-right (reflected padding)."""
-    return tta_logits_by_level(model, inputs, tta_level(flip, translate))[-1]
+def plain_view(model: nn.Module, inputs: torch.Tensor) -> list[torch.Tensor]:
+    """The model's logits on the inputs alone: one level, no test-time augmentation."""
+    return [model(inputs).float()]
 
 
-def tta_logits_by_level(model: nn.Module, inputs: torch.Tensor, level: int) -> list[torch.Tensor]:
-    """The logits [B, C] (or [B, T, V]) at every TTA level up to `level`, from one set of forwards
-    (airbench's levels: 0 the image alone, 1 with its mirror image, 2 with both shifted too)."""
-    def mirrored(x: torch.Tensor) -> list[torch.Tensor]:  # [level 0, level 1]
-        logits = model(x).float()
-        return [logits, (logits + model(x.flip(3)).float()) / 2] if level >= 1 else [logits]
-
-    levels = mirrored(inputs)
-    if level >= 2:
-        h, w = inputs.shape[-2:]
-        padded = F.pad(inputs, (1, 1, 1, 1), mode="reflect")  # [B, 3, H+2, W+2]
-        shifted = (mirrored(padded[..., :h, :w])[1] + mirrored(padded[..., 2:, 2:])[1]) / 2
-        levels.append((levels[1] + shifted) / 2)
-    return levels
-
-
-def evaluation_sums(model: nn.Module, loader, precision: str = "fp32", flip_tta: bool = False,
-                    translate_tta: bool = False) -> tuple[float, int, int]:
+def evaluation_sums(model: nn.Module, loader, precision: str = "fp32", views: Views = plain_view) -> tuple[float, int, int]:
     """(summed cross-entropy, correct predictions, predictions) over what the loader yields:
     one per image (logits [B, C]), or one per scored position of a window (logits [B, T, V];
-    targets of -100 are not scored). Sums rather than means so that ranks' shares of the
-    validation set add up exactly. With `flip_tta` (and `translate_tta`) the logits are
-    `tta_logits`'s over the image's views."""
-    return evaluation_sums_by_tta(model, loader, precision, tta_level(flip_tta, translate_tta))[-1]
+    targets of IGNORE_INDEX are not scored). Sums rather than means so that ranks' shares of the
+    validation set add up exactly. `views` gives the logits (a task's test-time augmentation)."""
+    return evaluation_sums_by_level(model, loader, precision, views)[-1]
 
 
 @torch.inference_mode()
-def evaluation_sums_by_tta(model: nn.Module, loader, precision: str = "fp32",
-                           level: int = 0) -> list[tuple[float, int, int]]:
-    """`evaluation_sums` at every TTA level up to `level` (`tta_logits_by_level`), for the cost
-    of the highest alone: a run with TTA is its own TTA ablation."""
+def evaluation_sums_by_level(model: nn.Module, loader, precision: str = "fp32",
+                             views: Views = plain_view) -> list[tuple[float, int, int]]:
+    """`evaluation_sums` at every level `views` returns, from one set of forwards: a run with
+    test-time augmentation is its own TTA ablation."""
     was_training = model.training
     model.eval()
-    loss_sums = torch.zeros(level + 1, dtype=torch.float64)
-    correct = torch.zeros(level + 1, dtype=torch.long)
+    sums: list[list[float]] = []
     count = 0
     for inputs, targets, *_ in loader:
         with autocast_context(inputs.device, precision):
-            by_level = tta_logits_by_level(model, inputs, level)  # each [B, C] or [B, T, V]
+            by_level = views(model, inputs)  # each [B, C] or [B, T, V]
         targets = targets.reshape(-1)
         scored = targets != IGNORE_INDEX
-        for n, logits in enumerate(by_level):
+        sums = sums or [[0.0, 0] for _ in by_level]
+        for level, logits in enumerate(by_level):
             logits = logits.reshape(-1, logits.shape[-1])
-            loss_sums[n] += F.cross_entropy(logits, targets, reduction="sum").double().cpu()  # -100: ignored
-            correct[n] += ((logits.argmax(1) == targets) & scored).sum().cpu()
+            sums[level][0] += F.cross_entropy(logits, targets, reduction="sum").double().item()  # ignored: not summed
+            sums[level][1] += int(((logits.argmax(1) == targets) & scored).sum())
         count += int(scored.sum())
     model.train(was_training)
-    return [(loss_sums[n].item(), int(correct[n].item()), count) for n in range(level + 1)]
+    return [(loss, correct, count) for loss, correct in sums]

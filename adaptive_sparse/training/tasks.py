@@ -17,13 +17,15 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
 from adaptive_sparse.training.data import BatchLoader, ImageData, IndexedBatches
+from adaptive_sparse.training.data.text import EvalWindows, TextData, TrainWindows, eval_window_starts, window_count
 from adaptive_sparse.training.lifecycle import ConfigError
 from adaptive_sparse.training.metering import ExampleBatch, class_example, example_like
-from adaptive_sparse.training.step import evaluation_sums_by_tta, tta_level
+from adaptive_sparse.training.step import Views, evaluation_sums_by_level, plain_view
 
 
 class Task:
@@ -66,24 +68,23 @@ class Task:
     def example(self, data: Any) -> ExampleBatch:
         raise NotImplementedError
 
-    def tta_level(self, cfg: DictConfig) -> int:
-        """airbench's test-time augmentation level (0: none; tasks with images: 1 mirror, 2 also shifted)."""
-        return 0
+    def views(self, last: bool) -> Views:
+        """The logits evaluation scores (`last`: the run's final evaluation): the model's alone,
+        unless the task has test-time augmentation."""
+        return plain_view
 
     def evaluate(self, model: nn.Module, loader, precision: str, cfg: DictConfig, dist: Any,
                  last: bool = True) -> dict[str, float]:
-        """The validation figures (`metrics`) of what `loader` yields, at the configured TTA level
-        (torchrun: each rank's shard, sums reduced). With TTA, also the accuracy at every level up
-        to it as `val_acc_tta<N>`, from the same forwards: a run with TTA is its own TTA ablation.
-        With `training.eval_tta_every_epoch=false`, evaluations before the `last` are at level 0
-        only (one forward instead of six), so `val_acc_tta0` is the curve every epoch has."""
-        configured = self.tta_level(cfg)
-        every_epoch = cfg.training.get("eval_tta_every_epoch", True)
-        by_level = evaluation_sums_by_tta(model, loader, precision, configured if last or every_epoch else 0)
+        """The validation figures (`metrics`) of what `loader` yields (torchrun: each rank's shard,
+        sums reduced). With test-time augmentation, also the accuracy at every level up to the
+        configured one as `val_acc_tta<N>`, from the same forwards."""
+        by_level = evaluation_sums_by_level(model, loader, precision, self.views(last))
         figures = self.metrics(*dist.evaluate(by_level[-1]))
-        if configured:
+        if self.tta_configured:
             figures.update({f"val_acc_tta{n}": dist.evaluate(sums)[1] for n, sums in enumerate(by_level)})
         return figures
+
+    tta_configured = False  # whether evaluations record val_acc_tta<N>
 
     def has_test_split(self, data: Any) -> bool:
         """Whether validation is a held-out split (dataset.val_size), so the test split is evaluated
@@ -139,9 +140,26 @@ class Task:
 
 
 class ClassificationTask(Task):
-    """Images and one class each: normalisation, whole-batch augmentation, channels_last."""
+    """Images and one class each: normalisation, whole-batch augmentation, channels_last, and
+    airbench's test-time augmentation (`eval_flip_tta`: the mean logits of an image and its
+    mirror; with `eval_translate_tta`, six views; `eval_tta_every_epoch=false`: epochs before the
+    last evaluate on the image alone, a sixth of the cost, so `val_acc_tta0` is every epoch's curve)."""
 
     name, metric, higher_is_better, column = "classification", "val_acc", True, "Val Acc"
+
+    def __init__(self, proxy: Any = None, channels_last: bool = True, eval_flip_tta: bool = False,
+                 eval_translate_tta: bool = False, eval_tta_every_epoch: bool = True):
+        super().__init__(proxy)
+        if eval_translate_tta and not eval_flip_tta:
+            raise ConfigError("task.eval_translate_tta=true needs task.eval_flip_tta=true (its views are mirrored pairs)")
+        self.channels_last = bool(channels_last)
+        self.tta_level = int(bool(eval_flip_tta)) + int(bool(eval_translate_tta))  # airbench's 0, 1 or 2
+        self.tta_configured = self.tta_level > 0
+        self.tta_every_epoch = bool(eval_tta_every_epoch)
+
+    def views(self, last: bool) -> Views:
+        level = self.tta_level if last or self.tta_every_epoch else 0
+        return lambda model, inputs: tta_logits_by_level(model, inputs, level)
 
     def check_data(self, data: Any, dataset_name: str) -> None:
         if not isinstance(data, ImageData):
@@ -159,9 +177,8 @@ class ClassificationTask(Task):
         t = cfg.training
         return BatchLoader(data.train, t.batch_size, device, shuffle=True, augment=cfg.dataset.augment,
                            crop_padding=cfg.dataset.crop_padding, limit_batches=t.limit_train_batches,
-                           seed=cfg.seed, shard=shard, channels_last=t.channels_last,
-                           flip=cfg.dataset.get("flip", "random"), padding_mode=cfg.dataset.get("padding_mode", "zeros"),
-                           drop_last=t.get("drop_last", False))
+                           seed=cfg.seed, shard=shard, channels_last=self.channels_last,
+                           flip=cfg.dataset.flip, padding_mode=cfg.dataset.padding_mode, drop_last=t.drop_last)
 
     @staticmethod
     def split(data: ImageData, name: str):
@@ -172,7 +189,7 @@ class ClassificationTask(Task):
                     indices: torch.Tensor | None, split: str = "val") -> BatchLoader:
         """One split's images in order, unaugmented, at the evaluation batch size."""
         return BatchLoader(self.split(data, split), cfg.training.eval_batch_size, device, shuffle=False,
-                           indices=indices, channels_last=cfg.training.channels_last)
+                           indices=indices, channels_last=self.channels_last)
 
     def eval_size(self, data: ImageData, split: str = "val") -> int:
         return len(self.split(data, split))
@@ -188,7 +205,7 @@ class ClassificationTask(Task):
         return self.eval_loader(data, cfg, device, indices, split="train")
 
     def prepare_model(self, model: nn.Module, data: ImageData, cfg: DictConfig, device: torch.device) -> nn.Module:
-        if cfg.training.channels_last:
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if hasattr(model, "fit_to_data"):  # e.g. FastNet's whitening filters, from training images
             model.fit_to_data(next(iter(BatchLoader(data.train, 5000, device, shuffle=False)))[0])
@@ -196,9 +213,6 @@ class ClassificationTask(Task):
 
     def example(self, data: ImageData) -> ExampleBatch:
         return class_example(tuple(data.train.images.shape[1:]))
-
-    def tta_level(self, cfg: DictConfig) -> int:
-        return tta_level(cfg.training.eval_flip_tta, cfg.training.get("eval_translate_tta", False))
 
     def describe(self, data: ImageData) -> str:
         return f"{len(data.train)} train, {len(data.test)} test images"
@@ -220,8 +234,6 @@ class CharLMTask(Task):
         self.block_size, self.random_phase = block_size, bool(random_phase)
 
     def check_data(self, data: Any, dataset_name: str) -> None:
-        from adaptive_sparse.training.data.text import TextData
-
         if not isinstance(data, TextData):
             raise ConfigError(f"dataset={dataset_name} is not a text dataset; task=char_lm needs one "
                               "(e.g. dataset=shakespeare_char); for images: task=classification")
@@ -233,33 +245,22 @@ class CharLMTask(Task):
         return {"vocab_size": data.vocab_size}
 
     def train_loader(self, data, cfg: DictConfig, device: torch.device, shard: tuple[int, int] | None):
-        from adaptive_sparse.training.data.text import TrainWindows
-
         t = cfg.training
         return TrainWindows(data.train, self.block_size, t.batch_size, device, random_phase=self.random_phase,
                             limit_batches=t.limit_train_batches, seed=cfg.seed, shard=shard)
 
     def eval_loader(self, data, cfg: DictConfig, device: torch.device, indices: torch.Tensor | None):
-        from adaptive_sparse.training.data.text import EvalWindows
-
         return EvalWindows(data.val, self.block_size, cfg.training.eval_batch_size, device, indices=indices)
 
     def train_size(self, data) -> int:
-        from adaptive_sparse.training.data.text import window_count
-
         return window_count(len(data.train), self.block_size, False)
 
     def train_sample_loader(self, data, cfg: DictConfig, device: torch.device, indices: torch.Tensor):
-        from adaptive_sparse.training.data.text import (
-            TrainWindows,  # the fixed grid (phase 0), whatever task.random_phase
-        )
-
+        # the fixed grid (phase 0), whatever task.random_phase
         return TrainWindows(data.train, self.block_size, cfg.training.eval_batch_size, device, shuffle=False,
                             indices=indices)
 
     def eval_size(self, data) -> int:
-        from adaptive_sparse.training.data.text import eval_window_starts
-
         return len(eval_window_starts(len(data.val), self.block_size))
 
     def prepare_model(self, model: nn.Module, data, cfg: DictConfig, device: torch.device) -> nn.Module:
@@ -270,9 +271,6 @@ class CharLMTask(Task):
         if self.block_size > capacity:
             raise ConfigError(f"task.block_size={self.block_size} is larger than model.block_size={capacity} "
                               "(the model's position embeddings); raise model.block_size or lower task.block_size")
-        if cfg.training.eval_flip_tta or cfg.training.get("eval_translate_tta"):
-            raise ConfigError("training.eval_flip_tta / eval_translate_tta mirror and shift images; they have "
-                              "no meaning for task=char_lm")
         return model
 
     def example(self, data) -> ExampleBatch:
@@ -284,9 +282,26 @@ class CharLMTask(Task):
         return {"val_loss": mean_loss, "val_acc": accuracy, "val_bpc": mean_loss / math.log(2)}
 
     def describe(self, data) -> str:
-        from adaptive_sparse.training.data.text import window_count
-
         windows = window_count(len(data.train), self.block_size, self.random_phase)
         return (f"{len(data.train)} train characters ({windows} windows of {self.block_size}), "
                 f"{len(data.val)} validation characters, vocabulary {data.vocab_size}")
+
+
+# --------------------------------------------------------------------------- image test-time augmentation
+
+def tta_logits_by_level(model: nn.Module, inputs: torch.Tensor, level: int) -> list[torch.Tensor]:
+    """The logits [B, C] (or [B, T, V]) at every TTA level up to `level`, from one set of forwards
+    (airbench's levels: 0 the image alone, 1 with its mirror image, 2 with both shifted too)."""
+    def mirrored(x: torch.Tensor) -> list[torch.Tensor]:  # [level 0, level 1]
+        logits = model(x).float()
+        return [logits, (logits + model(x.flip(3)).float()) / 2] if level >= 1 else [logits]
+
+    levels = mirrored(inputs)
+    if level >= 2:
+        h, w = inputs.shape[-2:]
+        padded = F.pad(inputs, (1, 1, 1, 1), mode="reflect")  # [B, 3, H+2, W+2]
+        shifted = (mirrored(padded[..., :h, :w])[1] + mirrored(padded[..., 2:, 2:])[1]) / 2
+        levels.append((levels[1] + shifted) / 2)
+    return levels
+
 
