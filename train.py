@@ -46,7 +46,6 @@ from adaptive_sparse.training.lifecycle import (
 )
 from adaptive_sparse.training.metering import EpochState, FlopMeter, count_parameters
 from adaptive_sparse.training.optim import Optimisation
-from adaptive_sparse.training.records import Metric
 from adaptive_sparse.training.runtime import HydraRun, Run, setup_run
 from adaptive_sparse.training.step import evaluation_sums, train_on_subset
 from adaptive_sparse.training.tracking import RunLog, run_summary, table_header, table_row
@@ -157,7 +156,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra: HydraRun) -> dict:
     history, step = start.history, start.step
     with RunLog(run_dir, cfg, hydra.config, enabled=dist.is_main, wandb_run_id=start.wandb_run_id,
                 resume_records=history if run.resuming else None) as run_log, StopRequest() as stop:
-        log.info(table_header(task.column))
+        log.info(table_header(task.metric))
         for epoch in range(start.epoch + 1, t.epochs + 1):
             progress = start.progress if epoch == start.epoch + 1 else None  # stopped inside this epoch
             model.train()
@@ -231,8 +230,8 @@ def train(cfg: DictConfig, run_dir: Path, hydra: HydraRun) -> dict:
         run_log.write_summary(summary)
     dist.close()
     log.info("final %s %s, activation rate %.4f (target %s), compute savings %.1f%%, sample savings %.1f%%, "
-             "training time %.1fs", task.metric, Metric(task.metric, task.higher_is_better).value_text(
-                 summary[task.metric]), summary["activation_rate"], summary["target_rate"],
+             "training time %.1fs", task.metric.key, task.metric.value_text(summary[task.metric.key]),
+             summary["activation_rate"], summary["target_rate"],
              100 * summary["compute_savings"], 100 * summary["sample_savings"], summary["train_time_s"])
     return summary
 

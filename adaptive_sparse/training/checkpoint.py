@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from adaptive_sparse.training.io import atomic_torch_save
+from adaptive_sparse.training.records import PLACEMENT_KEYS
 
 # --------------------------------------------------------------------------- training checkpoints
 #
@@ -196,10 +197,9 @@ class Checkpointer:
 
 # Keys that say where things go or how they are shown, not what is trained: a resumed run may
 # change them (a key matches itself and everything below it).
-RESUMABLE_CHANGES = ("resume", "init_from", "progress", "device", "dataset.root", "dataset.search_roots",
-                     "dataset.download", "dataset.cache_dir", "training.num_threads", "training.eval_every_epochs",
-                     "training.eval_batch_size", "task.eval_flip_tta", "task.eval_translate_tta",
-                     "task.eval_tta_every_epoch",
+RESUMABLE_CHANGES = (*PLACEMENT_KEYS, "init_from", "device", "dataset.search_roots", "dataset.download",
+                     "training.eval_every_epochs", "training.eval_batch_size", "task.eval_flip_tta",
+                     "task.eval_translate_tta", "task.eval_tta_every_epoch",
                      "checkpoint", "distributed", "energy", "wandb", "debug")
 
 

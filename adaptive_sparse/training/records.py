@@ -1,12 +1,13 @@
-"""Figures read off a run's per-epoch records (metrics.jsonl), shared by the analysis library
-(adaptive_sparse.analysis) and the benchmarks. Light on purpose (no torch), like sweeps.py.
+"""The run-record contract: what a run's records mean and what identifies a run.
 
-What identifies a job inside a sweep: its overrides, its W&B group and tags, its name in a
-study's queue.
+- The metric a run is judged by and how it is printed (`Metric`), and figures read off a run's
+  per-epoch records (metrics.jsonl): epochs trained, time to a metric.
+- The keys that place a run rather than define it (`PLACEMENT_KEYS`).
+- What identifies a job inside a sweep: its overrides, its W&B group and tags, its name in a
+  study's queue; shared by train.py's W&B set-up, the study pages (scripts/studies) and
+  scripts/run_queue.py, so a sweep's W&B group, its report and its queue agree on names.
 
-Shared by train.py's W&B set-up (tracking.RunLog), the analysis library (adaptive_sparse.analysis)
-and scripts/run_queue.py, so a sweep's W&B group, its report and its queue agree on names.
-Light on purpose (no torch): the analysis library imports it.
+Light on purpose (no torch): the study pages import it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ from typing import Any, Iterable, Mapping
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
+
+# Keys that say where a run goes or how it is shown, not what it trains: kept out of sweep
+# sub-directory names and W&B tags (conf/config.yaml's override_dirname.exclude_keys, which a
+# test holds equal to this), out of a study page's rows, and free to change on resume.
+PLACEMENT_KEYS = ("dataset.root", "dataset.cache_dir", "progress", "resume", "training.num_threads",
+                  "hydra.run.dir", "hydra.sweep.dir", "wandb.mode", "wandb.project", "wandb.entity", "wandb.group",
+                  "wandb.tags", "wandb.name", "wandb.log_every_steps", "wandb.init_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -45,8 +53,12 @@ class Metric:
         return "points" if self.is_accuracy else "nats"
 
     @property
-    def short_unit(self) -> str:
-        return "pt" if self.is_accuracy else "nats"
+    def column(self) -> str:  # the console table's header: Val Acc, Val Loss
+        return "Val Acc" if self.is_accuracy else f"Val {self.key[4:].title()}"
+
+    def cell(self, value: float | None) -> str:
+        """The console table's cell: '- ' for an epoch without evaluation."""
+        return "     -  " if value is None else f"{value:6.2f}% " if self.is_accuracy else f"{value:8.4f} "
 
     @property
     def digits(self) -> int:

@@ -25,6 +25,7 @@ from adaptive_sparse.training.data import BatchLoader, ImageData, IndexedBatches
 from adaptive_sparse.training.data.text import EvalWindows, TextData, TrainWindows, eval_window_starts, window_count
 from adaptive_sparse.training.lifecycle import ConfigError
 from adaptive_sparse.training.metering import ExampleBatch, class_example, example_like
+from adaptive_sparse.training.records import Metric
 from adaptive_sparse.training.step import Views, evaluation_sums_by_level, plain_view
 
 
@@ -32,9 +33,7 @@ class Task:
     """The interface; see the two tasks below."""
 
     name: str = "task"
-    metric: str = "val_loss"    # the record key a run is judged by (summary.json: "metric")
-    higher_is_better: bool = False
-    column: str = "Val Loss"    # its console-table header
+    metric = Metric("val_loss", higher_is_better=False)  # what a run is judged by (summary.json: "metric")
 
     def __init__(self, proxy: Any = None):
         self.proxy = proxy  # the proxy scorer's model factory (conf/task/*.yaml; gate.proxy reads it)
@@ -136,7 +135,7 @@ class Task:
         raise NotImplementedError
 
     def summary(self) -> dict[str, Any]:
-        return {"task": self.name, "metric": self.metric, "higher_is_better": self.higher_is_better}
+        return {"task": self.name, "metric": self.metric.key, "higher_is_better": self.metric.higher_is_better}
 
 
 class ClassificationTask(Task):
@@ -145,7 +144,7 @@ class ClassificationTask(Task):
     mirror; with `eval_translate_tta`, six views; `eval_tta_every_epoch=false`: epochs before the
     last evaluate on the image alone, a sixth of the cost, so `val_acc_tta0` is every epoch's curve)."""
 
-    name, metric, higher_is_better, column = "classification", "val_acc", True, "Val Acc"
+    name, metric = "classification", Metric("val_acc", higher_is_better=True)
 
     def __init__(self, proxy: Any = None, channels_last: bool = True, eval_flip_tta: bool = False,
                  eval_translate_tta: bool = False, eval_tta_every_epoch: bool = True):
@@ -225,7 +224,7 @@ class CharLMTask(Task):
     the window grid each epoch. Validation scores every character of the validation split once.
     """
 
-    name, metric, higher_is_better, column = "char_lm", "val_loss", False, "Val Loss"
+    name, metric = "char_lm", Metric("val_loss", higher_is_better=False)
 
     def __init__(self, block_size: int, random_phase: bool = False, proxy: Any = None):
         super().__init__(proxy)

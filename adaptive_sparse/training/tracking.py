@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from adaptive_sparse.training.io import atomic_write_text
 from adaptive_sparse.training.metering import summarise_run
-from adaptive_sparse.training.records import wandb_identity
+from adaptive_sparse.training.records import Metric, wandb_identity
 from adaptive_sparse.training.runtime import has_native_bf16
 
 log = logging.getLogger(__name__)
@@ -57,20 +57,15 @@ WANDB_KEYS = {
 CUMULATIVE_WANDB_KEYS = {"epoch_time_s": "time/train_cumulative_s",
                          "flops_executed": "flops/executed_cumulative"}
 
-def table_header(column: str = "Val Acc") -> str:
+def table_header(metric: Metric) -> str:
     """The report's table header, with the task's metric column (Val Acc, or Val Loss for text)."""
-    return (f"| Epoch | Loss   | {column:<7} | Activation Rate | Compute Savings (FLOPs) "
+    return (f"| Epoch | Loss   | {metric.column:<7} | Activation Rate | Compute Savings (FLOPs) "
             "| Sample Savings | Time    |")
 
 
-TABLE_HEADER = table_header()
-
-
-def table_row(record: dict[str, Any], epochs: int, metric: str = "val_acc") -> str:
-    """One line of the report's table; its 'Energy Savings' column is now measured FLOPs."""
-    value = record[metric]
-    cell = ("     -  " if value is None else f"{value:6.2f}% " if metric == "val_acc" else f"{value:8.4f} ")
-    return (f"| {record['epoch']}/{epochs:<3} | {record['train_loss']:.4f} | {cell}"
+def table_row(record: dict[str, Any], epochs: int, metric: Metric) -> str:
+    """One line of the report's table (the report's 'Energy Savings' column: measured FLOPs)."""
+    return (f"| {record['epoch']}/{epochs:<3} | {record['train_loss']:.4f} | {metric.cell(record[metric.key])}"
             f"| {100 * record['activation_rate']:14.1f}% | {100 * record['compute_savings']:22.1f}% "
             f"| {100 * record['sample_savings']:13.1f}% | {record['epoch_time_s']:6.1f}s |")
 

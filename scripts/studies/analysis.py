@@ -30,15 +30,19 @@ from typing import Any, Callable, Collection, NamedTuple
 from omegaconf import OmegaConf
 
 from adaptive_sparse.training import records
-from adaptive_sparse.training.records import Metric, parse_overrides, read_queue, run_name, sweep_group_name
+from adaptive_sparse.training.records import (
+    PLACEMENT_KEYS,
+    Metric,
+    parse_overrides,
+    read_queue,
+    run_name,
+    sweep_group_name,
+)
 
 # Overrides that never tell rows apart: seeds are averaged over; the rest name places and
 # logging, not experiments: conf/config.yaml's hydra.job.config.override_dirname.exclude_keys
 # (tests/studies/test_analysis.py holds the two equal).
-NOT_ROW_KEYS = frozenset({
-    "seed", "dataset.root", "dataset.cache_dir", "progress", "resume", "training.num_threads",
-    "hydra.run.dir", "hydra.sweep.dir", "wandb.mode", "wandb.project", "wandb.entity", "wandb.group",
-    "wandb.tags", "wandb.name", "wandb.log_every_steps", "wandb.init_timeout_s"})
+NOT_ROW_KEYS = frozenset({"seed", *PLACEMENT_KEYS})
 LOSSLESS_MARGIN = 0.3  # accuracy points: "reaches full training's accuracy" means within this
 LOSSLESS_MARGIN_NATS = 0.01  # the same for a loss (task=char_lm): within this many nats
 DEFAULT = "(default)"  # the table's value for a varying key a run does not override

@@ -32,6 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from adaptive_sparse.training.records import Metric
 from scripts.studies import analysis
 from scripts.studies.analysis import Run, interval, pm
 
@@ -46,10 +47,8 @@ class Study:
     """What one study's page compares: its model, metric, goal and wording."""
     model: str
     title: str
-    metric: str               # the summary's and epoch records' key
-    higher_is_better: bool
-    unit: str                 # of a difference in the metric
-    digits: int
+    metric: Metric            # the summary's and epoch records' key, its direction and unit
+    digits: int               # the page's precision for it
     tolerance: float          # the goal: the recipe at most this much worse than dense
     tolerance_words: str
     goal_top_k: int
@@ -63,7 +62,7 @@ class Study:
 
     def worse_by(self, value: float, reference: float) -> float:
         """How much worse `value` is than `reference` (negative: better)."""
-        return reference - value if self.higher_is_better else value - reference
+        return self.metric.sign * (reference - value)
 
     def fmt(self, value: float | None) -> str:
         return "–" if value is None else f"{value:.{self.digits}f}"
@@ -71,7 +70,7 @@ class Study:
 
 VIT = Study(
     model="vit", title="Sparse-attention ViT: DeepSeek's two-stage recipe, the keep-ratio curve, the combined claim",
-    metric="val_acc", higher_is_better=True, unit="points", digits=2, tolerance=1.0, tolerance_words="a point",
+    metric=Metric("val_acc", True), digits=2, tolerance=1.0, tolerance_words="a point",
     goal_top_k=32, tokens=65, recipe_warmup=1, metric_header="(%)",
     plot_title="ViT on CIFAR-10: dense, sparse from scratch, and DeepSeek's recipe",
     combined_heading="The combined claim (sundew 6% with sparse attention)",
@@ -80,7 +79,7 @@ VIT = Study(
 LONG_CONTEXT = Study(
     model="gpt", title="Long context (baby GPT at 2,048 tokens, tiny-shakespeare): DeepSeek's recipe, sparse "
                        "from scratch, the combined claim",
-    metric="val_loss", higher_is_better=False, unit="nats", digits=4, tolerance=0.03, tolerance_words="0.03 nats",
+    metric=Metric("val_loss", False), digits=4, tolerance=0.03, tolerance_words="0.03 nats",
     goal_top_k=512, tokens=2048, recipe_warmup=1, metric_header="(val loss)",
     plot_title="GPT at context 2,048 on tiny-shakespeare: dense, sparse from scratch, and DeepSeek's recipe",
     combined_heading="The combined claim (sundew 25% with sparse attention)",
@@ -121,7 +120,7 @@ class RecipeRun:
 
     @property
     def final(self) -> float:
-        return self.run.summary[self.study.metric]
+        return self.run.summary[self.study.metric.key]
 
     def backbone_epoch(self, epoch: int) -> int | None:
         """The backbone's epochs after this run's epoch `epoch` (None: a warm-up epoch)."""
@@ -130,14 +129,14 @@ class RecipeRun:
     @property
     def after_warmup(self) -> float | None:
         """The metric after the indexer warm-up (the backbone as it started)."""
-        return next((e.get(self.study.metric) for e in self.run.epochs if e["epoch"] == self.warmup), None)
+        return next((e.get(self.study.metric.key) for e in self.run.epochs if e["epoch"] == self.warmup), None)
 
     def summed(self, key: str, upto_epoch: int) -> float:
         """A per-epoch figure (time, FLOPs) summed over this run's epochs 1..upto_epoch."""
         return sum(e[key] for e in self.run.epochs if e["epoch"] <= upto_epoch)
 
     def value_at(self, backbone_epochs: int) -> float | None:
-        return next((r.get(self.study.metric) for r in self.run.epochs
+        return next((r.get(self.study.metric.key) for r in self.run.epochs
                      if self.backbone_epoch(r["epoch"]) == backbone_epochs), None)
 
 
@@ -227,13 +226,13 @@ def goal_section(runs: list[RecipeRun]) -> str:
     against_restart = [c for c in controls if c is not None]
     control_line = ([f"Recipe minus dense restarted from the same weights with a fresh Adam (what sparse "
                      f"attention and the warm-up cost by themselves): {pm(interval(against_restart), study.digits)} "
-                     f"{study.unit} over {len(against_restart)} seed(s)."] if against_restart else [])
+                     f"{study.metric.unit} over {len(against_restart)} seed(s)."] if against_restart else [])
     within = sum(w <= study.tolerance for w in worse if w is not None)
     verdict = ("met" if within == len(known) and len(known) >= 2 else
                "missed" if within < len(known) else "undecided (fewer than two seeds)")
     return "\n".join([*lines, "",
                       f"Recipe minus dense at equal backbone epochs, top_k {k}: "
-                      f"{pm(interval(known), study.digits)} {study.unit} over {len(known)} seed(s); within "
+                      f"{pm(interval(known), study.digits)} {study.metric.unit} over {len(known)} seed(s); within "
                       f"{study.tolerance_words} of dense on {within} of {len(known)}: goal **{verdict}**.",
                       *([""] + control_line if control_line else [])])
 
@@ -352,7 +351,7 @@ def combined_table(runs: list[RecipeRun]) -> str:
 # --------------------------------------------------------------------------- plots
 
 def metric_label(study: Study) -> str:
-    return "validation accuracy (%)" if study.metric == "val_acc" else "validation loss (nats per character)"
+    return "validation accuracy (%)" if study.metric.key == "val_acc" else "validation loss (nats per character)"
 
 
 def plot_epochs(runs: list[RecipeRun], path: Path) -> None:
@@ -361,7 +360,7 @@ def plot_epochs(runs: list[RecipeRun], path: Path) -> None:
     styles = {"dense": ("black", "-"), "restart": ("grey", ":"), "scratch": ("C1", "--"), "recipe": ("C0", "-")}
     for kind, (colour, style) in styles.items():
         for seed, r in sorted(at_goal(runs, kind).items()):
-            points = [(r.backbone_epoch(e["epoch"]), e.get(study.metric)) for e in r.run.epochs]
+            points = [(r.backbone_epoch(e["epoch"]), e.get(study.metric.key)) for e in r.run.epochs]
             points = [(x, y) for x, y in points if x is not None and y is not None]
             if kind in ("recipe", "restart"):  # joined to the dense epoch it started from
                 start = of(runs, "dense").get(seed)
@@ -418,7 +417,7 @@ def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None) -> P
     runs = recipe_runs(own, study) + [r for source in sources[1:]
                                       for r in recipe_runs(analysis.collect_runs(source), study, extra=True)]
     out_dir.mkdir(parents=True, exist_ok=True)
-    what = "accuracy" if study.metric == "val_acc" else "loss"
+    what = "accuracy" if study.metric.key == "val_acc" else "loss"
     plot_epochs(runs, out_dir / f"{what}_by_epoch.png")
     plot_keep_ratio(runs, out_dir / "keep_ratio.png")
     facts = next((r.run.summary for r in runs if r.kind == "dense"), runs[0].run.summary if runs else {})

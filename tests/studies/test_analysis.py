@@ -12,7 +12,8 @@ import yaml
 from conftest import CONF_DIR, ROOT
 from omegaconf import OmegaConf
 
-from adaptive_sparse.training.records import Metric
+from adaptive_sparse.training.checkpoint import resumable_change
+from adaptive_sparse.training.records import PLACEMENT_KEYS, Metric
 from scripts.studies import analysis as report
 from scripts.studies.report import main as report_main
 
@@ -126,9 +127,11 @@ def test_table_and_report_list_the_incomplete_run(sweep: Path):
     assert "dataset.root=/data/cifar10" in text  # a fixed setting, reported once, not a row
 
 
-def test_keys_that_never_make_rows_are_the_sweep_directory_name_exclusions():
+def test_one_list_of_placement_keys_names_sweep_directories_rows_and_resumable_changes():
     exclude = OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys
-    assert report.NOT_ROW_KEYS == {"seed", *exclude}
+    assert list(exclude) == list(PLACEMENT_KEYS)  # Hydra's YAML cannot import it: held equal here
+    assert report.NOT_ROW_KEYS == {"seed", *PLACEMENT_KEYS}
+    assert all(resumable_change(key) for key in PLACEMENT_KEYS)
 
 
 def test_the_library_imports_without_matplotlib_or_wandb():
