@@ -47,11 +47,13 @@ from adaptive_sparse.training.lifecycle import (
 from adaptive_sparse.training.metering import EpochState, FlopMeter, count_parameters
 from adaptive_sparse.training.optim import Optimisation
 from adaptive_sparse.training.runtime import HydraRun, Run, setup_run
+from adaptive_sparse.training.schema import register as register_schema
 from adaptive_sparse.training.step import evaluation_sums, train_on_subset
 from adaptive_sparse.training.tracking import RunLog, run_summary, table_header, table_row
 
 CONF_DIR = Path(__file__).parent / "conf"
 log = logging.getLogger("train")
+register_schema()  # conf/config.yaml's first default: the types of the run's keys
 # The schedule steps once per loader batch (training.scheduler_interval=batch), so that a gated run
 # follows full training's schedule; a packed gate's first optimiser step comes a few batches in,
 # which torch would warn of in every such run. Meant, so silenced, for this script only.

@@ -22,9 +22,11 @@ TINY = ["dataset=synthetic", "dataset.num_train=512", "dataset.num_test=256",
         "training.epochs=1", "training.eval_batch_size=256", "wandb.mode=disabled"]
 
 
-def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+def compose_config(overrides: list[str] | tuple[str, ...] = (), with_hydra: bool = False) -> DictConfig:
+    """The composed config for these overrides, without running; `with_hydra`: with Hydra's own
+    node too (`cfg.hydra`: group choices, overrides), as `train(cfg, run_dir, HydraRun.of(cfg.hydra))` takes."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def run_train(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> SimpleNamespace:
@@ -136,11 +138,3 @@ def pytest_collection_modifyitems(config, items):
         function = getattr(item, "function", None)
         if function is not None and any(call in inspect.getsource(function) for call in SLOW_CALLS):
             item.add_marker(pytest.mark.slow)
-
-
-def compose_with_hydra(overrides: list[str]):
-    """The composed config for these overrides (the Hydra config included), without running."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_with_hydra
+from conftest import compose_config
 
 from adaptive_sparse.gating.significance import BatchScores
 from adaptive_sparse.models.fastnet import FastNet
@@ -78,7 +78,7 @@ def test_flip_tta_averages_the_logits_of_an_image_and_its_mirror():
 
 
 def test_preset_turns_the_papers_decoupled_values_into_the_same_steps():
-    cfg = compose_with_hydra(["+experiment=fastnet"])
+    cfg = compose_config(["+experiment=fastnet"], with_hydra=True)
     opt = cfg.training.optimizer
     # the paper: torch lr 11.5 / K and decay wd = 0.0153 * 1024 / K per step on a summed loss,
     # K = 1024 * (1 + 1 / (1 - 0.85)) = 7850.67; a mean loss over 1024 multiplies lr by 1024

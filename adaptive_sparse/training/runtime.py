@@ -6,7 +6,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -22,70 +22,62 @@ log = logging.getLogger("train")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def _is_integer(value) -> bool:
-    """An int, not a bool (YAML's true is an int to isinstance)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+def _fraction(value) -> bool:
+    return isinstance(value, (int, float)) and 0 < value <= 1
 
 
-def _require(ok: bool, key: str, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _at_least(low: int) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+# What a type cannot say (the schema, training/schema.py, checks types at composition): each key's
+# allowed values. A key a run does not have (gate.target_rate under gate=none) reads as null.
+RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("budget", _optional(_fraction), "null or a fraction in (0, 1]"),
+    ("gate.target_rate", _optional(_fraction), "a fraction in (0, 1]"),
+    ("training.epochs", _at_least(1), "an integer >= 1"),
+    ("training.batch_size", _at_least(1), "an integer >= 1"),
+    ("training.eval_batch_size", _at_least(1), "an integer >= 1"),
+    ("training.eval_every_epochs", _at_least(1), "an integer >= 1"),
+    ("training.limit_train_batches", _optional(_at_least(1)), "null or an integer >= 1"),
+    ("training.train_eval_samples", _at_least(0), "an integer >= 0"),
+    ("training.last_epoch_fraction", _fraction, "a number in (0, 1]"),
+    ("training.schedule_lead_in_epochs", _at_least(0), "an integer >= 0"),
+    ("training.scheduler_interval", lambda v: v in ("epoch", "batch"), "epoch or batch"),
+    ("training.pack_remainder", lambda v: v in ("train", "carry"), "train or carry"),
+    ("training.loss_reduction", lambda v: v in ("mean", "sum"), "mean or sum"),
+    ("training.label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("training.precision", lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    ("device", lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
+    ("wandb.mode", lambda v: v in ("offline", "online", "disabled"), "one of offline, online, disabled"),
+    ("resume", lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),
+    ("checkpoint.every_epochs", _at_least(0), "an integer >= 0"),
+    ("distributed.backend", lambda v: v in ("auto", "gloo", "nccl"), "one of auto, gloo, nccl"),
+    ("debug.inject_nan_at_step", _optional(_at_least(1)), "null or an integer >= 1"),
+    ("debug.signal_at_step", _optional(_at_least(1)), "null or an integer >= 1"),
+    ("dataset.name", lambda v: v in DATASETS, f"one of {sorted(DATASETS)}"),
+)
 
 
 def validate_config(cfg: DictConfig) -> None:
     """Refuse out-of-range values by key name before any data or model is built."""
-    for key, rate in (("gate.target_rate", cfg.gate.get("target_rate")), ("budget", cfg.budget)):
-        _require(rate is None or (isinstance(rate, (int, float)) and 0 < rate <= 1), key, rate, "a fraction in (0, 1]")
-    _require(_is_integer(cfg.seed), "seed", cfg.seed, "an integer")
-    t = cfg.training
-    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every_epochs"):
-        _require(isinstance(t[key], int) and t[key] >= 1, f"training.{key}", t[key], "an integer >= 1")
-    floor = cfg.gate.get("min_selected")
-    _require(floor is None or (isinstance(floor, int) and 0 <= floor <= t.batch_size), "gate.min_selected", floor,
-             f"an integer from 0 to training.batch_size ({t.batch_size}); above it every sample of every batch trains")
-    _require(t.limit_train_batches is None or (isinstance(t.limit_train_batches, int)
-                                               and t.limit_train_batches >= 1),
-             "training.limit_train_batches", t.limit_train_batches, "null or an integer >= 1")
-    _require(t.get("scheduler_interval", "epoch") in ("epoch", "batch"), "training.scheduler_interval",
-             t.get("scheduler_interval"), "epoch or batch")
-    samples = t.get("train_eval_samples", 0)
-    _require(_is_integer(samples) and samples >= 0,
-             "training.train_eval_samples", samples, "an integer >= 0")
-    fraction = t.get("last_epoch_fraction", 1.0)
-    _require(isinstance(fraction, (int, float)) and 0 < fraction <= 1, "training.last_epoch_fraction", fraction,
-             "a number in (0, 1]")
-    lead_in = t.get("schedule_lead_in_epochs", 0)
-    _require(_is_integer(lead_in) and lead_in >= 0,
-             "training.schedule_lead_in_epochs", lead_in, "an integer >= 0")
-    _require(t.get("pack_remainder", "train") in ("train", "carry"), "training.pack_remainder",
-             t.get("pack_remainder"), "train or carry")
-    _require(t.get("loss_reduction", "mean") in ("mean", "sum"), "training.loss_reduction",
-             t.get("loss_reduction"), "mean or sum")
-    smoothing = t.get("label_smoothing", 0.0)
-    _require(isinstance(smoothing, (int, float)) and 0 <= smoothing < 1, "training.label_smoothing", smoothing,
-             "a number in [0, 1)")
-    _require(t.precision in PRECISIONS, "training.precision", t.precision, f"one of {', '.join(PRECISIONS)}")
-    _require(cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
-             "device", cfg.device, "auto, cpu, cuda or cuda:N")
+    for key, allowed, words in RULES:
+        value = OmegaConf.select(cfg, key)
+        if not allowed(value):
+            raise ConfigError(f"{key}={value!r} is not allowed: {words}")
+    floor, batch = cfg.gate.get("min_selected"), cfg.training.batch_size
+    if floor is not None and not (isinstance(floor, int) and 0 <= floor <= batch):
+        raise ConfigError(f"gate.min_selected={floor!r} is not allowed: an integer from 0 to training.batch_size "
+                          f"({batch}); above it every sample of every batch trains")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device!r} but no CUDA device is available; use device=cpu or auto")
-    _require(cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", cfg.wandb.mode,
-             "one of offline, online, disabled")
-    resume = cfg.get("resume", False)
-    _require(isinstance(resume, bool) or resume == "auto", "resume", resume, "true, false or auto")
-    init_from = cfg.get("init_from")
-    if init_from and not Path(os.path.expanduser(str(init_from))).is_file():
-        raise ConfigError(f"init_from={str(init_from)!r} is not a file: pass a run's checkpoints/last.pt")
-    every = cfg.checkpoint.every_epochs
-    _require(isinstance(every, int) and every >= 0, "checkpoint.every_epochs", every, "an integer >= 0")
-    _require(cfg.distributed.backend in ("auto", "gloo", "nccl"), "distributed.backend",
-             cfg.distributed.backend, "one of auto, gloo, nccl")
-    for key in ("inject_nan_at_step", "signal_at_step"):
-        step = cfg.debug.get(key)
-        _require(step is None or (isinstance(step, int) and step >= 1), f"debug.{key}", step, "null or an integer >= 1")
-    _require(cfg.dataset.name in _dataset_names(), "dataset.name", cfg.dataset.name,
-             f"one of {sorted(_dataset_names())}")
-    if cfg.dataset.get("root") and not cfg.dataset.get("download", False):
+    if cfg.init_from and not Path(os.path.expanduser(str(cfg.init_from))).is_file():
+        raise ConfigError(f"init_from={str(cfg.init_from)!r} is not a file: pass a run's checkpoints/last.pt")
+    if cfg.dataset.get("root") and not cfg.dataset.get("download"):  # keys of datasets read from disk
         root = Path(os.path.expanduser(str(cfg.dataset.root)))
         if not root.exists():
             raise ConfigError(f"dataset.root={str(root)!r} does not exist and dataset.download=false")
@@ -111,10 +103,6 @@ def refuse_unread_additions(overrides: list[str], cfg: DictConfig, conf_dir: Pat
         close = difflib.get_close_matches(name, siblings, n=2)
         hint = f"; did you mean {' or '.join(f'{parent_key}.{c}'.lstrip('.') for c in close)}?" if close else ""
         raise ConfigError(f"{override} adds a key that nothing reads{hint}")
-
-
-def _dataset_names() -> set[str]:
-    return set(DATASETS)
 
 
 def resolve_device(name: str) -> torch.device:
