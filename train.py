@@ -72,6 +72,34 @@ def main(cfg: DictConfig) -> float:
     return summary[summary["metric"]]
 
 
+def build_model(cfg: DictConfig, task, data, run: Run) -> torch.nn.Module:
+    """The model for this data, prepared by the task (channels_last, FastNet's whitening), with
+    `init_from`'s weights (a resume restores its own) and the test-only fault hooks (null by default)."""
+    model = task.prepare_model(instantiate(cfg.model, **task.model_kwargs(data)).to(run.device), data, cfg, run.device)
+    if cfg.init_from and not run.resuming:
+        load_initial_weights(model, cfg.init_from, log)
+    inject_nan_at_step(model, cfg.debug.inject_nan_at_step)
+    signal_at_step(model, cfg.debug.signal_at_step)
+    return model
+
+
+def evaluate(task, model: torch.nn.Module, val_loader, train_sample_loader, run: Run, cfg: DictConfig,
+             last: bool) -> dict:
+    """The validation figures; with a training sample, its eval-mode loss too (unaugmented, no
+    test-time augmentation): `train_eval_loss`, a training loss every gate shares."""
+    validation = task.evaluate(model, val_loader, run.precision, cfg, run.dist, last=last)
+    if train_sample_loader is not None:
+        validation["train_eval_loss"] = run.dist.evaluate(evaluation_sums(model, train_sample_loader, run.precision))[0]
+    return validation
+
+
+def final_line(summary: dict, metric) -> str:
+    return (f"final {metric.key} {metric.value_text(summary[metric.key])}, activation rate "
+            f"{summary['activation_rate']:.4f} (target {summary['target_rate']}), compute savings "
+            f"{100 * summary['compute_savings']:.1f}%, sample savings {100 * summary['sample_savings']:.1f}%, "
+            f"training time {summary['train_time_s']:.1f}s")
+
+
 def train_selected(batch: TrainBatch, model: torch.nn.Module, optim: Optimisation, gate, scoring: Scoring,
                    state: EpochState, run: Run, cfg: DictConfig, epoch: int, step: int) -> None:
     """One optimiser step on exactly these samples; then the gate learns their losses and a proxy
@@ -127,17 +155,12 @@ def train(cfg: DictConfig, run_dir: Path, hydra: HydraRun) -> dict:
     val_loader = task.eval_loader(data, cfg, device, indices=dist.shard(task.eval_size(data)))
     train_sample_loader = task.train_sample_loader_for(data, cfg, device, dist)  # a training loss every gate shares
     log.info("data: %s (%s); precision %s", data.source, task.describe(data), run.precision)
-    model = instantiate(cfg.model, **task.model_kwargs(data)).to(device)
-    model = task.prepare_model(model, data, cfg, device)  # e.g. channels_last, FastNet's whitening
+    model = build_model(cfg, task, data, run)
     optim = Optimisation(t, model, len(train_loader), run.precision, device)
     flop_meter = FlopMeter(model, task.example(data))
     log.info("model: %s, %.2fM parameters, %.1f MFLOP/sample forward, %.1f MFLOP/sample train step",
              hydra.choices["model"], count_parameters(model) / 1e6, flop_meter.forward_per_sample / 1e6,
              flop_meter.train_per_sample / 1e6)
-    if cfg.init_from and not run.resuming:  # weights only; a resume restores its own
-        load_initial_weights(model, cfg.init_from, log)
-    inject_nan_at_step(model, cfg.debug.inject_nan_at_step)  # test-only faults; null by default
-    signal_at_step(model, cfg.debug.signal_at_step)
 
     # ------------------------------------------------------------------ gate
     gate = build_gate(cfg.gate, cfg.budget, dict(num_samples=train_loader.num_samples, num_outputs=task.num_outputs(data),
@@ -209,14 +232,8 @@ def train(cfg: DictConfig, run_dir: Path, hydra: HydraRun) -> dict:
             validation = dict.fromkeys([*task.metric_keys, "train_eval_loss"])  # null in epochs without evaluation
             if epoch % t.eval_every_epochs == 0 or epoch == t.epochs:
                 with state.timer.phase("eval"):  # torchrun: each rank a slice of the validation set, sums reduced
-                    validation = task.evaluate(model, val_loader, run.precision, cfg, dist, last=epoch == t.epochs)
-                    if train_sample_loader is not None:  # eval mode, unaugmented, no test-time augmentation
-                        validation["train_eval_loss"] = dist.evaluate(
-                            evaluation_sums(model, train_sample_loader, run.precision))[0]
-            record = {"epoch": epoch, **state.tally.record(flop_meter), **validation, "threshold": gate.threshold,
-                      **state.timer.record(), "samples_per_s": state.tally.seen / state.timer.seconds["epoch"],
-                      "energy_kwh": energy_meter.kwh, "lr": optim.lr, "indexer_loss": state.indexer_loss(),
-                      **gate.epoch_metrics()}
+                    validation = evaluate(task, model, val_loader, train_sample_loader, run, cfg, last=epoch == t.epochs)
+            record = state.record(epoch, flop_meter, validation, gate, energy_meter.kwh, optim.lr)
             history.append(record)
             if checkpoints.due(epoch, t.epochs):  # before the metrics line (docs/distributed.md: Checkpoints)
                 checkpoints.save(epoch, step, history, run_log.wandb_run_id)
@@ -231,10 +248,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra: HydraRun) -> dict:
                               energy_meter, count_parameters(model))
         run_log.write_summary(summary)
     dist.close()
-    log.info("final %s %s, activation rate %.4f (target %s), compute savings %.1f%%, sample savings %.1f%%, "
-             "training time %.1fs", task.metric.key, task.metric.value_text(summary[task.metric.key]),
-             summary["activation_rate"], summary["target_rate"],
-             100 * summary["compute_savings"], 100 * summary["sample_savings"], summary["train_time_s"])
+    log.info(final_line(summary, task.metric))
     return summary
 
 

@@ -219,6 +219,14 @@ class EpochState:
     def indexer_loss(self) -> float | None:
         return torch.stack(self.indexer_losses).mean().item() if self.indexer_losses else None
 
+    def record(self, epoch: int, meter: FlopMeter, validation: dict, gate, energy_kwh: float | None,
+               lr: float) -> dict:
+        """The epoch's line of metrics.jsonl: counts and FLOPs, validation, the gate's figures, time
+        by phase (evaluation apart), throughput, energy so far and the learning rate."""
+        return {"epoch": epoch, **self.tally.record(meter), **validation, "threshold": gate.threshold,
+                **self.timer.record(), "samples_per_s": self.tally.seen / self.timer.seconds["epoch"],
+                "energy_kwh": energy_kwh, "lr": lr, "indexer_loss": self.indexer_loss(), **gate.epoch_metrics()}
+
 
 def summarise_run(history: list[dict], target_rate: float, flop_meter: FlopMeter) -> dict:
     """Whole-run figures for summary.json, summed over epochs from the per-epoch records."""
