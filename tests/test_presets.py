@@ -1,14 +1,19 @@
-"""Experiment presets and launcher configs: every file composes, each next step has its preset,
-and each preset runs (tiny data, a few batches)."""
+"""Presets and launcher configs: every file of both preset groups (recipes in conf/experiment,
+`+experiment=NAME`; study sweeps in conf/study, `+study=NAME`) composes, each next step has its
+preset, and each preset runs (tiny data, a few batches)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, TINY, compose_with_hydra, cyclic_text, read_run, run_train
+from conftest import CONF_DIR, TINY, compose_config, cyclic_text, read_run, run_train
 from omegaconf import OmegaConf
 
-PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+from adaptive_sparse.training.records import PRESET_GROUPS
+
+# (group, name) of every preset: conf/experiment's recipes and conf/study's sweeps
+PRESETS = sorted((group, p.stem) for group in PRESET_GROUPS for p in (CONF_DIR / group).glob("*.yaml"))
+PRESET_IDS = [f"{group}={name}" for group, name in PRESETS]
 # the report's "Next Steps" (and the issue's extra sweeps) -> the preset that answers each
 NEXT_STEPS = {"longer training": "longer_training", "sparse ViT": "sparse_vit",
               "GPU training": "gpu", "baseline comparison": "baseline_comparison",
@@ -17,17 +22,23 @@ NEXT_STEPS = {"longer training": "longer_training", "sparse ViT": "sparse_vit",
 
 
 def test_every_next_step_has_a_preset():
-    assert set(NEXT_STEPS.values()) <= set(PRESETS), set(NEXT_STEPS.values()) - set(PRESETS)
+    names = {name for _, name in PRESETS}
+    assert set(NEXT_STEPS.values()) <= names, set(NEXT_STEPS.values()) - names
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_preset_composes_and_says_how_to_run_it(name: str):
-    text = (CONF_DIR / "experiment" / f"{name}.yaml").read_text()
+def test_both_preset_groups_hold_presets_and_no_name_is_in_both():
+    recipes, studies = ({name for g, name in PRESETS if g == group} for group in PRESET_GROUPS)
+    assert recipes and studies and not recipes & studies, recipes & studies
+
+
+@pytest.mark.parametrize(("group", "name"), PRESETS, ids=PRESET_IDS)
+def test_preset_composes_and_says_how_to_run_it(group: str, name: str):
+    text = (CONF_DIR / group / f"{name}.yaml").read_text()
     assert text.startswith("# @package _global_\n")
-    assert f"+experiment={name}" in text.splitlines()[1], "line 2 gives the command that runs it"
-    cfg = compose_with_hydra([f"+experiment={name}"])
+    assert f"+{group}={name}" in text.splitlines()[1], "line 2 gives the command that runs it"
+    cfg = compose_config([f"+{group}={name}"], with_hydra=True)
     assert name in cfg.wandb.tags
-    base = compose_with_hydra([])
+    base = compose_config([], with_hydra=True)
     changed = [key for key in ("model", "gate", "attention", "task", "dataset", "training")
                if OmegaConf.to_container(cfg[key]) != OmegaConf.to_container(base[key])]
     sweeps = OmegaConf.select(cfg, "hydra.sweeper.params") != OmegaConf.select(base, "hydra.sweeper.params")
@@ -35,7 +46,7 @@ def test_preset_composes_and_says_how_to_run_it(name: str):
 
 
 def test_seed_report_is_the_reported_experiment():
-    cfg = compose_with_hydra(["+experiment=seed_report"])
+    cfg = compose_config(["+experiment=seed_report"], with_hydra=True)
     choices = cfg.hydra.runtime.choices
     assert (choices.model, choices.gate, choices.dataset) == ("cnn", "sundew", "cifar10")
     assert (cfg.gate.target_rate, cfg.training.epochs, cfg.training.batch_size) == (0.06, 3, 64)
@@ -44,19 +55,19 @@ def test_seed_report_is_the_reported_experiment():
 
 
 def test_next_step_presets_set_what_their_step_asks():
-    longer = compose_with_hydra(["+experiment=longer_training"])
+    longer = compose_config(["+experiment=longer_training"], with_hydra=True)
     assert longer.training.epochs >= 20
-    gpu = compose_with_hydra(["+experiment=gpu"])
+    gpu = compose_config(["+experiment=gpu"], with_hydra=True)
     assert (gpu.device, gpu.training.precision) == ("cuda", "bf16")
-    baseline = compose_with_hydra(["+experiment=baseline_comparison"])
+    baseline = compose_config(["+study=baseline_comparison"], with_hydra=True)
     assert baseline.hydra.sweeper.params == {"gate": "none,random,sundew", "seed": "0,1,2"}
-    rates = compose_with_hydra(["+experiment=target_rate_sweep"]).hydra.sweeper.params["gate.target_rate"]
+    rates = compose_config(["+study=target_rate_sweep"], with_hydra=True).hydra.sweeper.params["gate.target_rate"]
     assert [float(r) for r in rates.split(",")] == [0.02, 0.05, 0.1, 0.2, 0.5]
 
 
 def test_gate_ablation_covers_five_gates_rates_and_two_seeds_in_one_directory():
-    gated = compose_with_hydra(["+experiment=gate_ablation"]).hydra
-    baselines = compose_with_hydra(["+experiment=gate_ablation_baselines"]).hydra
+    gated = compose_config(["+study=gate_ablation"], with_hydra=True).hydra
+    baselines = compose_config(["+study=gate_ablation_baselines"], with_hydra=True).hydra
     assert gated.sweeper.params == {"gate": "random,sundew,sundew_memory,selective_backprop",
                                     "gate.target_rate": "0.1,0.25,0.5", "seed": "0,1"}
     assert baselines.sweeper.params == {"gate": "none,infobatch", "seed": "0,1"}
@@ -65,8 +76,8 @@ def test_gate_ablation_covers_five_gates_rates_and_two_seeds_in_one_directory():
 
 
 def test_lossless_sweeps_two_gates_at_two_rates_beside_one_full_training_run():
-    gated = compose_with_hydra(["+experiment=lossless"])
-    baseline = compose_with_hydra(["+experiment=lossless_baseline"])
+    gated = compose_config(["+study=lossless"], with_hydra=True)
+    baseline = compose_config(["+study=lossless_baseline"], with_hydra=True)
     assert gated.hydra.sweeper.params == {"gate": "random,sundew_memory", "gate.target_rate": "0.45,0.5"}
     assert baseline.hydra.sweeper.params == {"gate": "none"}  # once: gate=none ignores the rate
     for cfg in (gated, baseline):  # the same training, so that only the gate differs
@@ -79,22 +90,22 @@ def test_sparse_presets_ask_for_sparse_attention():
     # compose needs conf/attention/sparse.yaml (issue 4); the files themselves say what they ask
     vit = (CONF_DIR / "experiment" / "sparse_vit.yaml").read_text()
     assert "override /model: vit" in vit and "override /attention: sparse" in vit
-    sweep = (CONF_DIR / "experiment" / "attention_sweep.yaml").read_text()
+    sweep = (CONF_DIR / "study" / "attention_sweep.yaml").read_text()
     assert "attention: dense,sparse" in sweep and "override /model: vit" in sweep
 
 
 def test_launcher_configs_compose():
-    parallel = compose_with_hydra(["hydra/launcher=parallel"]).hydra.launcher
+    parallel = compose_config(["hydra/launcher=parallel"], with_hydra=True).hydra.launcher
     assert parallel._target_.endswith("JoblibLauncher") and parallel.n_jobs == 2
-    slurm = compose_with_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).hydra.launcher
+    slurm = compose_config(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], with_hydra=True).hydra.launcher
     assert slurm._target_.endswith("SlurmLauncher")
     assert (slurm.partition, slurm.gpus_per_node, slurm.timeout_min) == ("gpu", 1, 120)
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_preset_runs(name: str, tmp_path: Path):
+@pytest.mark.parametrize(("group", "name"), PRESETS, ids=PRESET_IDS)
+def test_preset_runs(group: str, name: str, tmp_path: Path):
     # single runs (no -m): presets that sweep run their first setting; gpu runs on the CPU here
-    cfg = compose_with_hydra([f"+experiment={name}"])
+    cfg = compose_config([f"+{group}={name}"], with_hydra=True)
     if cfg.hydra.runtime.choices.task == "char_lm":
         corpus = tmp_path / "corpus.txt"  # a small text in place of tiny-shakespeare, its 10% holding a window
         corpus.write_text(cyclic_text(max(8000, 12 * (cfg.task.block_size + 1))))
@@ -106,7 +117,7 @@ def test_preset_runs(name: str, tmp_path: Path):
             data.append("training.drop_last=false")
     if cfg.hydra.runtime.choices.model == "vit":
         data.append("model.depth=1")  # the preset's settings all stand; one block is enough to run them
-    result = run_train(tmp_path / "run", f"+experiment={name}", *data,
+    result = run_train(tmp_path / "run", f"+{group}={name}", *data,
                        "training.limit_train_batches=2", "device=cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     records, summary = read_run(tmp_path / "run")

@@ -162,7 +162,7 @@ def test_a_misspelt_added_key_is_refused_with_the_closest_key():
     with pytest.raises(ConfigError, match=r"\+training.epoch=3 adds a key that nothing reads; did you mean training.epochs\?"):
         refuse_unread_additions(["+training.epoch=3"], cfg, CONF_DIR)
     # a group, and a key for a constructor (which refuses what it does not take), pass
-    refuse_unread_additions(["+experiment=convergence", "+gate.extra=1"], compose_config(["+gate.extra=1"]), CONF_DIR)
+    refuse_unread_additions(["+study=convergence", "+gate.extra=1"], compose_config(["+gate.extra=1"]), CONF_DIR)
 
 
 def test_top_k_covering_the_sequence_warns_once():

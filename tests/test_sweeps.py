@@ -79,13 +79,13 @@ def summaries(sweep_dir: Path) -> dict[str, dict]:
 
 def test_preset_sweep_through_joblib(tmp_path: Path):
     # baseline_comparison's gate sweep, one seed, two jobs at a time
-    result = run_multirun(tmp_path, "hydra/launcher=parallel", "+experiment=baseline_comparison",
+    result = run_multirun(tmp_path, "hydra/launcher=parallel", "+study=baseline_comparison",
                           "hydra.sweeper.params.seed=0", *TINY, "training.limit_train_batches=4")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = summaries(tmp_path)
     # sub-directories named from the overrides, sorted as Hydra sorts them, wandb.mode left out
     assert sorted(runs) == [
-        f"{i}_+experiment=baseline_comparison,dataset.num_test=256,dataset.num_train=512,"
+        f"{i}_+study=baseline_comparison,dataset.num_test=256,dataset.num_train=512,"
         f"dataset=synthetic,gate={g},seed=0,training.epochs=1,training.eval_batch_size=256,"
         "training.limit_train_batches=4" for i, g in enumerate(["none", "random", "sundew"])]
     assert [s["gate"] for s in runs.values()] == ["none", "random", "sundew"]

@@ -2,7 +2,8 @@
 
 - The metric a run is judged by and how it is printed (`Metric`), and figures read off a run's
   per-epoch records (metrics.jsonl): epochs trained, time to a metric.
-- The keys that place a run rather than define it (`PLACEMENT_KEYS`).
+- The keys that place a run rather than define it (`PLACEMENT_KEYS`), and the preset a run was
+  started from (`preset_of`).
 - What identifies a job inside a sweep: its overrides, its W&B group and tags, its name in a
   study's queue; shared by train.py's W&B set-up, the study pages (scripts/studies) and
   scripts/run_queue.py, so a sweep's W&B group, its report and its queue agree on names.
@@ -25,6 +26,10 @@ from hydra.types import RunMode
 PLACEMENT_KEYS = ("dataset.root", "dataset.cache_dir", "progress", "resume", "training.num_threads",
                   "hydra.run.dir", "hydra.sweep.dir", "wandb.mode", "wandb.project", "wandb.entity", "wandb.group",
                   "wandb.tags", "wandb.name", "wandb.log_every_steps", "wandb.init_timeout_s")
+# The config groups whose options are presets of a whole run (`# @package _global_`): recipes
+# (conf/experiment, `+experiment=NAME`) and study sweeps (conf/study, `+study=NAME`). Records
+# written before conf/study existed name a study's preset `+experiment=NAME`.
+PRESET_GROUPS = ("experiment", "study")
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,12 @@ def parse_overrides(lines: Iterable[str]) -> dict[str, str]:
             for o in parsed}
 
 
+def preset_of(overrides: Mapping[str, str]) -> str | None:
+    """The preset a run was started from, by parse_overrides' keys: `+study=NAME` or
+    `+experiment=NAME` (a study's records from before conf/study) -> NAME; None without one."""
+    return overrides.get("study") or overrides.get("experiment")
+
+
 def job_tags(override_lines: Iterable[str], exclude_keys: Iterable[str]) -> list[str]:
     """W&B tags of one sweep job: its overrides as 'key=value', minus the excluded keys.
 
@@ -181,7 +192,9 @@ def read_queue(path: Path) -> list[list[str]]:
 
 
 def run_name(overrides: list[str]) -> str:
-    """A queued run's directory name: '+experiment=convergence gate=random gate.pack=true seed=0'
-    -> 'convergence,gate.pack=true,gate=random,seed=0'."""
-    parts = sorted(o.lstrip("+").replace("experiment=", "") for o in overrides)
+    """A queued run's directory name: '+study=convergence gate=random gate.pack=true seed=0'
+    -> 'convergence,gate.pack=true,gate=random,seed=0'. A preset's group is dropped, `study=` as
+    `experiment=`, so a study's queue lines name the same directories (and match the same
+    committed records) whether they say `+study=NAME` or, as before conf/study, `+experiment=NAME`."""
+    parts = sorted(re.sub(rf"^({'|'.join(PRESET_GROUPS)})=", "", o.lstrip("+")) for o in overrides)
     return re.sub(r"[^A-Za-z0-9=.,_-]", "_", ",".join(parts))

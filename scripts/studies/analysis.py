@@ -32,8 +32,10 @@ from omegaconf import OmegaConf
 from adaptive_sparse.training import records
 from adaptive_sparse.training.records import (
     PLACEMENT_KEYS,
+    PRESET_GROUPS,
     Metric,
     parse_overrides,
+    preset_of,
     read_queue,
     run_name,
     sweep_group_name,
@@ -46,8 +48,9 @@ NOT_ROW_KEYS = frozenset({"seed", *PLACEMENT_KEYS})
 LOSSLESS_MARGIN = 0.3  # accuracy points: "reaches full training's accuracy" means within this
 LOSSLESS_MARGIN_NATS = 0.01  # the same for a loss (task=char_lm): within this many nats
 DEFAULT = "(default)"  # the table's value for a varying key a run does not override
-# Row keys come first in this order when they vary, then any other key alphabetically.
-KEY_ORDER = ("experiment", "gate", "gate.target_rate", "attention", "model", "training.epochs")
+# Row keys come first in this order when they vary, then any other key alphabetically. The preset
+# (`experiment`, or `study`: PRESET_GROUPS) is one column, named after the first of them the runs set.
+KEY_ORDER = ("experiment", "study", "gate", "gate.target_rate", "attention", "model", "training.epochs")
 PLOTS = {"pareto": "final accuracy against training wall-clock, one line per gate through its target rates",
          "accuracy_vs_time": "validation accuracy against training wall-clock",
          "accuracy_vs_flops": "validation accuracy against FLOPs executed",
@@ -273,13 +276,21 @@ class Setting:
         gate=none baseline shares. The preset is left out so that presets meant to sit side by
         side in one directory (gate_ablation and gate_ablation_baselines) find each other's."""
         return tuple((k, v) for k, v in self.overrides.items()
-                     if k not in ("gate", "experiment") and not k.startswith("gate."))
+                     if k not in ("gate", *PRESET_GROUPS) and not k.startswith("gate."))
+
+
+def row_value(run: Run, key: str) -> str | None:
+    """A run's value of a row key; a preset key reads the run's preset (`preset_of`), so a study's
+    records from before conf/study (`+experiment=NAME`) and its new runs (`+study=NAME`) share rows."""
+    return preset_of(run.overrides) if key in PRESET_GROUPS else run.overrides.get(key)
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
-    """Override keys whose value differs between runs (a missing key counts as a value)."""
+    """Override keys whose value differs between runs (a missing key counts as a value); the
+    preset keys count as one, the first of them the runs set."""
     keys = {k for r in runs for k in r.overrides} - NOT_ROW_KEYS
-    varying = [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+    keys -= set([k for k in PRESET_GROUPS if k in keys][1:])
+    varying = [k for k in keys if len({row_value(r, k) for r in runs}) > 1]
     return sorted(varying, key=lambda k: (KEY_ORDER.index(k) if k in KEY_ORDER else len(KEY_ORDER), k))
 
 
@@ -291,7 +302,7 @@ def summarise(runs: list[Run]) -> list[Arm]:
     keys = varying_keys(complete)
     rows: dict[tuple, Arm] = {}
     for run in complete:
-        values = {k: run.overrides.get(k, DEFAULT) for k in keys}
+        values = {k: DEFAULT if (v := row_value(run, k)) is None else v for k in keys}
         rows.setdefault(tuple(values.items()), Arm(Setting(values), metric)).add(run)
     return list(rows.values())
 
@@ -379,6 +390,12 @@ def time_to_baseline_cell(shares: list[float | None]) -> str:
     return pm(interval(reached))
 
 
+def preset_words(runs: list[Run]) -> str:
+    """The preset overrides the runs set, as the report names them (`+experiment` where none does)."""
+    keys = [k for k in PRESET_GROUPS if any(k in r.overrides for r in runs)] or ["experiment"]
+    return ", ".join(f"`+{k}`" for k in keys)
+
+
 def report_markdown(sweep_dir: Path, runs: list[Run], rows: list[Arm], plots: list[Path]) -> str:
     complete = [r for r in runs if r.complete]
     incomplete = [r for r in runs if not r.complete]
@@ -394,7 +411,7 @@ def report_markdown(sweep_dir: Path, runs: list[Run], rows: list[Arm], plots: li
                   table_markdown(rows), "",
                   "Training time counts training only (data, scoring, selection, steps; no "
                   "evaluation). Speedup vs none: the mean training time of the `gate=none` runs "
-                  "whose other differing overrides (all but `gate`, `gate.*`, `+experiment` and `seed`) equal "
+                  f"whose other differing overrides (all but `gate`, `gate.*`, {preset_words(runs)} and `seed`) equal "
                   "the row's, divided by the row's mean training time; – where the sweep has no "
                   "such run. Time to none's accuracy: the training seconds until a run's first "
                   f"evaluated epoch within {lossless_text(metric)} of the mean final "

@@ -6,7 +6,7 @@
         --idle-bench docs/bench/bench_gates_fastnet_0.5.json
 
 Reads a budget study's runs (a sweep directory or the compact record file: the convergence
-study's `+experiment=convergence`, `convergence_baseline` and `convergence_infobatch`, or the
+study's `+study=convergence`, `convergence_baseline` and `convergence_infobatch`, or the
 fast recipe's) and writes its page, README.md, and its plots beside the record file (or into
 --out); `scripts.studies.report` writes the generic sweep report (report.md) of the same record
 beside it. Arms are (gate, target rate, packing, epochs, selection rule); seeds are paired.
@@ -78,8 +78,10 @@ BENCH_CONFIGS = {("random", False, None): "random", ("random", True, None): "ran
 
 
 # Overrides that place a run on the study's axes (read from its summary) or say where and how it
-# ran; any other override makes the run a variant of its arm (an ablation), an arm of its own.
-AXES = ("experiment", "gate", "gate.pack", "gate.target_rate", "seed", "training.epochs",
+# ran; any other override makes the run a variant of its arm (an ablation), an arm of its own. The
+# preset is `study` (or, in records from before conf/study, `experiment`); `budget` sets a gate's
+# target rate as `gate.target_rate` does.
+AXES = ("experiment", "study", "gate", "gate.pack", "gate.target_rate", "budget", "seed", "training.epochs",
         "training.last_epoch_fraction", "training.precision", "training.loss_reduction")
 
 

@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptive_sparse.training.records import Metric
+from adaptive_sparse.training.records import Metric, preset_of
 from scripts.studies import analysis
 from scripts.studies.analysis import Run, interval, pm
 
@@ -54,7 +54,7 @@ class Study:
     goal_top_k: int
     tokens: int               # a sequence's length, for "top_k of N"
     recipe_warmup: int        # a recipe run's indexer warm-up epochs where it does not override
-                              # attention.warmup_epochs: its +experiment preset's, stated as TOP_K is
+                              # attention.warmup_epochs: its +study preset's, stated as TOP_K is
     metric_header: str        # "(%)" in "final (%)"
     plot_title: str
     combined_heading: str
@@ -143,7 +143,7 @@ class RecipeRun:
 def classify(run: Run, study: Study) -> RecipeRun:
     s, o = run.summary, run.overrides
     top_k = top_k_of(run)
-    if o.get("experiment") == "vit_combined" or s.get("gate", "none") != "none":
+    if preset_of(o) == "vit_combined" or s.get("gate", "none") != "none":
         return RecipeRun(run, "combined", s["seed"], top_k, study=study)
     if o.get("init_from"):
         start = re.search(r"epoch_(\d+)\.pt", str(o["init_from"]))

@@ -229,10 +229,25 @@ def test_a_gate_without_target_and_runs_evaluated_only_at_the_end(tmp_path: Path
 def test_presets_side_by_side_share_the_gate_none_baseline(tmp_path: Path):
     """gate_ablation and gate_ablation_baselines sit in one directory: the gated rows' speedup
     is measured against the baselines preset's gate=none runs."""
-    fake_run(tmp_path / "baselines", "0_gate=none", ["+experiment=gate_ablation_baselines", "gate=none"],
+    fake_run(tmp_path / "baselines", "0_gate=none", ["+study=gate_ablation_baselines", "gate=none"],
              gate="none", train_time=12.0)
-    fake_run(tmp_path / "gated", "0_gate=random", ["+experiment=gate_ablation", "gate=random"],
+    fake_run(tmp_path / "gated", "0_gate=random", ["+study=gate_ablation", "gate=random"],
              gate="random", train_time=3.0, rate=0.25, target=0.25)
     rows = report.summarise(report.collect_runs(tmp_path))
     random_row = next(row for row in rows if row.key.overrides["gate"] == "random")
     assert report.speedup(random_row, rows) == pytest.approx(4.0)
+
+
+def test_a_studys_records_share_rows_whether_they_name_the_preset_experiment_or_study(tmp_path: Path):
+    """Records written before conf/study say `+experiment=NAME`, new runs `+study=NAME`: one
+    preset column (named after the first key the runs set), the same rows, one baseline."""
+    fake_run(tmp_path, "old", ["+experiment=convergence", "gate=none", "seed=0"], gate="none", train_time=10.0)
+    fake_run(tmp_path, "new", ["+study=convergence", "gate=none", "seed=1"], gate="none", train_time=14.0)
+    fake_run(tmp_path, "gated", ["+study=convergence_infobatch", "gate=infobatch", "seed=0"], gate="infobatch",
+             train_time=6.0, rate=0.5, target=0.5)
+    path, rows, _ = report.write_report(tmp_path)
+    assert {row.key.label: sorted(row.runs) for row in rows} == {
+        "experiment=convergence, gate=none": [0, 1], "experiment=convergence_infobatch, gate=infobatch": [0]}
+    infobatch = next(row for row in rows if row.key.overrides["gate"] == "infobatch")
+    assert report.speedup(infobatch, rows) == pytest.approx(2.0)  # the mean of 10 s and 14 s over 6 s
+    assert "(all but `gate`, `gate.*`, `+experiment`, `+study` and `seed`)" in path.read_text()

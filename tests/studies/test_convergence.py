@@ -314,6 +314,18 @@ def test_a_run_off_the_studys_axes_is_a_variant_arm_never_full_training(tmp_path
     assert "| none, 4 epochs | 0,1 | 79.00 ± 12.71 | 80.00 ± 12.71 | 81.00 ± 12.71 |" in convergence.tta_table(study)
 
 
+def test_the_preset_and_budget_are_on_the_studys_axes_whichever_key_sets_them(tmp_path):
+    """Records from before conf/study name the preset `+experiment=NAME`, new runs `+study=NAME`;
+    a gate's rate comes from `gate.target_rate` or from `budget`: the same arms, no variants."""
+    for seed, preset in enumerate(("+experiment=convergence", "+study=convergence")):
+        fake_run(tmp_path / "sweep", "none", seed, 4, 80.0 + seed, 100.0, extra=(preset,))
+        rate = ("gate.target_rate=0.5",) if seed == 0 else ("budget=0.5",)
+        fake_run(tmp_path / "sweep", "random", seed, 4, 75.0, 50.0, rate=0.5, extra=(preset, *rate))
+    study = convergence.build_study(analysis.collect_runs(tmp_path / "sweep"))
+    assert {study.label(arm): sorted(arm.runs) for arm in study.arms.values()} == {
+        "none, 4 epochs": [0, 1], "random 0.5": [0, 1]}
+
+
 def test_a_loss_metric_is_judged_lower_is_better(tmp_path):
     """task=char_lm records say metric val_loss, higher_is_better false: a gate whose loss is
     0.03 and 0.04 nats below time-matched full training beats it by 0.035 (interval by hand)."""

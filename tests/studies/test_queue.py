@@ -1,4 +1,5 @@
 """scripts/run_queue.py: a study's runs in order, claimed once, finished ones skipped, dead claims taken over."""
+import json
 import os
 import subprocess
 import sys
@@ -11,8 +12,24 @@ from scripts import run_queue as queue
 
 
 def test_run_names_are_short_sorted_and_safe():
-    name = queue.run_name(["+experiment=convergence", "seed=0", "gate=random", "gate.pack=true"])
+    name = queue.run_name(["+study=convergence", "seed=0", "gate=random", "gate.pack=true"])
     assert name == "convergence,gate.pack=true,gate=random,seed=0"
+    # the preset's group is dropped: a queue line from before conf/study names the same run
+    assert queue.run_name(["+experiment=convergence", "seed=0", "gate=random", "gate.pack=true"]) == name
+    assert queue.run_name(["+experiment=fastnet", "seed=1"]) == "fastnet,seed=1"
+
+
+def test_a_study_line_is_not_run_again_where_the_record_has_it_from_before_conf_study(tmp_path):
+    """The record names runs by run_name of the lines they ran from (`+experiment=NAME` then);
+    the queue's `+study=NAME` line is the same run."""
+    file = tmp_path / "queue.txt"
+    file.write_text("+study=convergence gate=none seed=0\n+study=convergence gate=none seed=1\n")
+    old = queue.run_name(["+experiment=convergence", "gate=none", "seed=0"])
+    (tmp_path / "runs.jsonl").write_text(json.dumps({"run": old, "overrides": {}, "summary": {}, "epochs": []}) + "\n")
+    (tmp_path / "out").mkdir()
+    runs = queue.read_queue(file)
+    assert queue.next_run(runs, tmp_path / "out", queue.recorded_runs(file)) == (
+        runs[1], tmp_path / "out" / "convergence,gate=none,seed=1")
 
 
 def test_workers_take_runs_in_order_skip_finished_and_take_over_dead_claims(tmp_path):

@@ -79,9 +79,9 @@ def test_epochs_table_keys_and_costs_by_hand(tmp_path):
 def test_page_lists_queue_lines_without_a_record(tmp_path):
     fabricate(tmp_path / "sweep")
     queue = tmp_path / "queue.txt"
-    queue.write_text("+experiment=vit_recipe_dense seed=7\n")
+    queue.write_text("+study=vit_recipe_dense seed=7\n")
     page = vit.write_page([tmp_path / "sweep"], tmp_path / "out", queue).read_text()
-    assert "`+experiment=vit_recipe_dense seed=7`" in page and analysis.INTERVAL_NOTE in page
+    assert "`+study=vit_recipe_dense seed=7`" in page and analysis.INTERVAL_NOTE in page
     assert (tmp_path / "out" / "accuracy_by_epoch.png").stat().st_size > 0
 
 
@@ -92,7 +92,7 @@ def test_the_stated_top_k_and_warm_up_are_what_the_presets_give():
     for name, top_k in vit.TOP_K.items():
         assert compose_config([f"attention={name}"]).attention.top_k == top_k, name
     for study, preset in ((vit.VIT, "vit_recipe_sparse"), (vit.LONG_CONTEXT, "shakespeare_char_long_recipe")):
-        assert compose_config([f"+experiment={preset}"]).attention.warmup_epochs == study.recipe_warmup, preset
+        assert compose_config([f"+study={preset}"]).attention.warmup_epochs == study.recipe_warmup, preset
 
 
 def test_a_sparse_attention_without_a_stated_top_k_is_refused(tmp_path):
