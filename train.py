@@ -9,8 +9,8 @@ one inference-mode forward if it needs scores), then forward and backward run on
 samples only. A sample is what the task says (`task=classification`: an image;
 `task=char_lm`: a window of text). FLOPs are counted, training wall-clock is timed apart from
 evaluation, and every epoch goes to metrics.jsonl, the console table and W&B in the run directory.
-In-process (tests, notebooks): `train(cfg, run_dir, HydraRun.of(cfg.hydra))` on a config composed
-with return_hydra_config=True.
+In-process (tests, notebooks): `train(cfg, run_dir, HydraRun(choices, overrides))` on a composed
+config (tests/conftest.py's `train_directly` shows how).
 """
 from __future__ import annotations
 

@@ -9,9 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 import train as train_script
+from adaptive_sparse.training.runtime import HydraRun
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -30,17 +31,11 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), with_hydra: bool
 
 
 def run_train(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> SimpleNamespace:
-    """python train.py hydra.run.dir=RUN_DIR OVERRIDES... (`train_in_process`); a test calling it by
-    this name is marked slow (SLOW_CALLS). Runs that need a process of their own (a kill, a
-    signal from outside) start `train.py` with subprocess themselves."""
-    return train_in_process(run_dir, *overrides, env=env)
-
-
-def train_in_process(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> SimpleNamespace:
     """`python train.py hydra.run.dir=RUN_DIR OVERRIDES...` inside this process, through the same
-    Hydra entry point (its config, its one-line user errors, exit codes), without the seconds a new
-    interpreter spends importing torch and Hydra. Returns what run_train's result holds:
-    returncode, stdout (the log lines) and stderr. The process-wide settings a run changes
+    command line and Hydra entry point (its config, its one-line user errors, exit codes), without
+    the seconds a new interpreter spends importing torch and Hydra: returncode, stdout (the log
+    lines) and stderr. Runs that need a process of their own (a kill, a signal from outside) start
+    `train.py` with subprocess themselves; `train_directly` calls train() with no command line. The process-wide settings a run changes
     (threads, deterministic algorithms, environment, working directory) are put back."""
     import contextlib
     import io
@@ -120,21 +115,23 @@ def tiny() -> list[str]:
     return list(TINY)
 
 
-# Tests that start processes (train.py runs, torchrun, spawned ranks) take seconds each; they
-# are marked `slow` here, by what their code calls, so none can be forgotten:
-#     python -m pytest -q -m "not slow"    # the edit-test loop, well under a minute
+# Tiers (pyproject.toml registers the `slow` marker):
+#     python -m pytest -q -m "not slow"    # the edit-test loop, under a minute: library, training, studies
 #     python -m pytest -q                  # everything (CI)
-SLOW_CALLS = ("run_train(", "run_multirun(", "spawn(", "subprocess.", "torchrun")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: starts processes (train.py, torchrun); deselect with -m 'not slow'")
-
-
+# A test that starts processes or trains through train.py's command line is `slow`: everything
+# under tests/e2e/ by its folder, elsewhere by an explicit @pytest.mark.slow; tests/gpu/ runs only
+# where CUDA is.
 def pytest_collection_modifyitems(config, items):
-    import inspect
-
     for item in items:
-        function = getattr(item, "function", None)
-        if function is not None and any(call in inspect.getsource(function) for call in SLOW_CALLS):
+        if "e2e" in item.path.parts:
             item.add_marker(pytest.mark.slow)
+
+
+def train_directly(run_dir: Path, *overrides: str) -> dict:
+    """train(cfg, run_dir, HydraRun) called as a notebook would: the config composed in-process,
+    no command line, no Hydra job; returns the run's summary."""
+    cfg = compose_config(overrides, with_hydra=True)
+    hydra = HydraRun(dict(cfg.hydra.runtime.choices), list(cfg.hydra.overrides.task))
+    with open_dict(cfg):
+        del cfg["hydra"]  # a job's config, as @hydra.main hands it over
+    return train_script.train(cfg, run_dir, hydra)

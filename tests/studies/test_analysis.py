@@ -134,6 +134,7 @@ def test_one_list_of_placement_keys_names_sweep_directories_rows_and_resumable_c
     assert all(resumable_change(key) for key in PLACEMENT_KEYS)
 
 
+@pytest.mark.slow
 def test_the_library_imports_without_matplotlib_or_wandb():
     """Plotting and W&B load when used (the record contract it reads comes with adaptive_sparse,
     and so with torch)."""

@@ -32,6 +32,7 @@ def test_a_study_line_is_not_run_again_where_the_record_has_it_from_before_conf_
         runs[1], tmp_path / "out" / "convergence,gate=none,seed=1")
 
 
+@pytest.mark.slow
 def test_workers_take_runs_in_order_skip_finished_and_take_over_dead_claims(tmp_path):
     file = tmp_path / "queue.txt"
     file.write_text("# comment\nseed=0\n\nseed=1  # trailing comment\nseed=2\n")
@@ -50,6 +51,7 @@ def test_workers_take_runs_in_order_skip_finished_and_take_over_dead_claims(tmp_
     assert queue.next_run(runs, out) == (["seed=2"], out / "seed=2")
 
 
+@pytest.mark.slow
 def test_a_queue_runs_through_train_py_and_a_second_pass_skips_it(tmp_path):
     from conftest import TINY
 

@@ -91,6 +91,7 @@ def test_bad_values_are_refused_naming_the_key(overrides, message):
         validate_config(compose_config(overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [["gate.target_rate=2"], ["seed=abc"], ["model=nope"]],
                          ids=["range", "type", "group"])
 def test_train_py_exits_1_before_loading_data(tmp_path, overrides):

@@ -223,6 +223,7 @@ def test_the_window_follows_the_model_by_default_and_the_proxy_is_a_small_gpt():
 
 
 # ------------------------------------------------------------------ through train.py
+@pytest.mark.slow
 def test_char_lm_trains_through_train_py_with_a_packed_memory_gate(tmp_path):
     write_corpus(tmp_path, cyclic_text(6000))
     result = run_train(tmp_path / "run", "task=char_lm", "dataset=shakespeare_char", "model=gpt",
@@ -240,6 +241,7 @@ def test_char_lm_trains_through_train_py_with_a_packed_memory_gate(tmp_path):
     assert "Val Loss" in (tmp_path / "run" / "train.log").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gate", ["none", "random", "sundew", "sundew_memory", "sundew_proxy", "infobatch",
                                   "selective_backprop"])
 def test_every_gate_trains_on_sequences(tmp_path, gate):

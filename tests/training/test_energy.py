@@ -14,6 +14,7 @@ except ImportError:
     HAS_CODECARBON = False
 
 
+@pytest.mark.slow
 def test_energy_none_adds_nothing(tmp_path, tiny):
     result = run_train(tmp_path / "run", *tiny, "gate=none", "energy=none")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -23,6 +24,7 @@ def test_energy_none_adds_nothing(tmp_path, tiny):
     assert isinstance(make_energy_meter("none", torch.device("cpu")), NullMeter)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_CODECARBON, reason="codecarbon is not installed")
 def test_energy_codecarbon_runs_offline_and_labels_its_source(tmp_path, tiny):
     result = run_train(tmp_path / "run", *tiny, "gate=none", "energy=codecarbon")
@@ -53,6 +55,7 @@ def test_energy_is_measured_only_where_codecarbon_reads_a_counter():
     assert energy_source(tracker) == "estimated"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_CODECARBON, reason="codecarbon is not installed")
 def test_energy_total_continues_across_a_resume(tmp_path, tiny):
     run_dir = tmp_path / "run"

@@ -102,6 +102,7 @@ def test_launcher_configs_compose():
     assert (slurm.partition, slurm.gpus_per_node, slurm.timeout_min) == ("gpu", 1, 120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("group", "name"), PRESETS, ids=PRESET_IDS)
 def test_preset_runs(group: str, name: str, tmp_path: Path):
     # single runs (no -m): presets that sweep run their first setting; gpu runs on the CPU here

@@ -59,6 +59,7 @@ FASTNET_RECIPE = [*DETERMINISTIC, "+experiment=fastnet", "gate=sundew", "gate.ta
                   "training.last_epoch_fraction=0.5", "training.lookahead.every_steps=3"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["classification", "char_lm"])
 def test_killed_run_resumes_to_the_same_final_metrics(tmp_path, task):
     settings = FASTNET_RECIPE if task == "classification" else language_settings(tmp_path)
@@ -86,6 +87,7 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path, task):
     assert resumed_summary["samples_trained"] == reference_summary["samples_trained"]
 
 
+@pytest.mark.slow
 def test_kept_epoch_checkpoints_hold_their_own_epoch(tmp_path):
     run_dir = tmp_path / "run"
     result = run_train(run_dir, *TINY, "training.epochs=3", "checkpoint.keep_epochs=[1,2]")
@@ -149,6 +151,7 @@ def test_checkpoint_with_a_code_running_pickle_is_refused_and_runs_nothing(tmp_p
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path):
     # 512 samples / 64 = 8 steps an epoch: step 11 is the third step of epoch 2
     result = run_train(tmp_path, *TINY, "training.epochs=3", "debug.inject_nan_at_step=11")
@@ -183,6 +186,7 @@ def test_resume_refuses_a_changed_training_key_naming_both_values(tmp_path):
         refuse_changed_config(tmp_path, older, {**saved, "training.loss_reduction": "sum"})
 
 
+@pytest.mark.slow
 def test_resume_with_another_target_rate_exits_1_with_the_keys(tmp_path, tiny):
     run_dir = tmp_path / "run"
     assert run_train(run_dir, *tiny, "gate.target_rate=0.06").returncode == 0
@@ -191,6 +195,7 @@ def test_resume_with_another_target_rate_exits_1_with_the_keys(tmp_path, tiny):
     assert "gate.target_rate: checkpoint 0.06, now 0.2" in result.stdout
 
 
+@pytest.mark.slow
 def test_fp16_trains_with_a_gradient_scaler_and_checkpoints_it(tmp_path, tiny):
     run_dir = tmp_path / "run"
     # emulated fp16 is slow on a CPU (2 batches of 64: 34 s): 2 batches of 8 show the scaler

@@ -77,6 +77,7 @@ def summaries(sweep_dir: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary.json"))}
 
 
+@pytest.mark.slow
 def test_preset_sweep_through_joblib(tmp_path: Path):
     # baseline_comparison's gate sweep, one seed, two jobs at a time
     result = run_multirun(tmp_path, "hydra/launcher=parallel", "+study=baseline_comparison",
@@ -93,6 +94,7 @@ def test_preset_sweep_through_joblib(tmp_path: Path):
     assert {s["wandb_group"] for s in runs.values()} == {sweep_group_name(tmp_path)}
 
 
+@pytest.mark.slow
 def test_submitit_local_executor(tmp_path: Path):
     result = run_multirun(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=2",
                           "hydra.launcher.cpus_per_task=1", "gate=none,random", *TINY,
@@ -107,6 +109,7 @@ def test_submitit_local_executor(tmp_path: Path):
     assert (tmp_path / ".submitit").is_dir()
 
 
+@pytest.mark.slow
 def test_a_sweep_resumes_each_job_in_its_own_directory(tmp_path: Path):
     """`-m ... resume=true` must land in the same sub-directories as the first pass: resume and
     training.num_threads stay out of the names (the job numbers are the sweep's own)."""

@@ -260,6 +260,7 @@ def test_vit_with_sparse_attention_composes_from_config():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_vit_with_sparse_attention_trains_and_logs_the_indexer_loss(tmp_path):
     result = run_train(tmp_path, *TINY, "model=vit", "attention=sparse", "gate=none",
                        "training.limit_train_batches=3", "training.batch_size=32", "dataset.num_test=64",
@@ -282,6 +283,7 @@ def test_block_granularity_runs_with_the_groups_own_defaults():
     assert out.shape == (2, 65, 192) and layer.block_size * 2 == layer.top_k
 
 
+@pytest.mark.slow
 def test_init_from_a_dense_run_then_warm_up_evaluates_as_the_dense_model(tmp_path, tiny):
     """DeepSeek's recipe in two runs: a sparse ViT initialised from a dense run's weights
     (indexers missing, allowed), whose warm-up epoch runs dense with the backbone frozen, must

@@ -30,6 +30,7 @@ def _random_gate_selections(seed: int, batches: int, batch_size: int, rate: floa
     return [len(gate.select(torch.arange(batch_size), None).index) for _ in range(batches)]
 
 
+@pytest.mark.slow
 def test_two_rank_run_with_ranks_selecting_nothing_finishes_and_counts_globally(tmp_path):
     # random gate at 1% of 64: each rank keeps 0 or 1 sample per batch, so ranks often
     # select nothing (and sometimes both do) while the other still all-reduces gradients
@@ -62,6 +63,7 @@ def test_two_rank_run_with_ranks_selecting_nothing_finishes_and_counts_globally(
         "checkpoints", "metrics.jsonl", "summary.json", "train.log"]
 
 
+@pytest.mark.slow
 def test_two_rank_sundew_shares_one_threshold_and_tracks_the_target(tmp_path):
     run_dir = tmp_path / "ddp_sundew"
     # 16 steps a rank: faster controller gains than the defaults, which need more steps than
@@ -86,6 +88,7 @@ def test_two_rank_sundew_shares_one_threshold_and_tracks_the_target(tmp_path):
     assert int((~memories[0]["last_loss"].isnan()).sum()) == 2048  # every sample scored by some rank
 
 
+@pytest.mark.slow
 def test_two_rank_weighted_selection_trains_and_tracks_the_target(tmp_path):
     """The default sundew rule weights each kept loss 1/(B p): under torchrun each rank's
     weighted sum estimates its own batch mean, and the gradients are averaged over ranks."""
@@ -118,6 +121,7 @@ def _average_gradients_worker(rank: int, port: int, out: str) -> None:
     distributed.close()
 
 
+@pytest.mark.slow
 def test_gradient_is_the_global_mean_and_a_rank_with_no_samples_joins(tmp_path):
     results = two_ranks_spawn(_average_gradients_worker, tmp_path)
     # by hand: zero weights -> uniform softmax (1/3 each); d loss / d W = (p - onehot) x^T.
@@ -145,6 +149,7 @@ def test_sharded_loader_gives_disjoint_equal_slices_of_one_permutation():
             assert torch.equal(union, permutation[:9])
 
 
+@pytest.mark.slow
 def test_two_rank_packed_run_steps_together_and_trains_each_selection_once(tmp_path):
     """gate.pack=true under torchrun: ranks step when 2 x 64 samples wait on both together,
     each with up to 64 of its own, and the epoch's remainder is drained on every rank."""

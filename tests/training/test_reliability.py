@@ -48,6 +48,7 @@ def _wait_for(path: Path, timeout: float = 60.0, contains: str = "") -> None:
     raise AssertionError(f"{path} never appeared (with {contains!r})")
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_directory_is_refused_and_the_first_stays_whole(tmp_path):
     run_dir = tmp_path / "run"
     first = _start(run_dir, *TINY, "dataset.num_train=2048", "training.epochs=3", "seed=0")
@@ -61,6 +62,7 @@ def test_a_second_run_into_a_busy_directory_is_refused_and_the_first_stays_whole
     assert "seed=1" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # the second wrote nothing
 
 
+@pytest.mark.slow
 def test_the_lock_dies_with_its_process(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom adaptive_sparse.training.lifecycle import "
@@ -201,6 +203,7 @@ def test_saved_files_are_readable_by_the_group_like_any_other(tmp_path):
     assert FILE_MODE == 0o666 & ~current
 
 
+@pytest.mark.slow
 def test_a_user_error_is_one_line_in_the_console_and_train_log(tmp_path):
     refused = run_train(tmp_path / "a", *TINY, "gate.scoring=nope")
     assert refused.returncode == 1
@@ -253,6 +256,7 @@ def _same_records(a: list[dict], b: list[dict]) -> None:
             assert same, (x["epoch"], key, x[key], y[key])
 
 
+@pytest.mark.slow
 def test_sigterm_inside_an_epoch_saves_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
     """A real SIGTERM at the 8th training forward (epoch 2 of 3: about 6 packed steps an epoch), on the language model with the
     per-epoch phase, selecting before loading, packed: the rest of the epoch's draws, the waiting
@@ -273,6 +277,7 @@ def test_sigterm_inside_an_epoch_saves_and_the_resumed_run_equals_an_uninterrupt
     assert cut_epoch["epoch_time_s"] >= cut_epoch["train_step_time_s"] > 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_from_outside_saves_and_the_run_resumes(tmp_path):
     """SIGINT from outside, whenever it lands (here: once epoch 1's line is written); that the
     resumed records equal an uninterrupted run's is the SIGTERM test's to show."""

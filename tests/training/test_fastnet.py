@@ -181,11 +181,10 @@ def test_tta_at_the_end_only_evaluates_earlier_epochs_on_the_plain_image(tmp_pat
     """eval_tta_every_epoch=false (the fast preset's): epoch 1's val_acc is its accuracy without
     TTA, recorded as val_acc_tta0 too, with no other level; the last epoch has all three and its
     val_acc is the six views'."""
-    from conftest import TINY, read_run, train_in_process
+    from conftest import TINY, read_run, train_directly
 
-    result = train_in_process(tmp_path / "run", *TINY, "training.epochs=2", "task.eval_flip_tta=true",
-                              "task.eval_translate_tta=true", "task.eval_tta_every_epoch=false")
-    assert result.returncode == 0, result.stderr[-2000:]
+    train_directly(tmp_path / "run", *TINY, "training.epochs=2", "task.eval_flip_tta=true",
+                   "task.eval_translate_tta=true", "task.eval_tta_every_epoch=false")
     first, last = read_run(tmp_path / "run")[0]
     assert first["val_acc"] == first["val_acc_tta0"] and "val_acc_tta1" not in first
     assert last["val_acc"] == last["val_acc_tta2"] and {"val_acc_tta0", "val_acc_tta1"} <= set(last)

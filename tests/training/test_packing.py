@@ -65,6 +65,7 @@ def test_packed_weights_are_relative_to_their_loader_batch_then_normalised():
     assert batch.weight.tolist() == pytest.approx([0.25, 0.5, 0.25])
 
 
+@pytest.mark.slow
 def test_packing_through_train_py_counts_steps_samples_and_rate(tmp_path, tiny):
     """512 samples in 8 loader batches of 64 at rate 0.5: packed, ceil(trained / 64) steps an
     epoch; unpacked, one step per loader batch that selected anything (all 8 here)."""
@@ -90,6 +91,7 @@ PROXY_FORWARD = 2 * (1024 * 27 * 8 + 1024 * 72 * 16 + 256 * 144 * 32 + 2048 * 64
 PROXY_TRAIN = 3 * PROXY_FORWARD - 2 * 1024 * 27 * 8
 
 
+@pytest.mark.slow
 def test_proxy_scoring_is_charged_as_scoring_and_costs_a_few_percent(tmp_path, tiny):
     run_dir = tmp_path / "run"
     result = run_train(run_dir, *tiny, "gate=sundew_proxy", "gate.target_rate=0.25", "gate.pack=true")
@@ -133,6 +135,7 @@ def test_auto_precision_picks_bf16_only_where_the_cpu_has_it(monkeypatch):
         assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
 
 
+@pytest.mark.slow
 def test_summary_records_the_precision_and_loss_reduction_actually_used(tmp_path, tiny):
     result = run_train(tmp_path / "run", *tiny, "gate=none", "training.precision=fp32", "training.loss_reduction=sum")
     assert result.returncode == 0, result.stderr[-3000:]

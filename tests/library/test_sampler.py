@@ -154,6 +154,7 @@ def _sampler_rank(rank: int, port: int, out: str) -> None:
     torch_dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_yield_equal_batch_counts_of_disjoint_samples_with_one_memory(tmp_path):
     ranks = two_ranks_spawn(_sampler_rank, tmp_path)
     for epoch in (0, 1):
@@ -167,6 +168,7 @@ def test_two_ranks_yield_equal_batch_counts_of_disjoint_samples_with_one_memory(
     torch.testing.assert_close(ranks[0]["memory"], ranks[1]["memory"], equal_nan=True)  # merged
 
 
+@pytest.mark.slow
 def test_train_py_trains_the_same_samples_to_the_same_model_either_way(tmp_path, tiny):
     """Without augmentation the loader's rows do not depend on what else is loaded, so selecting
     before loading must reproduce selecting after loading to the last digit."""

@@ -43,6 +43,7 @@ def test_corrupt_cifar_batch_file_is_named(tmp_path):
         load_dataset(cfg)
 
 
+@pytest.mark.slow
 def test_wandb_online_without_a_network_continues_offline_and_resume_keeps_the_run_id(tmp_path):
     # a key, and a W&B server that refuses connections: the no-network path, for real
     home = {"HOME": str(tmp_path / "home"), "WANDB_CONFIG_DIR": str(tmp_path / "wbcfg"),
