@@ -33,7 +33,6 @@ from adaptive_sparse.gating.sampler import plan_epoch
 from adaptive_sparse.training.checkpoint import Checkpointer, ResumePoint, load_initial_weights
 from adaptive_sparse.training.data import load_dataset
 from adaptive_sparse.training.distributed import agree_on_run_dir
-from adaptive_sparse.training.energy import make_energy_meter
 from adaptive_sparse.training.gating import Scoring, build_gate, gate_switches, scoring_for
 from adaptive_sparse.training.lifecycle import (
     RunDirLocked,
@@ -170,7 +169,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra: HydraRun) -> dict:
     dist.attach(gate, packer)  # torchrun: global activation rate; ranks step together
     log.info("gate: %s, target rate %s%s%s", hydra.choices["gate"], gate.target_rate, ", packed" * switches.pack,
              ", selected before loading" * switches.select_before_loading)
-    energy_meter = make_energy_meter(**cfg.energy)
+    energy_meter = instantiate(cfg.energy)  # conf/energy/: none, or codecarbon's tracker
     checkpoints = Checkpointer(run.checkpoint_path, dist, model=model, optimisation=optim, gate=gate,
                                train_loader=train_loader, every_epochs=cfg.checkpoint.every_epochs,
                                keep_epochs=cfg.checkpoint.keep_epochs, config=cfg,

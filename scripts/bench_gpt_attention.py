@@ -13,7 +13,9 @@ block kernel (query blocks pick top-k key blocks among past blocks, the own bloc
   included for sparse);
 - milliseconds: median of --reps after one warm-up; each (threads, context, variant) in its own
   process; FLOPs: torch.utils.flop_counter on a meta-device copy (matmuls and attention kernels,
-  the indexer included; top-k and gathers count zero).
+  the indexer included; top-k and gathers count zero), causal attention counted as the CPU flash
+  kernel executes it (`flops_as_executed` in adaptive_sparse/training/metering.py; records made
+  before it counted dense causal attention as the full square).
 Nothing else should run on the machine meanwhile.
 """
 from __future__ import annotations
@@ -27,10 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_sparse.attention import DenseAttention, SparseAttention, auxiliary_loss
 from adaptive_sparse.models.gpt import GPT
+from adaptive_sparse.training.metering import flops_as_executed
 from adaptive_sparse.training.runtime import resolve_precision
 from adaptive_sparse.training.step import autocast_context
 from adaptive_sparse.training.tracking import code_version, hardware_description
@@ -67,7 +69,7 @@ def layer_step(layer: torch.nn.Module, x: torch.Tensor, precision: str) -> None:
 
 
 def counted_gflop(run) -> float:
-    with FlopCounterMode(display=False) as counter:
+    with flops_as_executed() as counter:
         run()
     return counter.get_total_flops() / 1e9
 

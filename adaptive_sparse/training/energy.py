@@ -20,6 +20,8 @@ MEASURED_CPU_MODES = {"intel_rapl", "intel_power_gadget", "apple_powermetrics"}
 
 
 class NullMeter:
+    """`energy=none`: no figure (summary.json: energy_kwh null, energy_source none)."""
+
     source = "none"
     kwh: float | None = None
 
@@ -70,10 +72,9 @@ def energy_source(tracker) -> str:
     return "measured" if cpu_modes and cpu_modes <= MEASURED_CPU_MODES else "estimated"
 
 
-def make_energy_meter(kind: str, country_iso_code: str = "USA"):
-    """`none`: nothing. `codecarbon`: codecarbon's tracker, labelled measured or estimated."""
-    if kind == "none":
-        return NullMeter()
+def codecarbon_meter(country_iso_code: str = "USA") -> CodecarbonMeter | NullMeter:
+    """`energy=codecarbon`: codecarbon's tracker, labelled measured or estimated; where it cannot
+    start, a warning and no figure (energy_source none) rather than a stopped run."""
     try:
         return CodecarbonMeter(country_iso_code)
     except Exception as err:  # a missing library or counter must not stop training

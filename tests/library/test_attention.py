@@ -304,3 +304,62 @@ def test_init_from_a_dense_run_then_warm_up_evaluates_as_the_dense_model(tmp_pat
     assert warmup["flops_training"] < 0.5 * sparse_epoch["flops_training"]
     refused = run_train(tmp_path / "cnn", *tiny, "model=cnn", f"init_from={dense}/checkpoints/last.pt")
     assert refused.returncode == 1 and "does not fit this model" in refused.stdout
+
+
+# ------------------------------------------------------------------ causal: never a later token
+KERNELS = [("token", "gather"), ("token", "mask"), ("block", "gather")]
+
+
+
+# ------------------------------------------------------------------ causal sparse attention
+@pytest.mark.parametrize("granularity,kernel", KERNELS)
+@pytest.mark.parametrize("n", [64, 37, 1])
+@pytest.mark.filterwarnings("ignore:attention.top_k")  # covering every key is the point here
+def test_causal_sparse_equals_dense_causal_when_top_k_covers_every_key(granularity, kernel, n):
+    sparse, dense = sparse_and_dense(top_k=128, granularity=granularity, block_size=8, kernel=kernel)
+    x = torch.randn(2, n, DIM)
+    outs, grads = [], []
+    for module in (sparse, dense):
+        leaf = x.clone().requires_grad_(True)
+        out = module(leaf, is_causal=True)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([leaf.grad, module.qkv.weight.grad, module.proj.weight.grad])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for g_sparse, g_dense in zip(*grads):
+        torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity,kernel", KERNELS)
+@pytest.mark.parametrize("warmup", [False, True])
+def test_no_output_depends_on_a_later_token(granularity, kernel, warmup):
+    """Change every token after position t: the outputs at positions <= t, and the indexer's
+    choice for them, stay the same, with top_k well below the length (keys are dropped)."""
+    sparse, _ = sparse_and_dense(top_k=16, local_window=0, global_tokens=1, granularity=granularity, block_size=8,
+                            kernel=kernel)
+    sparse.dense_warmup = warmup
+    x = torch.randn(2, 48, DIM)
+    for t in (0, 7, 8, 20, 46):
+        later = x.clone()
+        later[:, t + 1:] = torch.randn_like(later[:, t + 1:])
+        torch.testing.assert_close(sparse(later, is_causal=True)[:, :t + 1], sparse(x, is_causal=True)[:, :t + 1],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_causal_selection_scores_no_future_key():
+    """Token granularity, by hand: 6 keys, top_k 3, the indexer preferring the last keys. Query 0
+    has one past key: its other picks are padding (future) and the kernels mask them."""
+    key_score = torch.arange(6.0).view(1, 6, 1)  # key s scores s for every query
+    features = IndexerFeatures(torch.ones(1, 6, 1, 1), torch.ones(1, 6, 1), key_score)
+    idx = select_keys(features, top_k=3, global_keys=0, local_radius=0, query_chunk=4, causal=True)  # [1, 6, 3]
+    for t in range(6):
+        past = sorted(s for s in idx[0, t].tolist() if s <= t)
+        best = sorted(range(t + 1), reverse=True)[:3]  # itself (forced) and its highest-scoring past keys
+        assert past == sorted(best)
+
+
+def test_indexer_loss_is_finite_with_future_padding():
+    sparse, _ = sparse_and_dense(top_k=16, local_window=0, granularity="token")
+    sparse.train()
+    sparse(torch.randn(2, 32, DIM), is_causal=True)  # queries 0..14 have fewer than 16 past keys
+    assert torch.isfinite(sparse.indexer_loss) and sparse.indexer_loss >= 0

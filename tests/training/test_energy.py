@@ -2,10 +2,10 @@
 import json
 
 import pytest
-import torch
-from conftest import read_run, run_train
+from conftest import compose_config, read_run, run_train
+from hydra.utils import instantiate
 
-from adaptive_sparse.training.energy import NullMeter, energy_source, make_energy_meter
+from adaptive_sparse.training.energy import NullMeter, energy_source
 
 try:
     import codecarbon  # noqa: F401  (only whether it is installed)
@@ -21,7 +21,7 @@ def test_energy_none_adds_nothing(tmp_path, tiny):
     records, summary = read_run(tmp_path / "run")
     assert summary["energy_kwh"] is None and summary["energy_source"] == "none"
     assert records[0]["energy_kwh"] is None
-    assert isinstance(make_energy_meter("none", torch.device("cpu")), NullMeter)
+    assert isinstance(instantiate(compose_config(["energy=none"]).energy), NullMeter)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""The language task (task=char_lm): causal attention that never looks ahead, text windows with
-stable indices, per-sequence losses, the GPT, and bad combinations refused by name."""
+"""The language task (task=char_lm): text windows with stable indices, the task's evaluation and
+baselines, and bad combinations refused by name (causal attention and the GPT: tests/library)."""
 from __future__ import annotations
 
 import math
@@ -9,11 +9,7 @@ import torch
 from conftest import compose_config, cyclic_text, read_run, run_train
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from test_attention import DIM, sparse_and_dense  # a sparse layer and a dense one sharing their weights
 
-from adaptive_sparse.attention.indexer import IndexerFeatures
-from adaptive_sparse.attention.kernels import select_keys
-from adaptive_sparse.gating.significance import BatchScores
 from adaptive_sparse.models.gpt import GPT
 from adaptive_sparse.training.data import DatasetError
 from adaptive_sparse.training.data.text import (
@@ -27,92 +23,6 @@ from adaptive_sparse.training.gating import build_gate
 from adaptive_sparse.training.lifecycle import ConfigError
 from adaptive_sparse.training.step import evaluation_sums
 from scripts import char_baselines
-
-KERNELS = [("token", "gather"), ("token", "mask"), ("block", "gather")]
-
-
-
-# ------------------------------------------------------------------ causal sparse attention
-@pytest.mark.parametrize("granularity,kernel", KERNELS)
-@pytest.mark.parametrize("n", [64, 37, 1])
-@pytest.mark.filterwarnings("ignore:attention.top_k")  # covering every key is the point here
-def test_causal_sparse_equals_dense_causal_when_top_k_covers_every_key(granularity, kernel, n):
-    sparse, dense = sparse_and_dense(top_k=128, granularity=granularity, block_size=8, kernel=kernel)
-    x = torch.randn(2, n, DIM)
-    outs, grads = [], []
-    for module in (sparse, dense):
-        leaf = x.clone().requires_grad_(True)
-        out = module(leaf, is_causal=True)
-        out.square().sum().backward()
-        outs.append(out.detach())
-        grads.append([leaf.grad, module.qkv.weight.grad, module.proj.weight.grad])
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-    for g_sparse, g_dense in zip(*grads):
-        torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("granularity,kernel", KERNELS)
-@pytest.mark.parametrize("warmup", [False, True])
-def test_no_output_depends_on_a_later_token(granularity, kernel, warmup):
-    """Change every token after position t: the outputs at positions <= t, and the indexer's
-    choice for them, stay the same, with top_k well below the length (keys are dropped)."""
-    sparse, _ = sparse_and_dense(top_k=16, local_window=0, global_tokens=1, granularity=granularity, block_size=8,
-                            kernel=kernel)
-    sparse.dense_warmup = warmup
-    x = torch.randn(2, 48, DIM)
-    for t in (0, 7, 8, 20, 46):
-        later = x.clone()
-        later[:, t + 1:] = torch.randn_like(later[:, t + 1:])
-        torch.testing.assert_close(sparse(later, is_causal=True)[:, :t + 1], sparse(x, is_causal=True)[:, :t + 1],
-                                   rtol=1e-5, atol=1e-6)
-
-
-def test_causal_selection_scores_no_future_key():
-    """Token granularity, by hand: 6 keys, top_k 3, the indexer preferring the last keys. Query 0
-    has one past key: its other picks are padding (future) and the kernels mask them."""
-    key_score = torch.arange(6.0).view(1, 6, 1)  # key s scores s for every query
-    features = IndexerFeatures(torch.ones(1, 6, 1, 1), torch.ones(1, 6, 1), key_score)
-    idx = select_keys(features, top_k=3, global_keys=0, local_radius=0, query_chunk=4, causal=True)  # [1, 6, 3]
-    for t in range(6):
-        past = sorted(s for s in idx[0, t].tolist() if s <= t)
-        best = sorted(range(t + 1), reverse=True)[:3]  # itself (forced) and its highest-scoring past keys
-        assert past == sorted(best)
-
-
-def test_indexer_loss_is_finite_with_future_padding():
-    sparse, _ = sparse_and_dense(top_k=16, local_window=0, granularity="token")
-    sparse.train()
-    sparse(torch.randn(2, 32, DIM), is_causal=True)  # queries 0..14 have fewer than 16 past keys
-    assert torch.isfinite(sparse.indexer_loss) and sparse.indexer_loss >= 0
-
-
-# ------------------------------------------------------------------ the GPT
-def test_gpt_ties_weights_shapes_logits_and_refuses_long_windows():
-    model = GPT(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=8)
-    assert model.head.weight is model.token_embedding.weight
-    assert model(torch.zeros(3, 16, dtype=torch.long)).shape == (3, 16, 11)
-    with pytest.raises(ValueError, match="block_size=16"):
-        model(torch.zeros(1, 17, dtype=torch.long))
-
-
-def test_gpt_is_causal_end_to_end():
-    torch.manual_seed(0)
-    model = GPT(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=8).eval()
-    tokens = torch.randint(11, (1, 16))
-    changed = tokens.clone()
-    changed[0, 9:] = (changed[0, 9:] + 1) % 11
-    torch.testing.assert_close(model(changed)[:, :9], model(tokens)[:, :9])
-
-
-# ------------------------------------------------------------------ per-sequence scores
-def test_a_sequence_scores_the_mean_of_its_token_losses():
-    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]])  # one sequence, 2 tokens, 2 classes
-    targets = torch.tensor([[1, 0]])
-    scores = BatchScores.from_logits(logits, targets)
-    # token 1: p(1) = 3/4 -> -ln(3/4); token 2: p(0) = 1/2 -> ln 2
-    assert scores.loss.item() == pytest.approx((-math.log(0.75) + math.log(2)) / 2)
-    entropy_1 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    assert scores.entropy.item() == pytest.approx((entropy_1 + math.log(2)) / 2)
 
 
 # ------------------------------------------------------------------ windows
