@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_sparse.attention.dense import DenseAttention
+from adaptive_sparse.attention.flex import attend_with_flex, flex_fits
 from adaptive_sparse.attention.indexer import (
     IndexerFeatures,
     LightningIndexer,
@@ -42,9 +43,16 @@ class SparseAttention(DenseAttention):
     and each query block keeps its top_k / block_size key blocks, gathered contiguously (the
     form that turns sparsity into wall-clock on a CPU; see docs/sparse-attention.md). There
     the always-kept keys are the blocks holding the global tokens, the query's own block and
-    local_window // block_size whole blocks on either side. In token granularity `kernel`
-    picks how the selected keys are attended: "gather" (cost follows top_k) or "mask" (the
-    same function computed densely, faster at short lengths; see `attend_with_key_mask`).
+    local_window // block_size whole blocks on either side.
+
+    `kernel` picks how the selected keys are attended. Token granularity: "gather" (cost
+    follows top_k; also what "auto" picks) or "mask" (the same function computed densely,
+    faster at short lengths; see `attend_with_key_mask`); it has no FlexAttention path, whose
+    masks are made of blocks. Block granularity: "gather" (the kept blocks gathered, then the
+    fused SDPA kernel), "flex" (FlexAttention over a BlockMask of the same selection,
+    compiled, on CUDA; on CPU only an eager forward without gradients, as FlexAttention has
+    no CPU backward) or "auto": flex on CUDA when the blocks and heads tile (see
+    `flex_fits`), gather elsewhere. Both compute the same function.
 
     In training with grad enabled, each forward leaves `indexer_loss`: the KL divergence from
     the main attention's (detached, head-averaged) distribution over the selected keys to the
@@ -63,14 +71,19 @@ class SparseAttention(DenseAttention):
                  local_window: int = 4, global_tokens: int = 1, indexer_heads: int = 4,
                  indexer_dim: int = 16, granularity: str = "token", block_size: int = 16,
                  query_chunk: int = 1024, indexer_loss_weight: float = 1.0, warmup_epochs: int = 0,
-                 kernel: str = "gather"):
+                 kernel: str = "auto"):
         super().__init__(dim, num_heads, qkv_bias)
         check_sparse_settings(top_k=top_k, local_window=local_window, global_tokens=global_tokens,
                               indexer_heads=indexer_heads, indexer_dim=indexer_dim, granularity=granularity,
                               block_size=block_size, query_chunk=query_chunk,
                               indexer_loss_weight=indexer_loss_weight, warmup_epochs=warmup_epochs,
                               kernel=kernel)
-        self.attend_to_keys = attend_to_selected_keys if kernel == "gather" else attend_with_key_mask
+        if kernel == "flex" and not flex_fits(block_size, self.head_dim):
+            raise ValueError(f"attention.kernel='flex' is not allowed with block_size={block_size} and head "
+                             f"dimension {self.head_dim}: FlexAttention needs a block_size that is a power of 2 "
+                             ">= 16, heads >= 16")
+        self.kernel = kernel
+        self.attend_to_keys = attend_with_key_mask if kernel == "mask" else attend_to_selected_keys
         self.top_k, self.local_window, self.global_tokens = top_k, local_window, global_tokens
         self.granularity, self.block_size, self.query_chunk = granularity, block_size, query_chunk
         self.indexer_loss_weight, self.warmup_epochs = indexer_loss_weight, warmup_epochs
@@ -135,7 +148,7 @@ class SparseAttention(DenseAttention):
                     logits = logits.masked_fill(selected_future(idx), float("-inf"))
         else:
             idx = self.select(x, features, is_causal)  # [B, NB, KB]
-            out = attend_to_selected_blocks(q, k, v, idx, self.block_size, is_causal)
+            out = self._attend_to_blocks(q, k, v, idx, is_causal)
             if train_indexer:
                 target = selected_block_mass(q, k, idx, self.block_size, is_causal)  # [B, NB, KB]
                 logits = index_scores_at(features, idx)
@@ -143,6 +156,26 @@ class SparseAttention(DenseAttention):
                     logits = logits.masked_fill(selected_future(idx), float("-inf"))
         self.indexer_loss = indexer_kl(target, logits) if train_indexer else None
         return self.merge_heads(out)
+
+    def uses_flex(self, device: torch.device) -> bool:
+        """Whether block granularity runs FlexAttention on this device ("auto": on CUDA, if it
+        tiles). On the meta device, where FLOPs are counted from shapes, the gather kernel stands
+        in: it attends to the same key blocks, and FlexAttention does not run there."""
+        if device.type == "meta":
+            return False
+        if self.kernel == "auto":
+            return device.type == "cuda" and flex_fits(self.block_size, self.head_dim)
+        return self.kernel == "flex"
+
+    def _attend_to_blocks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                          causal: bool) -> torch.Tensor:
+        """Block granularity through the kernel `kernel` picks for q's device."""
+        if not self.uses_flex(q.device):
+            return attend_to_selected_blocks(q, k, v, idx, self.block_size, causal)
+        if q.device.type != "cuda" and q.requires_grad:
+            raise ValueError(f"attention.kernel='flex' has no backward on {q.device.type} (FlexAttention, torch "
+                             f"{torch.__version__}): use attention.kernel=auto or gather, or run under torch.no_grad()")
+        return attend_with_flex(q, k, v, idx, self.block_size, causal)
 
     def _dense_warmup(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: IndexerFeatures,
                       train_indexer: bool, causal: bool = False
@@ -169,7 +202,7 @@ class SparseAttention(DenseAttention):
 
 def check_sparse_settings(*, top_k: int, local_window: int, global_tokens: int, indexer_heads: int,
                           indexer_dim: int, granularity: str, block_size: int, query_chunk: int,
-                          indexer_loss_weight: float, warmup_epochs: int, kernel: str = "gather") -> None:
+                          indexer_loss_weight: float, warmup_epochs: int, kernel: str = "auto") -> None:
     """Refuse settings that cannot work, naming the config key (attention.KEY)."""
     def require(ok: bool, key: str, value, allowed: str) -> None:
         if not ok:
@@ -182,9 +215,11 @@ def check_sparse_settings(*, top_k: int, local_window: int, global_tokens: int, 
                        ("warmup_epochs", warmup_epochs)):
         require(isinstance(value, int) and value >= 0, key, value, "an integer >= 0")
     require(granularity in ("token", "block"), "granularity", granularity, "token or block")
-    require(kernel in ("gather", "mask"), "kernel", kernel, "gather or mask")
-    require(kernel == "gather" or granularity == "token", "kernel", kernel,
+    require(kernel in ("auto", "gather", "mask", "flex"), "kernel", kernel, "auto, gather, mask or flex")
+    require(kernel != "mask" or granularity == "token", "kernel", kernel,
             "mask only with granularity=token (block granularity has its own fused kernel)")
+    require(kernel != "flex" or granularity == "block", "kernel", kernel,
+            "flex only with granularity=block (token granularity keeps the gather kernel)")
     require(indexer_loss_weight >= 0, "indexer_loss_weight", indexer_loss_weight, "a number >= 0")
     require(warmup_epochs == 0 or indexer_loss_weight > 0, "warmup_epochs", warmup_epochs,
             "0 unless indexer_loss_weight > 0 (the warm-up trains only the indexer)")
