@@ -2,8 +2,9 @@
 
 Each takes (dim, num_heads, qkv_bias) and is called as timm's Block calls its attention:
 `attn(x, attn_mask=None, is_causal=False)` with x of shape [B, N, C]. The GPT
-(adaptive_sparse/gpt.py) calls them with `is_causal=True`: token t may attend to keys s <= t only,
-and sparse attention then never selects, scores or attends to a future key.
+(adaptive_sparse/models/gpt.py) calls them with `is_causal=True`: token t may attend to keys s <= t
+only, and sparse attention then never selects, scores or attends to a future key. The GPT with
+`position=rope` builds them with `rope=True`: queries and keys rotated by their positions.
 """
 from __future__ import annotations
 
@@ -11,22 +12,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptive_sparse.attention.rope import apply_rope
+
 
 class DenseAttention(nn.Module):
-    """Multi-head self-attention through the fused `scaled_dot_product_attention`."""
+    """Multi-head self-attention through the fused `scaled_dot_product_attention`.
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    `rope`: queries and keys get rotary position embeddings in `split_heads`, the path every
+    subclass takes to its q and k, so sparse attention rotates the same way."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rope: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        if rope and (dim // num_heads) % 2:
+            raise ValueError(f"rotary embeddings need an even head width: dim={dim} / num_heads={num_heads} is odd")
+        self.num_heads, self.head_dim, self.rope = num_heads, dim // num_heads, rope
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=qkv_bias)  # the ViT passes True (timm's layout), the GPT its `bias`
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, D]
-        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, D]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, D]
+        if self.rope:
+            q, k = apply_rope(q), apply_rope(k)  # rotated along N
+        return q, k, v
 
     def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
         b, _, n, _ = out.shape  # [B, H, N, D]

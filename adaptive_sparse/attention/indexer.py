@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptive_sparse.attention.rope import apply_rope
+
 
 class IndexerFeatures(NamedTuple):
     """What the lightning indexer computes from its (detached) input tokens."""
@@ -21,11 +23,20 @@ class LightningIndexer(nn.Module):
 
     Its scores over all n keys cost n^2 * HI * dI multiply-adds, against n^2 * 2C for dense
     attention's QK^T and AV; with HI * dI well below C that is the cheap part.
+
+    `rope`: DeepSeek-V3.2's partial RoPE: the first half of each query head's dI dimensions and
+    of the key's are rotated (non-interleaved), the rest carry no position. Positions are the
+    rows' order in the input: tokens, or blocks where sparse attention passes one row per block
+    (a block's query and its pooled key both sit at the block's index, so the offset is in blocks).
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, rope: bool = False):
         super().__init__()
+        if rope and head_dim % 4:
+            raise ValueError(f"attention.indexer_dim={head_dim} is not allowed with rotary embeddings: "
+                             "a multiple of 4 (its first half is rotated in pairs)")
         self.heads, self.head_dim = heads, head_dim
+        self.rotated = head_dim // 2 if rope else 0
         self.query = nn.Linear(dim, heads * head_dim)
         self.key = nn.Linear(dim, head_dim)
         self.head_weight = nn.Linear(dim, heads)
@@ -33,10 +44,14 @@ class LightningIndexer(nn.Module):
     def forward(self, x: torch.Tensor) -> IndexerFeatures:
         b, n, _ = x.shape
         query = self.query(x).view(b, n, self.heads, self.head_dim)  # [B, N, HI, dI]
+        key = self.key(x)  # [B, N, dI]
+        if self.rotated:
+            query = apply_rope(query.transpose(1, 2), self.rotated).transpose(1, 2)  # rotated along N
+            key = apply_rope(key, self.rotated)
         # ReLU is positively homogeneous, so the 1/sqrt(dI) dot-product scale and DSA's
         # 1/sqrt(HI) head scale both fold into the weights: one multiply instead of n^2.
         weight = self.head_weight(x) * (self.heads * self.head_dim) ** -0.5  # [B, N, HI]
-        return IndexerFeatures(query, weight, self.key(x))
+        return IndexerFeatures(query, weight, key)
 
 
 def index_scores(query: torch.Tensor, weight: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

@@ -71,8 +71,8 @@ class SparseAttention(DenseAttention):
                  local_window: int = 4, global_tokens: int = 1, indexer_heads: int = 4,
                  indexer_dim: int = 16, granularity: str = "token", block_size: int = 16,
                  query_chunk: int = 1024, indexer_loss_weight: float = 1.0, warmup_epochs: int = 0,
-                 kernel: str = "auto"):
-        super().__init__(dim, num_heads, qkv_bias)
+                 kernel: str = "auto", rope: bool = False):
+        super().__init__(dim, num_heads, qkv_bias, rope)
         check_sparse_settings(top_k=top_k, local_window=local_window, global_tokens=global_tokens,
                               indexer_heads=indexer_heads, indexer_dim=indexer_dim, granularity=granularity,
                               block_size=block_size, query_chunk=query_chunk,
@@ -87,7 +87,7 @@ class SparseAttention(DenseAttention):
         self.top_k, self.local_window, self.global_tokens = top_k, local_window, global_tokens
         self.granularity, self.block_size, self.query_chunk = granularity, block_size, query_chunk
         self.indexer_loss_weight, self.warmup_epochs = indexer_loss_weight, warmup_epochs
-        self.indexer = LightningIndexer(dim, indexer_heads, indexer_dim)
+        self.indexer = LightningIndexer(dim, indexer_heads, indexer_dim, rope)
         self.dense_warmup = False
         self.indexer_loss: torch.Tensor | None = None
 

@@ -269,7 +269,7 @@ class CharLMTask(Task):
                               "model=gpt")
         if self.block_size > capacity:
             raise ConfigError(f"task.block_size={self.block_size} is larger than model.block_size={capacity} "
-                              "(the model's position embeddings); raise model.block_size or lower task.block_size")
+                              "(the positions the model is built for); raise model.block_size or lower task.block_size")
         return model
 
     def example(self, data) -> ExampleBatch:
