@@ -8,8 +8,9 @@ its target rate, its own parameters, `seed` and `device`.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -34,32 +35,85 @@ def local_rate(keep: torch.Tensor) -> float:
     return keep.float().mean().item()
 
 
+WeightForm = Literal["estimate", "mean"]  # what a Selection's weights divide by (see Selection)
+
+
 @dataclass
 class Selection:
     """The batch positions to train, and optionally how much each one's loss counts.
 
-    weight None: the training loss is the plain mean over the selected rows. Otherwise the
-    loss is sum(weight * per-sample loss) (`gated_loss`); gates that correct for unequal selection
-    probabilities p give weight 1 / (B * p), so that, in expectation over their draws, the
-    loss (and its gradient) equals the full batch's mean (inverse-probability weighting).
+    weight None: the training loss is the plain mean over the selected rows. Otherwise it is
+    sum(weight * per-sample loss) (`gated_loss`), the weights in one of two forms (`form`):
+    - "estimate": inverse-probability weights 1 / (B p), p a row's keep probability among the B
+      the gate looked at, so that in expectation over the gate's draws the loss (and its
+      gradient) is the looked-at batch's mean (sundew's unbiased=True);
+    - "mean": w / k over the k selected rows, w a relative weight (1: an ordinary sample), so the
+      loss is mean(w * loss) over the step's samples: InfoBatch's own `update` (w = 1 / (1 - r) for
+      a kept well-learned sample), whose fewer steps carry about a full epoch's total update.
     """
     index: torch.Tensor                 # [k] positions within the batch, ascending
     weight: torch.Tensor | None = None  # [k] per-sample loss weights, or None
     # samples the gate looked at to choose these: None, the batch itself; a number when the
     # batch holds only the chosen samples, selected before loading (gating/sampler.py)
     looked_at: int | None = None
+    form: WeightForm = "estimate"
 
     def seen(self, batch_size: int) -> int:
         """How many samples this selection chose from, given the batch it came with."""
         return batch_size if self.looked_at is None else self.looked_at
 
+    def relative_weight(self, batch_size: int) -> torch.Tensor | None:
+        """[k] weights with 1 for an ordinary sample (None: unweighted), comparable across
+        selections from batches of any size: `weight` times the count it was divided by."""
+        if self.weight is None:
+            return None
+        return self.weight.float() * (len(self.index) if self.form == "mean" else self.seen(batch_size))
+
+
+def step_weight(relative: torch.Tensor, form: WeightForm) -> torch.Tensor:
+    """The loss weights of one training step (its loss is sum(result * loss)) from its samples'
+    relative weights, gathered from one selection or several (a packed step): InfoBatch's
+    mean(w * loss) over the step's samples, or for inverse-probability weights the weighted
+    mean sum(w * loss) / sum(w), since a step packed from several looks has no one looked-at
+    batch whose mean its weighted sum could estimate."""
+    return relative / (len(relative) if form == "mean" else relative.sum())
+
 
 def gated_loss(losses: torch.Tensor, selection: Selection | torch.Tensor | None) -> torch.Tensor:
     """The training loss of the selected samples' per-sample `losses` [k]: their mean, or
-    sum(weight * loss) when the selection carries weights (InfoBatch's 1 / (B (1 - r)) for kept
-    well-learned samples, sundew's unbiased 1 / (B p)). Pass the `Selection` (or its weight tensor, or None)."""
+    sum(weight * loss) when the selection carries weights (InfoBatch's mean(w * loss) over the
+    kept samples, sundew's unbiased 1 / (B p); see `Selection`). Pass the `Selection` (or its
+    weight tensor, or None)."""
     weight = selection.weight if isinstance(selection, Selection) else selection
     return losses.mean() if weight is None else (weight.to(losses.dtype) * losses).sum()
+
+
+def check_indices(where: str, name: str, idx: torch.Tensor, num_samples: int) -> None:
+    """Refuse dataset indices outside [0, num_samples) by name: a gate's per-sample memory has
+    num_samples rows, and a negative index would silently read another sample's."""
+    outside = (idx < 0) | (idx >= num_samples)
+    if len(idx) and bool(outside.any()):
+        raise ValueError(f"{where}: {name} holds dataset index {int(idx[outside][0])}, outside the gate's "
+                         f"num_samples={num_samples}: build the gate with num_samples=len(dataset)")
+
+
+def check_finite(where: str, name: str, losses: torch.Tensor) -> None:
+    """Refuse NaN or infinite losses by name: a gate would store them in its memory (and a mean
+    over it), and every later decision about those samples would read them."""
+    finite = torch.isfinite(losses)
+    if not bool(finite.all()):
+        raise ValueError(f"{where}: {name} holds non-finite losses (NaN or inf) for {int((~finite).sum())} of "
+                         f"{len(losses)} samples: refused, nothing stored; fix or skip that step before handing its "
+                         "losses back")
+
+
+def warn_if_never_observed(gate: Gate, memory: SampleMemory, epoch: int) -> None:
+    """A gate that learns only from `observe` warns when an epoch after the first starts with no
+    loss ever handed back: it would go on deciding from an empty memory without a word."""
+    if epoch > 1 and bool(memory.last_loss.isnan().all()):
+        warnings.warn(f"{type(gate).__name__}: epoch {epoch} starts with no loss ever handed back: call "
+                      "gate.observe(trained_idx, losses) after each step (or sampler.update(losses))",
+                      stacklevel=3)
 
 
 def _check_rate(gate: str, target_rate: float) -> float:
@@ -121,7 +175,15 @@ class Gate:
                 logits: torch.Tensor | None = None) -> None:
         """Hand back what the training forward learnt about the trained samples [k]: their
         BatchScores, or plain per-sample losses [k] (then `logits`, [k, C] or [k, T, V], give
-        each one's prediction entropy; without them it counts as 0)."""
+        each one's prediction entropy; without them it counts as 0). Losses of another shape than
+        `trained_idx`, non-finite losses and indices outside num_samples are refused by name."""
+        where, loss = f"{type(self).__name__}.observe", trained.loss if isinstance(trained, BatchScores) else trained
+        if loss.shape != trained_idx.shape:
+            raise ValueError(f"{where}: trained holds losses of shape {tuple(loss.shape)} for trained_idx of "
+                             f"shape {tuple(trained_idx.shape)}: one loss per trained sample (a sequence's: its "
+                             "tokens' mean)")
+        check_finite(where, "trained", loss)
+        check_indices(where, "trained_idx", trained_idx, self.num_samples)
         if not isinstance(trained, BatchScores):
             losses = trained.detach().float()
             entropy = prediction_entropy(logits.detach()) if logits is not None else torch.zeros_like(losses)
@@ -244,8 +306,8 @@ class SundewGate(Gate):
         if self.selection == "percentile":
             return PercentileRule(rate, power, exploration, history_size, min_selected, gains.get("ema", 0.1),
                                   self.device)
-        if fresh_threshold:
-            return ThresholdRule(rate, temperature, min_selected, norm_momentum, gains)
+        if fresh_threshold:  # the same rate EMA as the other rules unless `controller` says otherwise
+            return ThresholdRule(rate, temperature, min_selected, norm_momentum, {"ema": 0.1, **gains})
         # top, and threshold on remembered scores (stale losses share no scale for a threshold)
         return PriorityRule(rate, exploration, min_selected, gains.get("ema", 0.1))
 
@@ -270,10 +332,13 @@ class SundewGate(Gate):
         return {} if isinstance(self.rule, ThresholdRule) else {"budget": self.controller.threshold}
 
     def start_epoch(self, epoch: int) -> None:
+        if self.scoring == "memory":  # fresh scores fill the memory themselves
+            warn_if_never_observed(self, self.memory, epoch)
         self.source.start_epoch(epoch)
         self.annealing = self.anneal_epochs > 0 and epoch > self.epochs - self.anneal_epochs
 
     def select(self, idx: torch.Tensor, scores: BatchScores | None) -> Selection:
+        check_indices("SundewGate.select", "idx", idx, self.num_samples)
         if self.annealing:  # the last epochs train on everything
             return Selection(torch.arange(len(idx), device=idx.device))
         significance = self.source.significance(idx, scores)  # [B], NaN: never seen
@@ -311,29 +376,36 @@ class InfoBatchGate(Gate):
     At the start of each epoch the mean score over the samples seen so far is fixed; a
     sample below it is skipped with probability prune_ratio, and when kept its loss counts
     1 / (1 - prune_ratio) times. Samples at or above the mean, and never-seen ones, always
-    train. The last epochs, those after the first anneal_after share of training
-    (the paper's delta, 0.875), train on everything. The paper prunes the epoch's sample
-    list and refills whole batches; here batches shrink instead, which costs the same
-    forward and backward work. It has no target rate: its rate follows from prune_ratio and
-    the loss distribution (summary.json's activation_rate says what it was).
+    train. The last epochs, those after the first int(anneal_after * epochs) (the paper's
+    delta, 0.875), train on everything: `epochs`, the run's length, has no default, since a gate
+    that does not know it cannot tell when to stop pruning. The paper prunes the epoch's sample
+    list and refills whole batches (here: packed, the sampler's pack=True or train.py's
+    gate.pack); unpacked, batches shrink instead, which costs the same forward and backward work.
+    Either way a step's loss is InfoBatch's own `update`: mean(w * loss) over the step's samples,
+    w the 1 / (1 - prune_ratio) above or 1 (`Selection`'s "mean" form). It has no target rate:
+    its rate follows from prune_ratio and the loss distribution (summary.json's activation_rate).
     """
 
     has_target_rate = False
 
-    def __init__(self, num_samples: int, prune_ratio: float = 0.5, *, anneal_after: float = 0.875, epochs: int = 1,
+    def __init__(self, num_samples: int, *, epochs: int, prune_ratio: float = 0.5, anneal_after: float = 0.875,
                  seed: int = 0, device: torch.device | str = "cpu"):
         super().__init__(num_samples, None, seed=seed, device=device)
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"InfoBatchGate: epochs={epochs!r} is not allowed: the run's number of epochs, "
+                             "an integer >= 1")
         if not 0.0 <= prune_ratio < 1.0:
             raise ValueError(f"InfoBatchGate: prune_ratio={prune_ratio} is not allowed: a fraction in [0, 1)")
         if not 0.0 <= anneal_after <= 1.0:
             raise ValueError(f"InfoBatchGate: anneal_after={anneal_after} is not allowed: a fraction in [0, 1]")
-        self.epochs = int(epochs)
+        self.epochs = epochs
         self.prune_ratio, self.anneal_after = float(prune_ratio), float(anneal_after)
         self.memory = SampleMemory(num_samples, self.device)
         self.mean_loss = float("nan")
         self.annealing = False
 
     def start_epoch(self, epoch: int) -> None:
+        warn_if_never_observed(self, self.memory, epoch)
         self.annealing = epoch > int(self.anneal_after * self.epochs)
         seen = self.memory.last_loss[~self.memory.last_loss.isnan()]
         self.mean_loss = seen.mean().item() if len(seen) else float("nan")
@@ -342,6 +414,7 @@ class InfoBatchGate(Gate):
         return {"prune_below_loss": self.mean_loss}
 
     def select(self, idx: torch.Tensor, scores: BatchScores | None) -> Selection:
+        check_indices("InfoBatchGate.select", "idx", idx, self.num_samples)
         b = len(idx)
         everything = torch.arange(b, device=idx.device)
         if self.annealing:
@@ -351,7 +424,7 @@ class InfoBatchGate(Gate):
         pruned = well_learned & (torch.rand(b, generator=self.generator).to(idx.device) < self.prune_ratio)
         index = (~pruned).nonzero().squeeze(1)
         scale = torch.where(well_learned[index], 1.0 / (1.0 - self.prune_ratio), 1.0)
-        return Selection(index, scale / b)  # the batch mean, with pruned samples made up for
+        return Selection(index, scale / len(index), form="mean")  # InfoBatch's mean(w * loss) over the kept
 
     def learn(self, trained_idx: torch.Tensor, trained: BatchScores) -> None:
         self.memory.record(trained_idx, trained)

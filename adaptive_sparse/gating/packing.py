@@ -9,11 +9,12 @@ Packed (`gate.pack=true`), selected samples wait, in the order they were selecte
 epoch, so no sample waits across an epoch (or a checkpoint). At rate r an epoch then takes
 about r times full training's optimiser steps.
 
-Weights: a gate's `Selection.weight` makes a loader batch's weighted sum an estimate of that
-batch's mean loss (its weights sum to 1 in expectation). A packed batch gathers samples from
-several loader batches, so each weight is first scaled by its loader batch's size (a relative
-weight: 1 is an ordinary sample; selected before loading, by the number the gate looked at), and the packed step's objective is sum(w * loss) / sum(w):
-the weighted mean, whatever the number of loader batches it spans.
+Weights: a gate's `Selection.weight` makes sum(weight * loss) one loader batch's step loss.
+Unpacked, that is the step. A packed batch gathers samples from several loader batches, so each
+weight is first made relative (1: an ordinary sample; `Selection.relative_weight`), and the packed
+step's weights come from those (`step_weight`): InfoBatch's mean(w * loss) over the step's
+samples, as its own `update` returns, or for sundew's inverse-probability weights the weighted
+mean sum(w * loss) / sum(w), whatever the number of loader batches the step spans.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from adaptive_sparse.gating.gates import Selection
+from adaptive_sparse.gating.gates import Selection, WeightForm, step_weight
 
 
 @dataclass
@@ -54,7 +55,9 @@ class SelectionPacker:
 
     def __init__(self, batch_size: int, enabled: bool,
                  count_reducer: Callable[[int], int] = local_count, ranks: int = 1, carry: bool = False):
-        self.batch_size, self.enabled = int(batch_size), bool(enabled)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"SelectionPacker: batch_size={batch_size!r} is not allowed: an integer >= 1")
+        self.batch_size, self.enabled = batch_size, bool(enabled)
         # carry (training.pack_remainder=carry): an epoch's remainder waits for the next epoch's
         # samples rather than training as one small batch (see `end_of_epoch`)
         self.carry = self.enabled and bool(carry)
@@ -62,6 +65,7 @@ class SelectionPacker:
         self.waiting: list[TrainBatch] = []  # packed: weights relative (1 = an ordinary sample)
         self.empty: TrainBatch | None = None  # a zero-sample batch of the right shapes
         self.weighted = False  # whether any waiting sample came with a gate weight
+        self.form: WeightForm = "estimate"  # what those weights are (`Selection.form`)
 
     @property
     def num_waiting(self) -> int:
@@ -72,9 +76,10 @@ class SelectionPacker:
         self.empty = TrainBatch(inputs[:0], targets[:0], idx[:0])
         weight = selection.weight
         if self.enabled:  # relative weights, comparable across loader batches of any size
-            self.weighted |= weight is not None
-            weight = (torch.ones(len(chosen), device=targets.device) if weight is None
-                      else weight.float() * selection.seen(len(targets)))
+            relative = selection.relative_weight(len(targets))
+            if relative is not None:
+                self.weighted, self.form = True, selection.form
+            weight = torch.ones(len(chosen), device=targets.device) if relative is None else relative
         self.waiting.append(TrainBatch(inputs[chosen], targets[chosen], idx[chosen], weight))
 
     def ready(self) -> Iterator[TrainBatch]:
@@ -105,7 +110,7 @@ class SelectionPacker:
         if not parts:
             return self.empty
         batch = TrainBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in ("inputs", "targets", "idx", "weight")))
-        batch.weight = batch.weight / batch.weight.sum() if self.weighted else None  # the weighted mean
+        batch.weight = step_weight(batch.weight, self.form) if self.weighted else None
         if not self.waiting:
             self.weighted = False
         return batch
@@ -126,12 +131,13 @@ class SelectionPacker:
         over an epoch's end)."""
         return {"waiting": [{"inputs": b.inputs.cpu(), "targets": b.targets.cpu(), "idx": b.idx.cpu(),
                              "weight": None if b.weight is None else b.weight.cpu()} for b in self.waiting],
-                "weighted": self.weighted}
+                "weighted": self.weighted, "form": self.form}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.waiting = [TrainBatch(w["inputs"].to(device), w["targets"].to(device), w["idx"].to(device),
                                    None if w["weight"] is None else w["weight"].to(device)) for w in state["waiting"]]
         self.weighted = bool(state["weighted"])
+        self.form = state.get("form", "estimate")  # saved before forms: its weights divide by the looked-at count
         if self.waiting:
             self.empty = _rows(self.waiting[0], slice(0, 0))
 

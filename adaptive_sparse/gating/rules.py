@@ -26,7 +26,7 @@ class PercentileRule:
     def __init__(self, rate: float, power: float = 1.0, exploration: float = 0.1, history_size: int = 4096,
                  min_selected: int = 1, ema: float = 0.1, device: torch.device | str = "cpu"):
         if power < 0:
-            raise ValueError(f"power={power} is not allowed: a number >= 0")
+            raise ValueError(f"SundewGate: power={power} is not allowed: a number >= 0")
         self.power, self.exploration, self.min_selected = float(power), float(exploration), int(min_selected)
         self.history = ScoreHistory(history_size, device)
         # output: the batch budget. Too many trained lowers it, hence the negative gain
@@ -182,7 +182,7 @@ class PIController:
     def __init__(self, target: float, kp: float = 1.0, ki: float = 0.1, ema: float = 0.2,
                  init_threshold: float = 0.0, min_threshold: float = -6.0, max_threshold: float = 6.0):
         if not 0.0 < target <= 1.0:
-            raise ValueError(f"target rate must be in (0, 1], got {target}")
+            raise ValueError(f"PIController: target={target} is not allowed: a rate in (0, 1]")
         self.target, self.kp, self.ki, self.ema = target, kp, ki, ema
         self.init_threshold = init_threshold
         self.min_threshold, self.max_threshold = min_threshold, max_threshold

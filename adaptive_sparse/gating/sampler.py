@@ -25,6 +25,7 @@ up), and the per-sample memories are merged when the epoch's last batch is hande
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
@@ -32,7 +33,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from adaptive_sparse.gating.gates import Gate, Selection
+from adaptive_sparse.gating.gates import Gate, Selection, check_finite, check_indices, gated_loss, step_weight
 from adaptive_sparse.gating.ranks import Ranks
 
 
@@ -48,27 +49,28 @@ class Look:
 
     def relative_weight(self) -> torch.Tensor | None:
         """[k] loss weights with 1 for an ordinary sample (None: all equal), comparable across looks."""
-        weight = self.selection.weight
-        return None if weight is None else weight.float() * len(self.looked_at)
+        return self.selection.relative_weight(len(self.looked_at))
 
     def state_dict(self) -> dict:
         weight = self.selection.weight
         return {"looked_at": self.looked_at.cpu(), "index": self.selection.index.cpu(),
-                "weight": None if weight is None else weight.cpu()}
+                "weight": None if weight is None else weight.cpu(), "form": self.selection.form}
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device) -> "Look":
         """The Look that `state_dict` saved (in a mid-epoch checkpoint), on `device`."""
         weight = state["weight"]
+        form = state.get("form", "estimate")  # saved before forms: its weights divide by the looked-at count
         return cls(state["looked_at"].to(device),
-                   Selection(state["index"].to(device), None if weight is None else weight.to(device)))
+                   Selection(state["index"].to(device), None if weight is None else weight.to(device), form=form))
 
     def served_selection(self, device: torch.device) -> Selection:
         """For a batch that holds exactly the chosen samples: all of its rows, the gate's weights,
         and how many samples the gate chose them from."""
         weight = self.selection.weight
         return Selection(torch.arange(len(self.selection.index), device=device),
-                         None if weight is None else weight.to(device), looked_at=len(self.looked_at))
+                         None if weight is None else weight.to(device), looked_at=len(self.looked_at),
+                         form=self.selection.form)
 
 
 def plan_epoch(gate: Gate, index_batches: list[torch.Tensor]) -> list[Look]:
@@ -140,29 +142,48 @@ class SelectingBatchSampler(Sampler[list[int]]):
 
     def __init__(self, gate: Gate, batch_size: int, *, shuffle: bool = True, seed: int = 0, pack: bool = True,
                  limit_batches: int | None = None, indices: torch.Tensor | None = None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"SelectingBatchSampler: batch_size={batch_size!r} is not allowed: an integer >= 1")
         if not gate.can_select_before_loading:
             raise ValueError(f"{type(gate).__name__} with these settings needs a scoring forward of each loaded "
                              "batch, so it cannot select before loading: select after loading instead")
         self.gate, self.batch_size, self.pack = gate, batch_size, bool(pack)
         self.ranks = Ranks.from_torch_distributed(gate.device)
         if self.ranks.active and not self.pack:
-            raise ValueError("under torchrun the sampler packs (pack=True): every rank must yield as many batches")
+            raise ValueError("SelectingBatchSampler: pack=False is not allowed under torchrun: every rank must "
+                             "yield as many batches")
+        indices = torch.arange(gate.num_samples) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        self._check_indices(indices)
         shard = (self.ranks.rank, self.ranks.world_size) if self.ranks.active else None
-        self.order = EpochOrder(indices if indices is not None else torch.arange(gate.num_samples), batch_size,
-                                shuffle=shuffle, seed=seed, limit_batches=limit_batches, shard=shard)
+        self.order = EpochOrder(indices, batch_size, shuffle=shuffle, seed=seed, limit_batches=limit_batches,
+                                shard=shard)
         if self.ranks.active:
             gate.use_global_rate(self.ranks.global_rate)  # one controller budget for all ranks
         self.epoch = 0
         self.batches: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # this epoch's, once planned
         self.pending: deque[tuple[torch.Tensor, torch.Tensor | None]] = deque()  # yielded, losses not yet back
-        self.updates_left = 0
+        self.updates_left = 0  # this epoch's batches whose losses have not come back
         self.memory_at_start: dict[str, torch.Tensor] | None = None
+
+    def _check_indices(self, indices: torch.Tensor) -> None:
+        """An order with no sample for some rank would yield no batch at all; an index outside the
+        gate's num_samples would fail deep inside its memory."""
+        if not len(indices):
+            raise ValueError("SelectingBatchSampler: indices holds no samples: an empty dataset has no epoch to sample")
+        if self.ranks.active and len(indices) < self.ranks.world_size:
+            raise ValueError(f"SelectingBatchSampler: indices holds {len(indices)} samples for "
+                             f"{self.ranks.world_size} ranks: each rank needs at least one")
+        check_indices("SelectingBatchSampler", "indices", indices, self.gate.num_samples)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch `epoch` (1-based); without it each iteration is the next epoch."""
         self.epoch = int(epoch) - 1
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.updates_left:
+            warnings.warn(f"SelectingBatchSampler: a new epoch starts while {self.updates_left} of epoch "
+                          f"{self.epoch}'s batches never had their losses handed back, so the gate did not learn "
+                          "from them: call sampler.update(per_sample_losses) once per batch", stacklevel=2)
         self._merge_rank_memories()  # the last epoch's, if its last losses never came back
         self.epoch += 1
         self.gate.start_epoch(self.epoch)
@@ -180,16 +201,19 @@ class SelectingBatchSampler(Sampler[list[int]]):
         if self.batches is not None:
             return len(self.batches)
         rate = self.gate.target_rate if self.gate.target_rate is not None else 1.0
-        return max(1, math.ceil(rate * self.order.samples_served / self.batch_size)) if self.pack else len(self.order)
+        return math.ceil(rate * self.order.samples_served / self.batch_size) if self.pack else len(self.order)
 
     def _batches_of(self, looks: list[Look]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The epoch's batches: dataset indices [k] and the step's loss weights [k] (None: the mean),
+        those of a packed batch from its samples' relative weights (`step_weight`)."""
         if not self.pack:
-            return [(look.chosen, look.relative_weight()) for look in looks if len(look.chosen)]
-        chosen, weight = self._pooled(looks)
-        if not self.ranks.active:
-            return list(zip(chosen.split(self.batch_size),
-                            weight.split(self.batch_size) if weight is not None else [None] * len(chosen)))
-        return self._dealt(chosen, weight)
+            return [(look.chosen, look.selection.weight) for look in looks if len(look.chosen)]
+        chosen, relative = self._pooled(looks)
+        batches = self._dealt(chosen, relative) if self.ranks.active else \
+            list(zip(chosen.split(self.batch_size),
+                     relative.split(self.batch_size) if relative is not None else [None] * len(chosen)))
+        form = next((look.selection.form for look in looks if look.selection.weight is not None), "estimate")
+        return [(idx, None if weight is None else step_weight(weight, form)) for idx, weight in batches]
 
     def _pooled(self, looks: list[Look]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every look's chosen indices in order [n], with relative weights [n] (None: all 1);
@@ -221,26 +245,33 @@ class SelectingBatchSampler(Sampler[list[int]]):
         return [b for b in batches if len(b[0])]
 
     # ------------------------------------------------------------------ losses handed back
-    def update(self, losses: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def update(self, losses: torch.Tensor, logits: torch.Tensor | None = None, *,
+               idx: torch.Tensor | None = None) -> torch.Tensor:
         """Hand back the per-sample losses [k] of the oldest batch not yet handed back; returns
-        the loss to backpropagate: their mean, or, for a gate that weights, sum(w * loss) / sum(w)
-        with the weights relative across looks (1: an ordinary sample). With `logits` ([k, C], or [k, T, V]) the gate also learns each
-        sample's prediction entropy (sundew's entropy signal); without them it counts as 0."""
+        the loss to backpropagate: their mean, or with a gate's weights sum(w * loss) (InfoBatch:
+        mean(w * loss) over the batch, as its own `update`; see `Selection`). With `logits` ([k, C],
+        or [k, T, V]) the gate also learns each sample's prediction entropy (sundew's entropy
+        signal); without them it counts as 0. `idx`, the batch's dataset indices when the loop has
+        them, makes a skipped update an error here rather than these losses crediting the
+        waiting batch's samples. Non-finite losses are refused (nothing is stored)."""
         if not self.pending:
             raise RuntimeError("SelectingBatchSampler.update: no batch is waiting for its losses "
                                "(one update per batch, in the order the loader gave them)")
-        idx, weight = self.pending.popleft()
-        if losses.shape != idx.shape:
+        waiting, weight = self.pending[0]
+        if losses.shape != waiting.shape:
             raise ValueError(f"SelectingBatchSampler.update: losses of shape {tuple(losses.shape)} for a batch of "
-                             f"{len(idx)} samples (pass one loss per sample: reduction='none', then a mean over tokens)")
-        self.gate.observe(idx, losses, logits)
+                             f"{len(waiting)} samples (pass one loss per sample: reduction='none', then a mean over "
+                             "tokens)")
+        if idx is not None and not torch.equal(torch.as_tensor(idx).long().cpu(), waiting.cpu()):
+            raise ValueError("SelectingBatchSampler.update: idx is not the batch waiting for its losses (the oldest "
+                             "not handed back): one update per batch, in the order the loader gave them")
+        check_finite("SelectingBatchSampler.update", "losses", losses)
+        self.gate.observe(waiting, losses, logits)
+        self.pending.popleft()
         self.updates_left -= 1
         if self.updates_left == 0:
             self._merge_rank_memories()
-        if weight is None:
-            return losses.mean()
-        weight = weight.to(losses.device)
-        return (weight * losses).sum() / weight.sum()
+        return gated_loss(losses, None if weight is None else weight.to(losses.device))
 
     def _merge_rank_memories(self) -> None:
         """torchrun: one per-sample memory on every rank (each sample trained on one rank)."""
@@ -250,6 +281,12 @@ class SelectingBatchSampler(Sampler[list[int]]):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        """The state at an epoch boundary; refused inside an epoch, whose remaining batches a
+        resume would otherwise silently skip."""
+        if self.updates_left:
+            raise RuntimeError(f"SelectingBatchSampler.state_dict: epoch {self.epoch} still has {self.updates_left} of "
+                               f"{len(self.batches)} batches to hand back; a resume starts at the next epoch, so saved "
+                               "now the rest of this one would be skipped: save after the epoch's last update")
         return {"epoch": self.epoch, "order": self.order.state_dict(), "gate": self.gate.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:

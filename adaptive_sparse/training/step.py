@@ -70,8 +70,10 @@ def train_on_subset(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
 
     Unweighted, the objective is the mean loss over every rank's selected samples: each rank
     backpropagates its sum divided by the global count, and the gradients are summed over
-    ranks. With a gate's `weights`, each rank's weighted sum estimates its own batch's mean
-    loss, and the objective is their mean over ranks. A non-finite loss on any rank raises
+    ranks. With a gate's `weights` ([k], `Selection.weight` or a packed step's `step_weight`),
+    each rank's sum(weights * loss) is its own step's loss (`gated_loss`: InfoBatch's mean(w * loss)
+    over the step's samples, sundew's unbiased estimate of its batch's mean), and the objective is
+    their mean over ranks, as DDP averages InfoBatch's per-rank means. A non-finite loss on any rank raises
     NonFiniteLossError (naming epoch and step) on every rank before any update. `scaler`
     (fp16) scales the loss and skips steps whose gradients overflow. `grad_clip` rescales the
     summed gradient to at most that global norm before the update (nanoGPT's recipe: 1.0).

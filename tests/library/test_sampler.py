@@ -7,7 +7,14 @@ import torch
 from conftest import read_run, run_train, two_ranks_spawn
 from torch.utils.data import DataLoader, Dataset
 
-from adaptive_sparse.gating.gates import InfoBatchGate, RandomGate, Selection, SelectiveBackpropGate, SundewGate
+from adaptive_sparse.gating.gates import (
+    InfoBatchGate,
+    RandomGate,
+    Selection,
+    SelectiveBackpropGate,
+    SundewGate,
+    gated_loss,
+)
 from adaptive_sparse.gating.sampler import EpochOrder, Look, SelectingBatchSampler
 from adaptive_sparse.gating.significance import BatchScores
 
@@ -76,8 +83,9 @@ def test_update_returns_the_gate_weighted_loss_and_teaches_the_memory():
     (second,) = list(sampler)
     kept_low = [i for i in second if i < 4]
     assert set(range(4, 8)) <= set(second) and len(kept_low) < 4
-    # by hand: weights 2 for each kept low sample (loss 1), 1 for each high one (loss 3)
-    expected = (2 * 1.0 * len(kept_low) + 3.0 * 4) / (2 * len(kept_low) + 4)
+    # by hand: weights 2 for each kept low sample (loss 1), 1 for each high one (loss 3), and
+    # InfoBatch's mean(w * loss) over the batch's samples (one kept low sample: 14 / 5 = 2.8)
+    expected = (2 * 1.0 * len(kept_low) + 3.0 * 4) / (len(kept_low) + 4)
     torch.testing.assert_close(sampler.update(losses[second]), torch.tensor(expected))
 
 
@@ -192,3 +200,32 @@ def test_a_look_saved_in_a_checkpoint_comes_back_as_it_was(weight):
     assert back.chosen.tolist() == [7, 2] and back.looked_at.tolist() == [40, 7, 13, 2]
     relative = back.relative_weight()  # weight x 4 looked at: 1 is an ordinary sample
     assert (relative is None) if weight is None else relative.tolist() == [2.0, 1.0]
+
+
+def test_sundews_unbiased_weights_give_the_loss_selecting_after_loading_gives():
+    """Unpacked, each batch is one look: `update` returns gated_loss with the gate's 1 / (B p), the
+    estimate of the looked-at batch's mean that selecting after loading trains on. Packed, a batch
+    mixing looks gets the weighted mean sum(w * loss) / sum(w) with w = 1 / p."""
+    n, batch = 96, 16
+
+    def gate() -> SundewGate:  # a remembered loss per sample: unequal keep probabilities
+        made = SundewGate(n, 0.4, scoring="memory", unbiased=True, exploration=0.2, seed=3)
+        made.observe(torch.arange(n), fake_losses(torch.arange(n), 1))
+        return made
+
+    after = gate()
+    after.start_epoch(2)
+    unpacked, chosen, relative = [], [], []
+    for idx in EpochOrder(torch.arange(n), batch, seed=5).index_batches():
+        selection = after.select(idx, None)
+        if len(selection.index):
+            unpacked.append(gated_loss(fake_losses(idx[selection.index], 2), selection))
+            chosen.append(idx[selection.index])
+            relative.append(selection.relative_weight(len(idx)))
+    chosen, relative = torch.cat(chosen), torch.cat(relative)
+    packed = [(w * fake_losses(i, 2)).sum() / w.sum() for i, w in zip(chosen.split(batch), relative.split(batch))]
+    for pack, expected in ((False, unpacked), (True, packed)):
+        sampler = SelectingBatchSampler(gate(), batch, seed=5, pack=pack)
+        sampler.set_epoch(2)
+        got = [sampler.update(fake_losses(torch.tensor(b), 2)) for b in sampler]
+        torch.testing.assert_close(torch.stack(got), torch.stack(expected))

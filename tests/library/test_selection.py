@@ -134,8 +134,9 @@ def test_infobatch_prunes_only_below_the_mean_and_rescales_what_it_keeps():
         assert set(range(48, 64)) <= set(index.tolist())  # above the mean: always trained
         low = index < 48
         kept_low += int(low.sum())
-        # kept below-mean losses count 1 / (1 - 0.5) = 2, the others 1, over the batch size
-        assert torch.equal(chosen.weight, torch.where(low, 2.0, 1.0) / BATCH)
+        # kept below-mean losses count 1 / (1 - 0.5) = 2, the others 1, over the kept count:
+        # InfoBatch's mean(w * loss) over the step's samples
+        assert chosen.form == "mean" and torch.equal(chosen.weight, torch.where(low, 2.0, 1.0) / len(index))
     assert kept_low / (500 * 48) == pytest.approx(0.5, abs=0.02)  # std 0.0032
 
 

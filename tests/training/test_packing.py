@@ -112,7 +112,7 @@ def test_gate_state_lives_on_the_device_it_is_built_for():
     assert {p.device.type for p in gate.scorer.model.parameters()} == {"meta"}
     assert gate.rule.history.values.device.type == "meta"
     from adaptive_sparse.gating.gates import InfoBatchGate, SelectiveBackpropGate
-    assert InfoBatchGate(num_samples=10, device="meta").memory.last_loss.device.type == "meta"
+    assert InfoBatchGate(num_samples=10, epochs=1, device="meta").memory.last_loss.device.type == "meta"
     assert SelectiveBackpropGate(10, device="meta").history.values.device.type == "meta"
 
 
