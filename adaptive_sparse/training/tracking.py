@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from adaptive_sparse.gating.gates import InfoBatchGate
 from adaptive_sparse.training.io import atomic_write_text
 from adaptive_sparse.training.metering import summarise_run
 from adaptive_sparse.training.records import Metric, wandb_identity
@@ -240,4 +241,5 @@ def run_summary(cfg: DictConfig, choices: dict[str, str], history: list[dict], g
             "scoring": cfg.gate.get("scoring"), "selection": cfg.gate.get("selection"),  # sundew's own keys
             "select_before_loading": switches.select_before_loading, "loss_reduction": cfg.training.loss_reduction,
             "precision": run.precision, "energy_kwh": energy_meter.kwh, "energy_source": energy_meter.source,
+            "gate_loss_form": "mean" if isinstance(gate, InfoBatchGate) else None,  # InfoBatch's own mean(w * loss)
             "params": params, **environment_facts(run.device)}

@@ -316,6 +316,20 @@ def share_text(share: float | None) -> str:
 
 # --------------------------------------------------------------------------- tables
 
+def infobatch_note(study: Study) -> list[str]:
+    """Which loss InfoBatch's arms trained on: InfoBatch's own mean(w * loss) over a step's samples
+    where summary.json says so (`gate_loss_form: mean`), else the form the code of their time had."""
+    old = [(arm.key.packed, run) for arm in study.arms.values() if arm.key.gate == "infobatch"
+           for run in arm.runs.values() if (run.summary or {}).get("gate_loss_form") != "mean"]
+    if not old:
+        return []
+    forms = sorted({"sum(w * loss) / sum(w) over a packed step" if packed else
+                    "sum(w * loss) / B over each loader batch of B" for packed, _ in old})
+    return [f"InfoBatch's arms here ({len(old)} runs) trained on {' and '.join(forms)}, not InfoBatch's own "
+            "mean(w * loss) over a step's samples, which later runs record (`gate_loss_form: mean`): "
+            "their pruned epochs moved the weights less than InfoBatch's would have.", ""]
+
+
 def arms_table(study: Study, margins: tuple[float, ...] | None = None) -> str:
     """Every arm's figures; a time-to-target column for each of `margins` (default: the goal's)."""
     metric, margins = study.metric, margins or (study.goals.time_margin,)
@@ -632,7 +646,7 @@ def write_page(source: Path, out_dir: Path, title: str = TITLE, queue_file: Path
         f"{hardware_text(study)}; full training: {epochs_text(study.full.key.epochs)} "
         f"epochs, {full_text(study)} in {full_time_text(study)}.", "",
         "## The goal at budget 0.5", "", goal_verdict(study), "",
-        "## Every arm", "", arms_table(study, margins), "",
+        "## Every arm", "", arms_table(study, margins), "", *infobatch_note(study),
         f"{analysis.INTERVAL_NOTE} Time: training wall-clock as each run recorded it "
         "(evaluation excluded), two runs sharing the machine, so a run's time depends on its "
         "neighbour" + ("" if len(study.full_times) == 1 else

@@ -383,3 +383,14 @@ def test_a_study_with_tta_at_the_end_only_times_its_targets_on_the_plain_accurac
     # epoch: seed 0 never reaches 78.5, seed 1 at epoch 3 (75 s)
     assert study.times_to(study.full, 0.5) == [None, 0.75]
     assert "time to 78.50% val_acc_tta0 (full - 0.5 pt)" in convergence.arms_table(study)
+
+
+def test_the_pages_say_which_loss_the_infobatch_arms_trained_on():
+    """The committed InfoBatch arms predate InfoBatch's own mean(w * loss): packed, the convergence
+    study's ran sum(w l) / sum(w); unpacked, the fast recipe's ran sum(w l) / B."""
+    root = Path(__file__).resolve().parents[2] / "docs" / "results"
+    packed = convergence.infobatch_note(convergence.build_study(analysis.collect_runs(root / "convergence" / "runs.jsonl")))
+    unpacked = convergence.infobatch_note(
+        convergence.build_study(analysis.collect_runs(root / "fastnet-recipe" / "runs.jsonl")))
+    assert "(3 runs) trained on sum(w * loss) / sum(w) over a packed step" in packed[0]
+    assert "(5 runs) trained on sum(w * loss) / B over each loader batch of B" in unpacked[0]
