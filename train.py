@@ -35,8 +35,9 @@ from adaptive_sparse.training.data import load_dataset
 from adaptive_sparse.training.distributed import agree_on_run_dir
 from adaptive_sparse.training.gating import Scoring, build_gate, gate_switches, scoring_for
 from adaptive_sparse.training.lifecycle import (
-    RunDirLocked,
+    RunDirError,
     StopRequest,
+    configured_run_dir,
     inject_nan_at_step,
     lock_from_argv,
     run_dir_lock,
@@ -76,7 +77,7 @@ def build_model(cfg: DictConfig, task, data, run: Run) -> torch.nn.Module:
     `init_from`'s weights (a resume restores its own) and the test-only fault hooks (null by default)."""
     model = task.prepare_model(instantiate(cfg.model, **task.model_kwargs(data)).to(run.device), data, cfg, run.device)
     if cfg.init_from and not run.resuming:
-        load_initial_weights(model, cfg.init_from, log)
+        load_initial_weights(model, cfg.init_from, log, data.train.fingerprint)
     inject_nan_at_step(model, cfg.debug.inject_nan_at_step)
     signal_at_step(model, cfg.debug.signal_at_step)
     return model
@@ -120,12 +121,20 @@ def train_selected(batch: TrainBatch, model: torch.nn.Module, optim: Optimisatio
 
 def stop_here(stop: StopRequest, checkpoints: Checkpointer, run: Run, run_log: RunLog, history: list[dict],
               after_epoch: int, step: int, state: EpochState, packer: SelectionPacker, inside: bool) -> None:
-    """SIGTERM or Ctrl-C: save everything done so far, say how to go on, exit 128 + signal."""
+    """SIGTERM or Ctrl-C: save everything done so far, say how to go on (naming the run directory:
+    a default or torchrun one is not the same command's next time), exit 128 + signal. Under torchrun
+    the line is said again on stderr once the process group is torn down: the last line any rank
+    prints, just above the traceback torchrun prints for ranks that exit non-zero."""
     checkpoints.save(after_epoch, step, history, run_log.wandb_run_id,
                      progress=state.state_dict(packer) if inside else None)
-    log.info("%s: stopped %s; saved %s: run the same command with resume=true to continue exactly", stop.name,
-             f"in epoch {after_epoch + 1} after step {step}" if inside else f"after epoch {after_epoch}",
-             run.checkpoint_path)
+    where = f"in epoch {after_epoch + 1} after step {step}" if inside else f"after epoch {after_epoch}"
+    line = (f"{stop.name}: stopped {where}; saved {run.checkpoint_path}: run the same command with "
+            f"hydra.run.dir={run.checkpoint_path.parents[1]} resume=true to continue exactly")
+    log.info("%s", line)
+    if run.dist.active:
+        run.dist.close()  # every rank stops after the same batch, so all arrive here
+        if run.dist.is_main:
+            print(line, file=sys.stderr, flush=True)
     raise SystemExit(stop.exit_code)
 
 
@@ -252,12 +261,14 @@ def train(cfg: DictConfig, run_dir: Path, hydra: HydraRun) -> dict:
 
 
 def cli() -> None:
-    """`python train.py ...`: the command line, then Hydra's entry point."""
+    """`python train.py ...`: the command line, then Hydra's entry point. The run directory is
+    locked before Hydra writes to it; without `hydra.run.dir`, a fresh one is made from the
+    config's default (lifecycle.lock_from_argv)."""
     sys.argv = agree_on_run_dir(sys.argv)  # torchrun: one run directory for all ranks
     try:
-        lock_from_argv(sys.argv)  # hydra.run.dir given: refuse a busy directory before Hydra writes to it
-    except RunDirLocked as busy:
-        sys.exit(f"error: {busy}")
+        sys.argv = lock_from_argv(sys.argv, configured_run_dir(CONF_DIR / "config.yaml"))
+    except RunDirError as refused:  # busy, or not writable
+        sys.exit(f"error: {refused}")
     main()
 
 

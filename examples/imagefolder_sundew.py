@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit-batches", type=int, default=None, help="looks per epoch (a quick run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the per-epoch figures here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        fail(f"--epochs {args.epochs}: nothing would train; pass 1 or more")
+    return args
+
+
+def fail(message: str) -> NoReturn:
+    """A person's mistake: one line on stderr, exit status 1 (no traceback)."""
+    raise SystemExit(f"imagefolder_sundew: {message}")
+
+
+def image_folders(root: str, augment, plain) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
+    """train/ and test/ as ImageFolders with one class list: labels come from the sorted folder
+    names, so a class missing from one split would shift every label after it in that split."""
+    if not Path(root).is_dir():
+        fail(f"--data {root}: no such folder")
+    for split in ("train", "test"):
+        if not (Path(root) / split).is_dir():
+            fail(f"--data {root}: no {split}/ folder (expected train/<class>/*.jpg and test/<class>/*.jpg)")
+    try:
+        train_set = datasets.ImageFolder(f"{root}/train", transform=augment)
+        test_set = datasets.ImageFolder(f"{root}/test", transform=plain)
+    except FileNotFoundError as err:  # no class folders, or a class folder without images
+        fail(f"--data {root}: {err}")
+    if test_set.classes != train_set.classes:
+        fail(f"--data {root}: train/ and test/ hold different classes (only in train/: "
+             f"{sorted(set(train_set.classes) - set(test_set.classes))}, only in test/: "
+             f"{sorted(set(test_set.classes) - set(train_set.classes))})")
+    return train_set, test_set
 
 
 class WithIndex(Dataset):
@@ -115,8 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     augment = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                   transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
     plain = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    train_set = datasets.ImageFolder(f"{args.data}/train", transform=augment)
-    test_set = datasets.ImageFolder(f"{args.data}/test", transform=plain)
+    train_set, test_set = image_folders(args.data, augment, plain)
     model = SimpleCNN(num_classes=len(train_set.classes))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     gate = make_gate(args, len(train_set))

@@ -17,6 +17,12 @@ work are taken up at their next run. A run that starts from another's checkpoint
 and when only such runs are left while other runs are still in progress, it waits for them.
 Overrides after `--` go to every run and stay out of the directory names.
 
+A run that fails (a non-zero exit other than a stop signal's) is marked failed,
+OUT/<name>.failed holding its exit code and log, and skipped by every worker: the queue goes on
+with its other lines, `--list` shows it, and each worker's exit code is 1 while any line is
+marked. Delete the marker to run the line again. A run stopped by SIGTERM or Ctrl-C is not
+failed: its worker stops, and the next worker resumes the run from its checkpoint.
+
 `--precision bf16` keeps a study in one precision across machines: a run that leaves
 `training.precision` to the machine (`auto`) is taken only by a worker whose machine resolves
 `auto` to bf16 on the device the run names (`device=`, default auto), so a worker on a CPU without native bf16 does not train the study's next seed in
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -113,13 +120,38 @@ def for_another_machine(overrides: list[str], study_precision: str | None, machi
     return study_precision not in (None, machine_precision) and not names_precision(overrides)
 
 
+def failed_marker(run_dir: Path) -> Path:
+    """OUT/<name>.failed: the run failed; its exit code and log (see mark_failed)."""
+    return run_dir.with_name(f"{run_dir.name}.failed")
+
+
+# A run's exit codes that mean it was stopped, not that it failed: 128 + signal (train.py saved a
+# checkpoint first), or the signal's negative number (killed before it could).
+STOPPED = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
+
+
+def mark_failed(run_dir: Path, code: int) -> Path:
+    """Write the run's failure marker: its exit code and where its log is."""
+    log = run_dir / "train.log"
+    where = f"log {log}" if log.exists() else "no train.log (it failed before training started): see the worker's output"
+    marker = failed_marker(run_dir)
+    marker.write_text(f"exit code {code}, {where}\n")
+    return marker
+
+
+def failed_runs(queue: list[list[str]], out: Path, recorded: set[str]) -> list[list[str]]:
+    """Unfinished runs marked failed."""
+    return [o for o in queue if failed_marker(out / run_name(o)).exists() and not finished(out / run_name(o), recorded)]
+
+
 def next_run(queue: list[list[str]], out: Path, recorded: set[str] = frozenset(),
              skip: Callable[[list[str]], bool] = lambda overrides: False) -> tuple[list[str], Path] | None:
-    """The first run of the queue that is not finished, not waiting for a checkpoint and not
-    `skip`ped, claimed for this process; None when there is none."""
+    """The first run of the queue that is not finished, not failed, not waiting for a checkpoint
+    and not `skip`ped, claimed for this process; None when there is none."""
     for overrides in queue:
         run_dir = out / run_name(overrides)
-        if finished(run_dir, recorded) or missing_checkpoint(overrides) or skip(overrides):
+        if (finished(run_dir, recorded) or failed_marker(run_dir).exists() or missing_checkpoint(overrides)
+                or skip(overrides)):
             continue
         if claim(out / f"{run_dir.name}.claim"):
             return overrides, run_dir
@@ -155,16 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         line = [*overrides, *common]
         return for_another_machine(line, args.precision, auto_precision(line))
     if args.list:
-        recorded = recorded_runs(args.queue)
-        for overrides in read_queue(args.queue):
-            run_dir = args.out / run_name(overrides)
-            state = ("done" if (run_dir / "summary.json").exists() else
-                     "recorded" if run_dir.name in recorded else
-                     "claimed" if (args.out / f"{run_dir.name}.claim").exists() else
-                     "blocked" if missing_checkpoint(overrides) else
-                     "elsewhere" if elsewhere(overrides) else
-                     "started" if run_dir.exists() else "waiting")
-            print(f"{state:8s} {' '.join(overrides)}")
+        list_runs(args.queue, args.out, elsewhere)
         return 0
     # the queue and the record are read again before each run: edit the queue while workers run
     while True:
@@ -182,19 +205,53 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{len(left)} runs left for a machine that trains {args.precision} "
                       f"(this one trains {machine} at training.precision=auto)", flush=True)
             break
-        overrides, run_dir = job
-        # quoted: the directory's name holds '=' and ',', which Hydra's override grammar would parse
-        command = [sys.executable, "train.py", *overrides, *common, f"hydra.run.dir='{run_dir}'", "resume=auto"]
-        print("$", " ".join(command), flush=True)
-        try:
-            code = subprocess.call(command, cwd=ROOT)
-        finally:
-            (args.out / f"{run_dir.name}.claim").unlink(missing_ok=True)
-        if code != 0:
-            print(f"run failed with exit code {code}: {run_dir}", flush=True)
+        code = run(*job, common)
+        if code in STOPPED:
+            print(f"run stopped with exit code {code}: {job[1]} (a worker's resume=auto continues it)", flush=True)
             return code
+    failed = failed_runs(queue, args.out, recorded)
+    for overrides in failed:
+        print(f"failed ({failed_marker(args.out / run_name(overrides)).read_text().strip()}): "
+              f"{' '.join(overrides)}", flush=True)
+    if failed:
+        print(f"queue done but for {len(failed)} failed run(s): delete {args.out}/<name>.failed to run one again",
+              flush=True)
+        return 1
     print("queue done", flush=True)
     return 0
+
+
+def run(overrides: list[str], run_dir: Path, common: list[str]) -> int:
+    """train.py on one claimed run; a failure is marked before the claim goes, so no other worker
+    takes the run in between."""
+    # quoted: the directory's name holds '=' and ',', which Hydra's override grammar would parse
+    command = [sys.executable, "train.py", *overrides, *common, f"hydra.run.dir='{run_dir}'", "resume=auto"]
+    print("$", " ".join(command), flush=True)
+    try:
+        code = subprocess.call(command, cwd=ROOT)
+        if code != 0 and code not in STOPPED:
+            print(f"run failed with exit code {code}, marked {mark_failed(run_dir, code)}; the queue goes on",
+                  flush=True)
+    finally:
+        run_dir.with_name(f"{run_dir.name}.claim").unlink(missing_ok=True)
+    return code
+
+
+def list_runs(queue_file: Path, out: Path, elsewhere: Callable[[list[str]], bool]) -> None:
+    """Each run's state, one line each; a failed run with its exit code and log."""
+    recorded = recorded_runs(queue_file)
+    for overrides in read_queue(queue_file):
+        run_dir = out / run_name(overrides)
+        failed = failed_marker(run_dir)
+        state = ("done" if (run_dir / "summary.json").exists() else
+                 "recorded" if run_dir.name in recorded else
+                 "failed" if failed.exists() else
+                 "claimed" if (out / f"{run_dir.name}.claim").exists() else
+                 "blocked" if missing_checkpoint(overrides) else
+                 "elsewhere" if elsewhere(overrides) else
+                 "started" if run_dir.exists() else "waiting")
+        detail = f"  ({failed.read_text().strip()})" if state == "failed" else ""
+        print(f"{state:8s} {' '.join(overrides)}{detail}")
 
 
 if __name__ == "__main__":

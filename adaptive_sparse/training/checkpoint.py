@@ -4,6 +4,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,8 @@ from adaptive_sparse.training.records import PLACEMENT_KEYS
 # RUN_DIR/checkpoints/last.pt holds everything a run needs to continue exactly where it was:
 # model, optimiser, scheduler, epoch, global step, the per-epoch records so far, the W&B run
 # id, and per rank the gate (generator, controller, per-sample memory, score normaliser), the
-# training loader's generator and every RNG (python, numpy, torch CPU, CUDA). Only tensors,
+# training loader's generator and every RNG (python, numpy, torch CPU, CUDA), and the training
+# data's fingerprint (data/loaders.py), so a resume on other data is refused. Only tensors,
 # numbers, strings and containers go in, so it loads with `torch.load(weights_only=True)`:
 # no pickled code ever runs on load.
 
@@ -61,27 +65,62 @@ def locate_checkpoint(run_dir: Path, resume: bool | str) -> tuple[Path, bool]:
     return path, bool(resume)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """torch.load with weights_only=True (tensors and plain containers only); any failure
-    becomes a CheckpointError naming the file instead of an unpickling traceback."""
+def load_checkpoint(path: str | os.PathLike, name: str | None = None) -> dict:
+    """torch.load with weights_only=True (tensors and plain containers only); a file that is not
+    one of this project's checkpoints becomes a CheckpointError saying what it is instead (`name`:
+    how the message calls the file, its path unless given)."""
     path = Path(path)
+    name = name or str(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, bad magic, a disallowed global (code) in the pickle
-        raise CheckpointError(f"cannot load checkpoint {path}: {_reason(err)}") from None
-    if not isinstance(state, dict) or not REQUIRED_KEYS <= state.keys():
-        missing = sorted(REQUIRED_KEYS - state.keys()) if isinstance(state, dict) else "everything"
-        raise CheckpointError(f"checkpoint {path} is not a training checkpoint (missing {missing})")
+    except OSError as err:
+        raise CheckpointError(f"cannot read {name}: {err.strerror or err}") from None
+    except Exception as err:  # not a zip, truncated, a disallowed global (code) in the pickle
+        raise CheckpointError(f"{name} is not a checkpoint written by this project: {_what_it_is(path, err)}") from None
+    lacking = _not_a_training_state(state)
+    if lacking:
+        raise CheckpointError(f"{name} is not a checkpoint written by this project: {lacking}")
     if state["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {state['format']}, expected {CHECKPOINT_FORMAT}")
+        raise CheckpointError(f"{name} has format {state['format']}, expected {CHECKPOINT_FORMAT}")
     return state
 
 
-def _reason(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    unsafe = [line for line in lines if "global" in line.lower()]  # the pickle names code to run
-    reason = unsafe[0] if unsafe else (lines[0] if lines else "")
-    return f"{type(err).__name__}: {reason[:300]} (truncated, corrupt, or not a weights-only checkpoint)"
+# What a file that torch cannot load is, by its first bytes (torch.save writes a zip archive).
+FILE_SIGNATURES = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"\x1f\x8b": "gzip data",
+                   b"%PDF": "a PDF document", b"\x80": "a bare pickle, not torch.save's zip archive"}
+
+
+def _what_it_is(path: Path, err: Exception) -> str:
+    """The file's kind in a person's words; never torch's advice to load it unsafely."""
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return "a zip archive cut short or damaged (an interrupted copy or save?)"
+    kind = next((kind for signature, kind in FILE_SIGNATURES.items() if head.startswith(signature)), None)
+    if kind:
+        return f"it is {kind}"
+    if not zipfile.is_zipfile(path):
+        return f"it is not a zip archive, as torch.save writes (it begins {head[:4]!r})"
+    code = re.search(r"GLOBAL (\S+)", str(err))  # the pickle names code to run on load
+    if code:
+        return f"its pickle calls code ({code.group(1)}), which no checkpoint of this project holds; nothing was run"
+    lines = [line.strip() for line in str(err).splitlines()
+             if line.strip() and "weights_only" not in line and "trusted source" not in line]
+    return f"{type(err).__name__}: {' '.join(lines)[:300]}"
+
+
+def _not_a_training_state(state: Any) -> str | None:
+    """Why a loaded object is not a training checkpoint (None if it is one)."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a run's training state"
+    missing = sorted(REQUIRED_KEYS - state.keys())
+    if not missing:
+        return None
+    if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "it holds tensors alone (a model's state_dict?), not a run's checkpoints/last.pt"
+    return f"it lacks {missing}"
 
 
 def capture_rng() -> dict:
@@ -116,6 +155,7 @@ class Checkpointer:
         self.model, self.optimizer = model, optimisation.optimizer
         self.scheduler, self.scaler, self.lookahead = optimisation.scheduler, optimisation.scaler, optimisation.lookahead
         self.gate, self.train_loader = gate, train_loader
+        self.data = train_loader.fingerprint  # what is trained on (data/loaders.py), checked on resume
         self.packer = packer  # training.pack_remainder=carry: samples waiting across an epoch's end
         self.config = flat_config(config) if config is not None else None
 
@@ -145,7 +185,7 @@ class Checkpointer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "history": list(history), "wandb_run_id": wandb_run_id, "ranks": ranks,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "config": self.config,
+            "config": self.config, "data": self.data,
             "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
         }, self.path)
         if epoch in self.keep_epochs:
@@ -170,9 +210,13 @@ class Checkpointer:
     def _restore(self) -> ResumePoint:
         state = load_checkpoint(self.path)
         refuse_changed_config(self.path, state.get("config"), self.config)
+        refuse_other_data(self.path, state.get("data"), self.data)
         if state["world_size"] != self.dist.world_size:
             raise CheckpointError(f"checkpoint {self.path} was written by {state['world_size']} "
                                   f"rank(s); resume it with the same --nproc_per_node (now {self.dist.world_size})")
+        mismatch = state_dict_mismatch(self.model, state["model"])
+        if mismatch:
+            raise CheckpointError(f"checkpoint {self.path} does not fit this run's model: {mismatch}")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -189,8 +233,9 @@ class Checkpointer:
             if self.lookahead is not None:
                 self.lookahead.load_state_dict(state["lookahead"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            raise CheckpointError(f"checkpoint {self.path} does not fit this run's model, optimiser "
-                                  f"or gate ({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
+            reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+            raise CheckpointError(f"checkpoint {self.path} does not fit this run's optimiser or gate "
+                                  f"({type(err).__name__}: {reason[:300]})") from None
         return ResumePoint(state["epoch"], state["step"], list(state["history"]), state["wandb_run_id"],
                            state["ranks"][self.dist.rank].get("progress"))
 
@@ -243,28 +288,71 @@ def refuse_changed_config(path: Path, saved: dict[str, Any] | None, current: dic
         raise CheckpointError(f"resuming {path} would change what the run trains ({listing}). {way}")
 
 
-def load_initial_weights(model: torch.nn.Module, path: str | os.PathLike, log: logging.Logger | None = None) -> list[str]:
+def refuse_other_data(path: Path, saved: dict[str, Any] | None, current: dict[str, Any] | None) -> None:
+    """A resume must train on the data the checkpoint trained on: any difference between the two
+    fingerprints but the data's place (`source`: a moved copy resumes) is refused, naming what
+    changed and both sources. A checkpoint from before fingerprints resumes unchecked."""
+    changed = data_changes(saved, current)
+    if changed:
+        raise CheckpointError(f"resuming {path} on other training data ({changed}): one run's records would "
+                              "mix two datasets. Point dataset.root at the checkpoint's data, or train on from "
+                              f"its weights in a new run: hydra.run.dir=NEW init_from={path}")
+
+
+def data_changes(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> str | None:
+    """Each fingerprint fact that differs, with both values, then both sources; None if the data
+    is the same (or either fingerprint is unknown)."""
+    if saved is None or current is None:
+        return None
+    keys = sorted(k for k in saved.keys() | current.keys() if k != "source" and saved.get(k) != current.get(k))
+    if not keys:
+        return None
+    return "; ".join(f"{k}: checkpoint {_short(saved.get(k))}, now {_short(current.get(k))}"
+                     for k in [*keys, "source"])
+
+
+def _short(value: Any) -> str:
+    """A fact as read in a message: digests cut to 12 characters (enough to tell two apart)."""
+    text = str(value)
+    return f"{text[:12]}..." if re.fullmatch(r"[0-9a-f]{32,}", text) else text
+
+
+def load_initial_weights(model: torch.nn.Module, path: str | os.PathLike, log: logging.Logger | None = None,
+                         data: dict[str, Any] | None = None) -> list[str]:
     """`init_from=PATH`: the model weights of one of this project's checkpoints (the optimiser,
     gate and schedule start fresh). Weights the checkpoint lacks may only be sparse attention's
     indexers (a dense model starting sparse training); they keep their initialisation and are
-    returned by name. Any other missing or unexpected weight, or a shape mismatch, is refused."""
-    state = load_checkpoint(path)["model"]
-    _refuse_shape_mismatch(model, state, path)
-    result = model.load_state_dict(state, strict=False)
-    not_indexer = [k for k in result.missing_keys if ".indexer." not in f".{k}"]
-    if not_indexer or result.unexpected_keys:
-        raise CheckpointError(f"init_from={path} does not fit this model: missing {not_indexer[:5]}, "
-                              f"unexpected {result.unexpected_keys[:5]} (only indexer weights may be missing)")
-    missing = list(result.missing_keys)
+    returned by name. Any other missing or unexpected weight, or a shape mismatch, is refused.
+    Weights trained on other data than this run's fingerprint `data` are allowed, and said."""
+    checkpoint = load_checkpoint(path, name=f"init_from={path}")
+    mismatch = state_dict_mismatch(model, checkpoint["model"], may_lack=lambda key: ".indexer." in f".{key}")
+    if mismatch:
+        raise CheckpointError(f"init_from={path} does not fit this model: {mismatch} (only indexer weights may "
+                              "be missing)")
+    missing = list(model.load_state_dict(checkpoint["model"], strict=False).missing_keys)
     if log is not None:
         log.info("init_from %s%s", path, f"; {len(missing)} indexer tensors not in it, left as initialised "
                  f"({missing[0]}, ...)" if missing else "")
+        other = data_changes(checkpoint.get("data"), data)
+        if other:
+            log.info("init_from %s was trained on other data (%s): its weights start this run's", path, other)
     return missing
 
 
-def _refuse_shape_mismatch(model: torch.nn.Module, state: dict, path) -> None:
+def state_dict_mismatch(model: torch.nn.Module, state: dict[str, Any],
+                        may_lack: Callable[[str], bool] = lambda key: False) -> str | None:
+    """What keeps `state` from loading into `model` (None if it fits): each tensor of another shape
+    with both shapes, and the keys either side lacks (a few of each, and how many)."""
     own = model.state_dict()
-    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if wrong:
-        raise CheckpointError(f"init_from={path} does not fit this model: {wrong[0]} is "
-                              f"{tuple(state[wrong[0]].shape)} there, {tuple(own[wrong[0]].shape)} here")
+    shapes = [f"{k} is {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+              for k, v in state.items() if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    lacking = [k for k in own if k not in state and not may_lack(k)]
+    unexpected = [k for k in state if k not in own]
+    parts = [*shapes[:3], *([f"{len(shapes) - 3} more of another shape"] if len(shapes) > 3 else []),
+             *([f"missing from the checkpoint: {_few(lacking)}"] if lacking else []),
+             *([f"not in the model: {_few(unexpected)}"] if unexpected else [])]
+    return "; ".join(parts) or None
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")

@@ -2,9 +2,11 @@
 
 Two runs writing one `hydra.run.dir` mix their `metrics.jsonl`, checkpoints and summaries into
 something that reads like one run. `train.py` therefore takes an exclusive `flock` on
-RUN_DIR/.lock before it writes anything of its own (and, when `hydra.run.dir` is on the command
-line, before Hydra writes its `.hydra/` files). The kernel releases the lock when the process
-ends, however it ends (an exception, SIGKILL, a node reboot), so a crashed run never leaves its
+RUN_DIR/.lock before Hydra writes its `.hydra/` files and `train.log` (`lock_from_argv`). Without
+`hydra.run.dir` on the command line the config's default, `outputs/DATE/TIME`, is made there
+first, a fresh directory for each run: Hydra's name has one-second resolution, and runs started in
+the same second (array jobs, scripted launches) would share it. The kernel releases the lock when
+the process ends, however it ends (an exception, SIGKILL, a node reboot), so a crashed run never leaves its
 directory locked; a second run into a locked directory is refused with the holder named. Under
 torchrun rank 0 alone holds it. `flock` works on local disks and on NFSv4 (and lustre mounted
 with `flock`); elsewhere it locks nothing, as the message on such file systems cannot tell.
@@ -28,16 +30,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
+import re
 import signal
 import socket
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
 from torch import nn
 
 from adaptive_sparse.training.checkpoint import CheckpointError
@@ -54,18 +60,35 @@ LOCK_NAME = ".lock"
 _held: dict[Path, int] = {}  # run directory -> this process's locked descriptor
 
 
-class RunDirLocked(RuntimeError):
+class RunDirError(RuntimeError):
+    """A run directory this run cannot have: another run holds it, or it cannot be written."""
+
+
+class RunDirLocked(RunDirError):
     """Another live process holds this run directory."""
+
+
+@contextlib.contextmanager
+def _writing(run_dir: Path) -> Iterator[None]:
+    """An OSError making or locking the run directory (a read-only file system, another user's
+    folder) as one line naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise RunDirError(f"cannot write the run directory {run_dir} ({err.strerror or err}); choose a "
+                          "writable hydra.run.dir (nothing was written)") from None
 
 
 def lock_run_dir(run_dir: str | os.PathLike) -> bool:
     """Take the run directory's lock (creating the directory); True if this call took it, False
-    if this process already held it. Raises RunDirLocked, naming the holder, if another does."""
+    if this process already held it. Raises RunDirLocked, naming the holder, if another does, and
+    RunDirError if the directory cannot be written."""
     run_dir = Path(run_dir).resolve()
     if run_dir in _held:
         return False
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    with _writing(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -102,17 +125,63 @@ def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
             unlock_run_dir(run_dir)
 
 
-def lock_from_argv(argv: list[str]) -> None:
-    """Before Hydra writes `.hydra/` and `train.log`: lock `hydra.run.dir=...` if the command line
-    names one (a single run, on rank 0). The lock is then held until the process exits."""
-    if any(a in ("-m", "--multirun") for a in argv) or not is_rank_zero():
-        return
+_NOW = re.compile(r"\$\{now:([^}]*)\}")  # Hydra's `${now:FORMAT}` resolver: datetime.now().strftime(FORMAT)
+
+
+def configured_run_dir(config_file: Path) -> str | None:
+    """The config file's `hydra.run.dir`, unresolved (`outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}`)."""
+    config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+    return config.get("hydra", {}).get("run", {}).get("dir")
+
+
+def fresh_run_dir(pattern: str, now: datetime | None = None) -> Path | None:
+    """The default run directory `pattern` resolved at `now`, made by this call and so this run's
+    alone: a name already taken (a run started in the same second) becomes NAME_1, NAME_2, ...
+    None when the pattern holds more than `${now:...}` (left to Hydra)."""
+    when = now or datetime.now()
+    resolved = _NOW.sub(lambda match: when.strftime(match.group(1)), pattern)
+    if "${" in resolved:
+        return None
+    base = Path(resolved)
+    with _writing(base):
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count():
+            candidate = base.with_name(f"{base.name}_{n}") if n else base
+            try:
+                candidate.mkdir()  # atomic: of two runs making one name, exactly one succeeds
+                return candidate
+            except FileExistsError:
+                continue
+
+
+NO_RUN_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc",
+                "--shell-completion", "-m", "--multirun"}  # Hydra runs no single job: nothing to lock
+RUN_FLAGS = {"-r", "--run"}
+
+
+def _unquoted(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":  # Hydra's quoting
+        return value[1:-1]
+    return value
+
+
+def lock_from_argv(argv: list[str], default_dir: str | None = None) -> list[str]:
+    """Before Hydra writes `.hydra/` and `train.log` (a single run, on rank 0): lock the directory
+    `hydra.run.dir=...` names, or else a fresh one made from the config's pattern `default_dir`
+    (fresh_run_dir), then named on the returned command line for Hydra. Another config
+    (--config-name, ...) keeps Hydra's own default. The lock is held until the process exits."""
+    flags = {a.split("=", 1)[0] for a in argv[1:] if a.startswith("-")}
+    if flags & NO_RUN_FLAGS or "hydra.mode=MULTIRUN" in argv or not is_rank_zero():
+        return argv
     named = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
     if named:
-        value = named[-1]
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":  # Hydra's quoting
-            value = value[1:-1]
-        lock_run_dir(value)
+        lock_run_dir(_unquoted(named[-1]))
+        return argv
+    run_dir = fresh_run_dir(default_dir) if default_dir and not flags - RUN_FLAGS else None
+    if run_dir is None:
+        return argv
+    lock_run_dir(run_dir)
+    return [*argv, f"hydra.run.dir={run_dir}"]
 
 
 def remove_stale_temp_files(run_dir: str | os.PathLike) -> list[Path]:
@@ -167,7 +236,7 @@ class StopRequest:
         return 128 + int(self.signal or 0)  # the shell's convention for a death by signal
 
 
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, DiskFullError, RunDirLocked, NonFiniteLossError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, DiskFullError, RunDirError, NonFiniteLossError)
 
 
 def user_error_message(err: BaseException) -> str | None:

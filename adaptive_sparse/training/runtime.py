@@ -1,6 +1,7 @@
 """Checks that run before any data loads, plus the few run-level settings (device, seeds)."""
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -10,6 +11,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from adaptive_sparse.training.checkpoint import locate_checkpoint
@@ -103,6 +105,29 @@ def refuse_unread_additions(overrides: list[str], cfg: DictConfig, conf_dir: Pat
         close = difflib.get_close_matches(name, siblings, n=2)
         hint = f"; did you mean {' or '.join(f'{parent_key}.{c}'.lstrip('.') for c in close)}?" if close else ""
         raise ConfigError(f"{override} adds a key that nothing reads{hint}")
+
+
+# The argument each task's data gives its model (tasks.py's model_kwargs): the model must take it.
+TASK_MODEL_ARGUMENT = {"classification": "num_classes", "char_lm": "vocab_size"}
+
+
+def takes(target: str, argument: str) -> bool:
+    """Whether the callable a `_target_` names accepts `argument` (by name or through **kwargs)."""
+    parameters = inspect.signature(get_object(target)).parameters.values()
+    return any(p.name == argument or p.kind == p.VAR_KEYWORD for p in parameters)
+
+
+def refuse_model_for_another_task(cfg: DictConfig, choices: dict[str, str], conf_dir: Path) -> None:
+    """`task=char_lm model=cnn`: refused before anything is built, naming the models the task can
+    train (those of conf/model/ that take the task's argument) rather than a constructor's
+    "unexpected keyword argument"."""
+    task, argument = choices.get("task"), TASK_MODEL_ARGUMENT.get(choices.get("task"))
+    if argument is None or takes(cfg.model._target_, argument):
+        return
+    fitting = [f"model={path.stem}" for path in sorted((conf_dir / "model").glob("*.yaml"))
+               if takes(OmegaConf.load(path)._target_, argument)]
+    raise ConfigError(f"task={task} needs {' or '.join(fitting)}: model={choices.get('model')} does not take "
+                      f"{argument}, which this task's data gives the model")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -203,6 +228,7 @@ def setup_run(cfg: DictConfig, run_dir: Path, hydra: HydraRun, conf_dir: Path) -
     """Refuse a bad config, then set the process up: torchrun, device, threads, seeds, precision,
     and whether this run directory's checkpoint is resumed."""
     validate_config(cfg)
+    refuse_model_for_another_task(cfg, hydra.choices, conf_dir)
     refuse_unread_additions(hydra.overrides, cfg, conf_dir)
     remove_stale_temp_files(run_dir)  # of a save a kill interrupted; the directory's lock is ours
     # refuses a missing checkpoint (resume=true) or overwriting one (false); auto: whichever applies

@@ -237,7 +237,7 @@ def run_summary(cfg: DictConfig, choices: dict[str, str], history: list[dict], g
     return {**summarise_run(history, gate.target_rate, flop_meter), **task.summary(),
             **{k: v for k, v in last.items() if k in task.metric_keys or k.startswith("val_acc_tta")}, **test,
             "gate": choices["gate"], "model": choices["model"], "attention": choices["attention"],
-            "dataset": choices["dataset"], "data_source": data.source, "seed": cfg.seed,
+            "dataset": choices["dataset"], "data_source": data.source, "data_fingerprint": data.train.fingerprint, "seed": cfg.seed,
             "scoring": cfg.gate.get("scoring"), "selection": cfg.gate.get("selection"),  # sundew's own keys
             "select_before_loading": switches.select_before_loading, "loss_reduction": cfg.training.loss_reduction,
             "precision": run.precision, "energy_kwh": energy_meter.kwh, "energy_source": energy_meter.source,

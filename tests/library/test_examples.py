@@ -37,6 +37,21 @@ def test_the_imagefolder_example_trains_about_half_of_each_epoch(image_folder, t
         assert record["eval_time_s"] > 0 and record["epoch_time_s"] > 0
 
 
+def test_the_imagefolder_example_refuses_mismatched_classes_a_missing_folder_and_no_epochs(image_folder, tmp_path):
+    """One class list for both splits: a class missing from test/ would shift its labels."""
+    for image in (image_folder / "test" / "cat").iterdir():
+        image.unlink()
+    (image_folder / "test" / "cat").rmdir()
+    refusals = {(str(image_folder), "1"): f"--data {image_folder}: train/ and test/ hold different classes "
+                                          "(only in train/: ['cat'], only in test/: [])",
+                (str(tmp_path / "nowhere"), "1"): f"--data {tmp_path / 'nowhere'}: no such folder",
+                (str(image_folder), "0"): "--epochs 0: nothing would train; pass 1 or more"}
+    for (data, epochs), message in refusals.items():
+        with pytest.raises(SystemExit) as refused:
+            imagefolder_sundew.main(["--data", data, "--epochs", epochs, "--workers", "0"])
+        assert refused.value.code == f"imagefolder_sundew: {message}"
+
+
 def test_the_minimal_example_trains_half_the_samples_and_learns_with_torch_alone():
     results = minimal_loop.main(["--epochs", "2"])
     full = results["full training"]

@@ -151,3 +151,58 @@ def test_auto_precision_is_read_on_the_device_a_run_names(monkeypatch):
     assert queue.auto_precision(["device=cuda:1"]) == "auto on cuda"
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert queue.auto_precision(["seed=0"]) == f"auto on {expected}"
+
+
+def test_a_failed_line_is_marked_skipped_by_every_worker_and_the_queue_goes_on(tmp_path, monkeypatch, capsys):
+    file, out = tmp_path / "queue.txt", tmp_path / "out"
+    file.write_text("seed=0\nseed=1\nseed=2\n")
+    ran = []
+
+    def fake_train(command, cwd):  # seed=1 fails after Hydra started (its train.log exists)
+        seed = next(a for a in command if a.startswith("seed="))
+        run_dir = Path(next(a for a in command if a.startswith("hydra.run.dir=")).split("=", 1)[1].strip("'"))
+        run_dir.mkdir(parents=True)
+        ran.append(seed)
+        if seed == "seed=1":
+            (run_dir / "train.log").write_text("gate.target_rate=2 is not allowed\n")
+            return 1
+        (run_dir / "summary.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(queue.subprocess, "call", fake_train)
+    assert queue.main([str(file), "--out", str(out)]) == 1  # some failed
+    assert ran == ["seed=0", "seed=1", "seed=2"] and not list(out.glob("*.claim"))
+    assert (out / "seed=1.failed").read_text() == f"exit code 1, log {out / 'seed=1' / 'train.log'}\n"
+    assert "queue done but for 1 failed run(s)" in capsys.readouterr().out
+    assert queue.next_run(queue.read_queue(file), out) is None  # another worker skips it too
+    assert queue.main([str(file), "--out", str(out), "--list"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "done     seed=0", f"failed   seed=1  (exit code 1, log {out / 'seed=1' / 'train.log'})", "done     seed=2"]
+
+
+def test_a_run_stopped_by_a_signal_is_not_failed_and_stops_its_worker(tmp_path, monkeypatch):
+    file, out = tmp_path / "queue.txt", tmp_path / "out"
+    file.write_text("seed=0\nseed=1\n")
+    monkeypatch.setattr(queue.subprocess, "call", lambda command, cwd: 143)  # SIGTERM: saved, resumes later
+    assert queue.main([str(file), "--out", str(out)]) == 143
+    assert not list(out.glob("*.failed")) and not list(out.glob("*.claim"))
+
+
+@pytest.mark.slow
+def test_two_workers_run_every_line_around_a_failing_one(tmp_path):
+    from conftest import TINY
+
+    file, out = tmp_path / "queue.txt", tmp_path / "runs"
+    file.write_text("seed=0\nseed=1 gate.target_rate=2\nseed=2\n")  # the middle line: a value out of range
+    command = [sys.executable, "scripts/run_queue.py", str(file), "--out", str(out), "--", *TINY,
+               "training.num_threads=1"]
+    workers = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]
+    for worker in workers:
+        worker.communicate(timeout=300)
+        assert worker.returncode == 1  # some line failed
+    listing = subprocess.run([*command[:5], "--list"], cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    failed_log = out / "gate.target_rate=2,seed=1" / "train.log"
+    assert listing == ["done     seed=0", f"failed   seed=1 gate.target_rate=2  (exit code 1, log {failed_log})",
+                       "done     seed=2"]
+    assert "gate.target_rate=2 is not allowed" in failed_log.read_text()

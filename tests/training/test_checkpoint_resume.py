@@ -13,7 +13,14 @@ import pytest
 import torch
 from conftest import ROOT, TINY, read_run, run_train, tiny_char_lm
 
-from adaptive_sparse.training.checkpoint import CheckpointError, load_checkpoint, locate_checkpoint
+from adaptive_sparse.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_initial_weights,
+    locate_checkpoint,
+    refuse_other_data,
+    state_dict_mismatch,
+)
 
 DETERMINISTIC = [*TINY, "training.epochs=3", "deterministic=true", "training.num_threads=1"]
 TIMING_KEYS = {"epoch_time_s", "data_time_s", "scoring_time_s", "select_time_s", "train_step_time_s",
@@ -123,8 +130,46 @@ def test_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
     assert load_checkpoint(path)["epoch"] == 1
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=f"cannot load checkpoint {path}"):
+    with pytest.raises(CheckpointError, match=f"{path} is not a checkpoint written by this project: a zip archive "
+                                              r"cut short or damaged \(an interrupted copy or save\?\)"):
         load_checkpoint(path)
+
+
+def test_a_file_that_is_not_a_checkpoint_says_what_it_is_never_to_load_it_unsafely(tmp_path):
+    from PIL import Image
+
+    photo = tmp_path / "cat.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    (tmp_path / "random.pt").write_bytes(bytes(range(7, 250)))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "weights.pt")
+    said = {"random.pt": "it is not a zip archive, as torch.save writes", "empty.pt": "the file is empty",
+            "weights.pt": "it holds tensors alone (a model's state_dict?), not a run's checkpoints/last.pt"}
+    for name, what in said.items():
+        with pytest.raises(CheckpointError) as refused:
+            load_checkpoint(tmp_path / name)
+        assert str(refused.value).startswith(f"{tmp_path / name} is not a checkpoint written by this project: {what}")
+        assert "weights_only" not in str(refused.value)
+    with pytest.raises(CheckpointError) as refused:
+        load_initial_weights(torch.nn.Linear(2, 2), photo)
+    assert str(refused.value) == f"init_from={photo} is not a checkpoint written by this project: it is a JPEG image"
+
+
+def test_a_model_that_does_not_fit_the_checkpoint_names_the_sizes_and_the_keys(tmp_path):
+    """Resuming a character model on a corpus of another vocabulary (a checkpoint from before data
+    fingerprints): both sizes of each tensor, not torch's first line."""
+    saved = torch.nn.Sequential(torch.nn.Embedding(65, 16), torch.nn.Linear(16, 65)).state_dict()
+    model = torch.nn.Sequential(torch.nn.Embedding(13, 16), torch.nn.Linear(16, 13), torch.nn.Linear(2, 2))
+    assert state_dict_mismatch(model, saved) == (
+        "0.weight is (65, 16) in the checkpoint, (13, 16) in the model; 1.weight is (65, 16) in the checkpoint, "
+        "(13, 16) in the model; 1.bias is (65,) in the checkpoint, (13,) in the model; missing from the "
+        "checkpoint: 2.weight, 2.bias")
+    assert state_dict_mismatch(model, model.state_dict()) is None
+    path = tmp_path / "last.pt"
+    torch.save({**_minimal_checkpoint(), "model": saved}, path)
+    with pytest.raises(CheckpointError, match=r"init_from=.* does not fit this model: 0.weight is \(65, 16\) in the "
+                                              r"checkpoint, \(13, 16\) in the model; .*missing from the checkpoint"):
+        load_initial_weights(model, path)
 
 
 class _Payload:
@@ -184,6 +229,107 @@ def test_resume_refuses_a_changed_training_key_naming_both_values(tmp_path):
     refuse_changed_config(tmp_path, older, saved)
     with pytest.raises(CheckpointError, match=r"training\.loss_reduction: checkpoint 'mean', now 'sum'"):
         refuse_changed_config(tmp_path, older, {**saved, "training.loss_reduction": "sum"})
+
+
+def _text_fingerprint(tmp_path, text: str, name: str = "corpus.txt") -> dict:
+    from omegaconf import OmegaConf
+
+    from adaptive_sparse.training.data import load_shakespeare_char
+
+    folder = tmp_path / name.split(".")[0]
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(text)
+    cfg = OmegaConf.create({"root": str(folder / name), "file_name": name, "search_roots": [], "download": False,
+                            "cache_dir": str(tmp_path / "cache"), "train_fraction": 0.9})
+    return load_shakespeare_char(cfg).train.fingerprint
+
+
+def test_a_resume_on_other_data_is_refused_naming_what_changed_and_both_sources(tmp_path):
+    from conftest import cyclic_text
+
+    text = cyclic_text(600)
+    shifted = text.translate({c: c + 1 for c in range(97, 110)})  # every letter one on: same size and vocabulary
+    saved, moved = _text_fingerprint(tmp_path, text, "a.txt"), _text_fingerprint(tmp_path, text, "b.txt")
+    other = _text_fingerprint(tmp_path, shifted, "c.txt")
+    assert saved["source"] != moved["source"] and saved["sha256"] == moved["sha256"]
+    refuse_other_data(tmp_path / "last.pt", saved, moved)  # the same corpus elsewhere: a moved copy resumes
+    refuse_other_data(tmp_path / "last.pt", None, other)   # a checkpoint from before fingerprints
+    with pytest.raises(CheckpointError) as refused:
+        refuse_other_data(tmp_path / "last.pt", saved, other)
+    assert str(refused.value) == (
+        f"resuming {tmp_path / 'last.pt'} on other training data (sha256: checkpoint {saved['sha256'][:12]}..., "
+        f"now {other['sha256'][:12]}...; source: checkpoint file:{tmp_path / 'a' / 'a.txt'}, now "
+        f"file:{tmp_path / 'c' / 'c.txt'}): one run's records would mix two datasets. Point dataset.root at the "
+        f"checkpoint's data, or train on from its weights in a new run: hydra.run.dir=NEW "
+        f"init_from={tmp_path / 'last.pt'}")
+
+
+def test_an_image_folder_is_fingerprinted_by_its_files_not_its_place(tmp_path):
+    import shutil
+
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from adaptive_sparse.training.data import hold_out_validation, load_cifar10
+
+    root = tmp_path / "a"
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((32, 32, 3), 40 * i, dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    cfg = {"download": False, "search_roots": [], "cache_dir": str(tmp_path / "cache")}
+
+    def images(folder):
+        return load_cifar10(OmegaConf.create({**cfg, "root": str(folder)}))
+
+    def load(folder) -> dict:
+        return images(folder).train.fingerprint
+
+    shutil.copytree(root, tmp_path / "b")
+    first, copy = load(root), load(tmp_path / "b")
+    assert first["files"] == copy["files"] and first["source"] != copy["source"]
+    assert first["images"] == "4 train, 4 test" and first["classes"] == 2
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+        tmp_path / "b" / "train" / "dog" / "1.png")  # another image, another size
+    assert load(tmp_path / "b")["files"] != first["files"]
+    assert hold_out_validation(images(root), 1).train.fingerprint == first  # dataset.val_size keeps it
+
+
+def test_init_from_on_other_data_is_allowed_and_said(tmp_path, caplog):
+    import logging
+
+    model = torch.nn.Linear(2, 2)
+    path = tmp_path / "last.pt"
+    trained_on = {"source": "file:/a/corpus.txt", "sha256": "1" * 64, "characters": 600, "vocabulary": 13}
+    torch.save({**_minimal_checkpoint(), "model": model.state_dict(), "data": trained_on}, path)
+    log = logging.getLogger("train")
+    with caplog.at_level(logging.INFO, logger="train"):
+        load_initial_weights(model, path, log, data={**trained_on, "source": "file:/b/corpus.txt"})
+        assert "other data" not in caplog.text  # the same corpus, moved
+        load_initial_weights(model, path, log, data={**trained_on, "sha256": "2" * 64})
+    assert caplog.records[-1].getMessage() == (
+        f"init_from {path} was trained on other data (sha256: checkpoint 111111111111..., now 222222222222...; "
+        "source: checkpoint file:/a/corpus.txt, now file:/a/corpus.txt): its weights start this run's")
+
+
+@pytest.mark.slow
+def test_a_resume_on_a_letter_shifted_corpus_is_refused_and_init_from_on_it_is_allowed(tmp_path):
+    from conftest import cyclic_text
+
+    run = [*tiny_char_lm(tmp_path), "training.batch_size=16", "gate=none"]
+    assert run_train(tmp_path / "run", *run).returncode == 0
+    shifted = tmp_path / "shifted" / "corpus.txt"
+    shifted.parent.mkdir()
+    shifted.write_text(cyclic_text(6000).translate({c: c + 1 for c in range(97, 110)}))
+    refused = run_train(tmp_path / "run", *run, "resume=true", f"dataset.root={shifted}")
+    assert refused.returncode == 1 and "Traceback" not in refused.stdout + refused.stderr
+    assert f"resuming {tmp_path / 'run'}/checkpoints/last.pt on other training data (sha256: checkpoint " in refused.stdout
+    assert f"source: checkpoint file:{tmp_path / 'corpus.txt'}, now file:{shifted})" in refused.stdout
+    started = run_train(tmp_path / "new", *run, f"dataset.root={shifted}",
+                        f"init_from={tmp_path / 'run' / 'checkpoints' / 'last.pt'}")
+    assert started.returncode == 0, started.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,16 @@ from adaptive_sparse.training.data import CIFAR10_CLASSES, DatasetError, load_ci
 from adaptive_sparse.training.io import FILE_MODE, DiskFullError, _atomic_write, atomic_write_text
 from adaptive_sparse.training.lifecycle import (
     ConfigError,
+    RunDirError,
     RunDirLocked,
+    configured_run_dir,
+    fresh_run_dir,
+    lock_from_argv,
     lock_run_dir,
     remove_stale_temp_files,
     unlock_run_dir,
 )
-from adaptive_sparse.training.runtime import refuse_unread_additions
+from adaptive_sparse.training.runtime import refuse_model_for_another_task, refuse_unread_additions
 
 # --------------------------------------------------------------------------- one run per directory
 
@@ -75,6 +80,73 @@ def test_the_lock_dies_with_its_process(tmp_path):
     holder.wait()
     assert lock_run_dir(run_dir) is True and lock_run_dir(run_dir) is False  # taken; then re-entrant
     unlock_run_dir(run_dir)
+
+
+def test_runs_started_in_the_same_second_get_default_directories_of_their_own(tmp_path, monkeypatch):
+    """Hydra's default `outputs/DATE/TIME` has one-second resolution: two runs resolving it at the
+    same moment are each given a directory made for them alone, before Hydra writes anything."""
+    monkeypatch.chdir(tmp_path)
+    pattern = configured_run_dir(CONF_DIR / "config.yaml")
+    assert pattern == "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+    now = datetime(2026, 12, 1, 13, 21, 47)
+    first, second = fresh_run_dir(pattern, now), fresh_run_dir(pattern, now)
+    assert [str(first), str(second)] == ["outputs/2026-12-01/13-21-47", "outputs/2026-12-01/13-21-47_1"]
+    assert first.is_dir() and second.is_dir() and not any(first.iterdir())
+    assert fresh_run_dir("outputs/${hydra.job.name}", now) is None  # more than ${now:...}: Hydra's to resolve
+
+
+def test_the_default_run_directory_is_locked_and_handed_to_hydra(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pattern = configured_run_dir(CONF_DIR / "config.yaml")
+    argv = lock_from_argv(["train.py", "seed=0"], pattern)
+    again = lock_from_argv(["train.py", "seed=1"], pattern)  # the same second, most likely: another directory
+    made = [Path(a[-1].split("=", 1)[1]) for a in (argv, again)]
+    try:
+        assert argv[:2] == ["train.py", "seed=0"] and argv[-1].startswith("hydra.run.dir=outputs/")
+        assert made[0] != made[1] and (made[0] / ".lock").read_text().startswith(f"pid {os.getpid()}")
+    finally:
+        for run_dir in made:
+            unlock_run_dir(run_dir)
+    for untouched in (["train.py", "-m", "seed=0,1"], ["train.py", "--cfg", "job"], ["train.py", "--help"],
+                      ["train.py", "--config-name", "other"]):  # sweeps, no run, another config: Hydra's own
+        assert lock_from_argv(untouched, pattern) == untouched
+    assert sorted((tmp_path / "outputs").glob("*/*")) == sorted(tmp_path / d for d in made)
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_without_a_run_dir_keep_their_own_files(tmp_path):
+    settings = [*TINY, "training.num_threads=1"]
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *settings, f"seed={seed}"], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
+    for run in runs:
+        run.communicate(timeout=300)
+        assert run.returncode == 0
+    run_dirs = sorted(p.parent for p in (tmp_path / "outputs").rglob("summary.json"))
+    assert len(run_dirs) == 2
+    for run_dir in run_dirs:  # each directory's config and summary are one run's
+        seed = json.loads((run_dir / "summary.json").read_text())["seed"]
+        assert f"seed={seed}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+        assert (run_dir / "train.log").read_text().count("final val_acc") == 1
+
+
+def test_a_read_only_run_directory_is_one_line(tmp_path, monkeypatch):
+    read_only = tmp_path / "mnt"
+    original = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # a read-only mount: tests run as root, whom chmod does not stop
+        if str(self).startswith(str(read_only)):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(RunDirError, match=r"cannot write the run directory .*mnt/run \(Read-only file system\); "
+                                          "choose a writable hydra.run.dir"):
+        lock_run_dir(read_only / "run")
+    refused = run_train(read_only / "run", *TINY)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    line = (f"error: cannot write the run directory {read_only / 'run'} (Read-only file system); choose a "
+            "writable hydra.run.dir (nothing was written)")
+    assert refused.stderr.strip().splitlines() == [line]
 
 
 def test_temporary_files_of_an_interrupted_save_are_removed(tmp_path):
@@ -157,6 +229,26 @@ def test_a_root_that_is_a_file_or_missing_says_so_and_creates_nothing(tmp_path, 
 def test_a_gate_that_needs_a_target_rate_refuses_null():
     with pytest.raises(ValueError, match=r"RandomGate: target_rate=None is not allowed: a fraction in \(0, 1\]"):
         RandomGate(8, None)
+
+
+def test_a_task_with_a_model_it_cannot_train_names_the_models_it_needs():
+    cfg = compose_config(["task=char_lm", "model=cnn"], with_hydra=True)
+    with pytest.raises(ConfigError, match="task=char_lm needs model=gpt: model=cnn does not take vocab_size"):
+        refuse_model_for_another_task(cfg, dict(cfg.hydra.runtime.choices), CONF_DIR)
+    cfg = compose_config(["model=gpt"], with_hydra=True)
+    with pytest.raises(ConfigError, match="task=classification needs model=cnn or model=fastnet or model=vit"):
+        refuse_model_for_another_task(cfg, dict(cfg.hydra.runtime.choices), CONF_DIR)
+    for fitting in (["task=char_lm", "model=gpt"], ["model=vit"], ["model=fastnet"]):
+        cfg = compose_config(fitting, with_hydra=True)
+        refuse_model_for_another_task(cfg, dict(cfg.hydra.runtime.choices), CONF_DIR)
+
+
+@pytest.mark.slow
+def test_a_task_model_mismatch_is_refused_before_anything_is_built(tmp_path):
+    text_without_model = [o for o in tiny_char_lm(tmp_path) if not o.startswith("model")]
+    refused = run_train(tmp_path / "run", *text_without_model, "model=cnn")
+    assert refused.returncode == 1 and "Traceback" not in refused.stdout + refused.stderr
+    assert "task=char_lm needs model=gpt" in refused.stdout and not (tmp_path / "cache").exists()  # no data read
 
 
 def test_a_misspelt_added_key_is_refused_with_the_closest_key():
@@ -266,7 +358,8 @@ def test_sigterm_inside_an_epoch_saves_and_the_resumed_run_equals_an_uninterrupt
     assert run_train(tmp_path / "whole", *run).returncode == 0
     cut = run_train(tmp_path / "cut", *run, "debug.signal_at_step=8")
     assert cut.returncode == 143, cut.stderr[-2000:]
-    assert "SIGTERM: stopped in epoch 2 after step" in cut.stdout and "resume=true" in cut.stdout
+    assert "SIGTERM: stopped in epoch 2 after step" in cut.stdout
+    assert f"run the same command with hydra.run.dir={tmp_path / 'cut'} resume=true" in cut.stdout
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1]
     resumed = run_train(tmp_path / "cut", *run, "resume=true")
@@ -292,6 +385,24 @@ def test_ctrl_c_from_outside_saves_and_the_run_resumes(tmp_path):
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout
     records, summary = read_run(tmp_path / "cut")
     assert [r["epoch"] for r in records] == [1, 2] and summary["samples_seen"] == 2 * 4096
+
+
+@pytest.mark.slow
+def test_torchrun_stopped_by_a_signal_says_how_to_resume_last_on_stderr_and_in_train_log(tmp_path):
+    """torchrun prints ~40 lines of its own for ranks that exit non-zero; the resume line goes to
+    stderr once the process group is torn down, the last line any rank prints, as well as to the
+    log (console and train.log, once: rank 0's)."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", f"hydra.run.dir={run_dir}", "training.num_threads=1", *TINY,
+                             "training.epochs=2", "debug.signal_at_step=3"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    line = (f"SIGTERM: stopped in epoch 1 after step 3; saved {run_dir}/checkpoints/last.pt: run the same command "
+            f"with hydra.run.dir={run_dir} resume=true to continue exactly")
+    stderr = result.stderr.splitlines()
+    assert stderr.count(line) == 1 and "[train]" not in "\n".join(stderr[stderr.index(line):])
+    assert (run_dir / "train.log").read_text().count(line) == 1 and line in result.stdout
 
 
 def test_a_checkpoint_inside_an_epoch_keeps_the_time_of_the_phases_still_running():

@@ -42,5 +42,5 @@ def hold_out_validation(data: ImageData, val_size: int, seed: int = 0) -> ImageD
                            f"{len(data.train) - 1} (the {len(data.train)} training images less one), or 0")
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
     held, kept = order[:val_size].sort().values, order[val_size:].sort().values
-    take = lambda idx: Split(data.train.images[idx], data.train.labels[idx])  # noqa: E731
+    take = lambda idx: Split(data.train.images[idx], data.train.labels[idx], data.train.fingerprint)  # noqa: E731
     return ImageData(take(kept), data.test, data.classes, data.source, val=take(held))

@@ -10,9 +10,9 @@ import hashlib
 import os
 import shutil
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 class Split:
     images: torch.Tensor  # [N, 3, H, W] uint8
     labels: torch.Tensor  # [N] int64
+    fingerprint: dict[str, Any] | None = None  # on the training split: its dataset's (IndexedBatches.fingerprint)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -91,11 +92,22 @@ def load_cifar10(cfg: DictConfig) -> ImageData:
         raise DatasetError(f"dataset.root={root}: not a CIFAR-10 root (expected {EXPECTED_LAYOUT}) "
                            "and dataset.download=false")
     if kind == "folder":
-        data = _cached(root, cfg, lambda: _decode_image_folder(root))
-    else:
-        data = _load_torchvision_cifar10(root, download=bool(cfg.download))
+        listing = _folder_listing(root)
+        data = _cached(root, cfg, _cache_key(root, listing), lambda: _decode_image_folder(root))
+        data = fingerprinted(data, files=_files_digest(listing))
+    else:  # torchvision checks every batch file's md5: any such root holds the same images
+        data = fingerprinted(_load_torchvision_cifar10(root, download=bool(cfg.download)),
+                             files="torchvision's CIFAR-10 batches (md5-checked)")
     check_image_data(data, root, cfg)
     return data
+
+
+def fingerprinted(data: ImageData, **facts: Any) -> ImageData:
+    """`data` with its fingerprint on the training split: where it came from (`source`, which may
+    change between a run and its resume), its size, and `facts` that say which images these are."""
+    fingerprint = {"source": data.source, "classes": data.num_classes,
+                   "images": f"{len(data.train)} train, {len(data.test)} test", **facts}
+    return replace(data, train=replace(data.train, fingerprint=fingerprint))
 
 
 def check_image_data(data: ImageData, root: Path, cfg: DictConfig) -> None:
@@ -147,10 +159,10 @@ def _corrupt_batch_files(root: Path) -> list[Path]:
             if (folder / name).exists() and not check_integrity(str(folder / name), md5)]
 
 
-def _cached(root: Path, cfg: DictConfig, decode: Callable[[], ImageData]) -> ImageData:
-    """Decode once, then reuse a tensor cache keyed by the folder's path and contents."""
+def _cached(root: Path, cfg: DictConfig, key: str, decode: Callable[[], ImageData]) -> ImageData:
+    """Decode once, then reuse a tensor cache keyed by the folder's path and contents (`key`)."""
     cache_dir = Path(os.path.expanduser(str(cfg.cache_dir)))
-    cache_file = cache_dir / f"cifar10-folder-{_folder_fingerprint(root)}.pt"
+    cache_file = cache_dir / f"cifar10-folder-{key}.pt"
     if cache_file.exists():
         try:
             blob = torch.load(cache_file, weights_only=True)
@@ -166,16 +178,34 @@ def _cached(root: Path, cfg: DictConfig, decode: Callable[[], ImageData]) -> Ima
     return data
 
 
-def _folder_fingerprint(root: Path) -> str:
-    """A digest of every image file's path, size and modification time: a file changed in place
-    (overwritten, truncated) changes it, so the cache is rebuilt (~0.2 s for 60,000 files)."""
-    digest = hashlib.sha1(str(root).encode())
+def _folder_listing(root: Path) -> list[tuple[str, int, int]]:
+    """Every file in train/ and test/'s class folders: (split/class/name, size, mtime in ns)."""
+    listing = []
     for split in ("train", "test"):
         for class_dir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
             for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
                 stat = entry.stat()
-                digest.update(f"{split}/{class_dir.name}/{entry.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+                listing.append((f"{split}/{class_dir.name}/{entry.name}", stat.st_size, stat.st_mtime_ns))
+    return listing
+
+
+def _cache_key(root: Path, listing: list[tuple[str, int, int]]) -> str:
+    """A digest of the folder's path and every file's name, size and modification time: a file
+    changed in place (overwritten, truncated) changes it, so the cache is rebuilt (~0.2 s for
+    60,000 files)."""
+    digest = hashlib.sha1(str(root).encode())
+    for name, size, mtime_ns in listing:
+        digest.update(f"{name}:{size}:{mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _files_digest(listing: list[tuple[str, int, int]]) -> str:
+    """A digest of every file's name and size alone: the same for a copy of the folder elsewhere
+    (a moved dataset resumes), another for other images."""
+    digest = hashlib.sha256()
+    for name, size, _ in listing:
+        digest.update(f"{name}:{size}\n".encode())
+    return digest.hexdigest()
 
 
 def _decode_image_folder(root: Path) -> ImageData:
@@ -228,8 +258,9 @@ def make_synthetic(cfg: DictConfig) -> ImageData:
         images = images + float(cfg.noise) * torch.randn(images.shape, generator=g)
         return Split((images.clamp(0, 1) * 255).round().to(torch.uint8), labels)
 
-    return ImageData(draw(int(cfg.num_train)), draw(int(cfg.num_test)),
+    data = ImageData(draw(int(cfg.num_train)), draw(int(cfg.num_test)),
                      tuple(f"class{i}" for i in range(num_classes)), f"synthetic:seed{cfg.data_seed}")
+    return fingerprinted(data, config=f"data_seed={cfg.data_seed} image_size={size} noise={cfg.noise}")
 
 
 FLIPS = ("random", "alternate")
@@ -259,6 +290,7 @@ class BatchLoader(IndexedBatches):
                                f"flip is one of {', '.join(FLIPS)}, padding_mode one of {', '.join(PADDING_MODES)}")
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
+        self.fingerprint = split.fingerprint
         self.augment, self.crop_padding = augment, crop_padding
         self.padding_mode = padding_mode
         self.flip = flip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from omegaconf import DictConfig
@@ -50,6 +50,11 @@ class IndexedBatches:
     started (an iteration without one starts one: evaluation loaders). The order's generator is
     the state, and inside an epoch the batches not yet served, so a checkpoint resumes exactly.
     """
+
+    # What the samples are, for a checkpoint to compare on resume: the dataset's fingerprint on a
+    # training loader (plain values: `source`, where the data came from, and facts such as a
+    # digest and sizes); None where unknown (an evaluation loader, a dataset built by hand).
+    fingerprint: dict[str, Any] | None = None
 
     def __init__(self, num_samples: int, batch_size: int, device: torch.device, *, shuffle: bool,
                  limit_batches: int | None = None, seed: int = 0, indices: torch.Tensor | None = None,

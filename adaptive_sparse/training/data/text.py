@@ -18,6 +18,7 @@ import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -31,6 +32,7 @@ IGNORE_INDEX = -100  # a target not to score (cross_entropy's default ignore_ind
 @dataclass
 class TokenSplit:
     tokens: torch.Tensor  # [N] int64 character ids
+    fingerprint: dict[str, Any] | None = None  # on the training split: its corpus's (IndexedBatches.fingerprint)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -91,8 +93,8 @@ def load_shakespeare_char(cfg: DictConfig) -> TextData:
     """`dataset=shakespeare_char`: the encoded corpus, split, from the cache when it is fresh."""
     path = corpus_file(cfg)
     raw = path.read_bytes()
-    digest = hashlib.sha256(raw).hexdigest()[:16]
-    cache_file = Path(os.path.expanduser(str(cfg.cache_dir))) / f"char-corpus-{digest}.pt"
+    digest = hashlib.sha256(raw).hexdigest()
+    cache_file = Path(os.path.expanduser(str(cfg.cache_dir))) / f"char-corpus-{digest[:16]}.pt"
     blob = None
     if cache_file.exists():
         try:
@@ -107,7 +109,8 @@ def load_shakespeare_char(cfg: DictConfig) -> TextData:
     cut = int(len(tokens) * float(cfg.train_fraction))
     if not 0 < cut < len(tokens):
         raise DatasetError(f"dataset.train_fraction={cfg.train_fraction} leaves an empty split")
-    return TextData(TokenSplit(tokens[:cut]), TokenSplit(tokens[cut:]), vocab, f"file:{path}")
+    fingerprint = {"source": f"file:{path}", "sha256": digest, "characters": len(tokens), "vocabulary": len(vocab)}
+    return TextData(TokenSplit(tokens[:cut], fingerprint), TokenSplit(tokens[cut:]), vocab, f"file:{path}")
 
 
 def encode_characters(raw: bytes, path: Path) -> dict:
@@ -145,6 +148,7 @@ class TrainWindows(IndexedBatches):
         super().__init__(count, batch_size, device, shuffle=shuffle, limit_batches=limit_batches,
                          seed=seed, shard=shard, indices=indices)
         self.tokens = split.tokens.to(device)
+        self.fingerprint = split.fingerprint
         self.block_size, self.random_phase = int(block_size), bool(random_phase)
         self.offsets = torch.arange(block_size + 1, device=device)  # [T+1]
         self.phase = 0
