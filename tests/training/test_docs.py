@@ -31,7 +31,7 @@ def config_keys() -> set[str]:
 def test_every_config_key_has_a_line_in_the_configuration_page():
     page = (ROOT / "docs" / "configuration.md").read_text()
     keys = config_keys()
-    assert len(keys) > 90 and "gate.pack" in keys and "training.optimizer.fused" in keys
+    assert "gate.pack" in keys and "training.optimizer.fused" in keys  # the walk reaches groups and nested nodes
     missing = sorted(k for k in keys if f"`{k}`" not in page)
     assert not missing, f"docs/configuration.md has no line for {missing}"
 

@@ -64,7 +64,6 @@ def test_forward_backward_finite_with_a_gradient_on_every_trainable_parameter(mo
     missing = [name for name, p in net.named_parameters()
                if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
     assert not missing, f"no finite gradient for {missing}"
-    assert task.metric.key == ("val_loss" if model in LANGUAGE_MODELS else "val_acc")
 
 
 @pytest.mark.parametrize("model,attention", model_cases())
