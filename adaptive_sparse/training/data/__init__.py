@@ -9,14 +9,22 @@ from omegaconf import DictConfig
 
 from adaptive_sparse.training.data.images import (CIFAR10_CLASSES, BatchLoader, ImageData, Split, load_cifar10,
                                                   make_synthetic)
-from adaptive_sparse.training.data.loaders import DatasetError, IndexedBatches
+from adaptive_sparse.training.data.loaders import DatasetError, IndexedBatches, find_root
+from adaptive_sparse.training.data.packed import load_packed_cifar10
 from adaptive_sparse.training.data.text import load_shakespeare_char
 
 __all__ = ["CIFAR10_CLASSES", "DATASETS", "BatchLoader", "DatasetError", "ImageData", "IndexedBatches", "Split",
            "hold_out_validation", "load_cifar10", "load_dataset", "load_shakespeare_char", "make_synthetic"]
 
+def load_cifar10_or_pack(cfg: DictConfig) -> ImageData:
+    """CIFAR-10 from torchvision's pickles or an image folder, or from one packed file of a folder's
+    JPEG bytes (`dataset.root=PATH.pack`, scripts/pack_cifar10.py: the same data copy, decoded alike)."""
+    root = find_root(cfg)
+    return load_packed_cifar10(cfg) if root is not None and root.suffix == ".pack" else load_cifar10(cfg)
+
+
 DATASETS: dict[str, Callable[[DictConfig], object]] = {
-    "cifar10": load_cifar10,
+    "cifar10": load_cifar10_or_pack,
     "synthetic": make_synthetic,
     "shakespeare_char": load_shakespeare_char,
 }
