@@ -430,14 +430,17 @@ def baselines_note(figures: dict | None, runs: list[RecipeRun]) -> list[str]:
              f"(`{figures['command']}`): a model at the bigram figure uses no context, so attention, dense or "
              "sparse, has nothing to show there."]
     dense = [r.final for r in of(runs, "dense").values()]
-    if context_learnt(figures, runs) is False:
-        lines.append(f"Dense training ends {statistics.fmean(dense) - figures['bigram_nats']:+.3f} nats from the "
-                     f"bigram count, not {LEARNT_MARGIN} nats below it: at this budget the model has not learnt "
-                     "to use its context, so these runs cannot say what sparse attention costs in quality.")
+    learnt = context_learnt(figures, runs)
+    if learnt is not None:
+        gap = f"Dense training ends {statistics.fmean(dense) - figures['bigram_nats']:+.3f} nats from the bigram count"
+        lines.append(f"{gap}, at least {LEARNT_MARGIN} nats below it: the model uses its context, so what sparse "
+                     "attention gives up there is measurable." if learnt else
+                     f"{gap}, not {LEARNT_MARGIN} nats below it: at this budget the model has not learnt to use "
+                     "its context, so these runs cannot say what sparse attention costs in quality.")
     return [" ".join(lines), ""]
 
 
-def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None) -> Path:
+def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None, title: str | None = None) -> Path:
     own = analysis.collect_runs(sources[0])
     study = study_of(own)
     runs = recipe_runs(own, study) + [r for source in sources[1:]
@@ -450,10 +453,10 @@ def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None) -> P
     facts = next((r.run.summary for r in runs if r.kind == "dense"), runs[0].run.summary if runs else {})
     missing = analysis.missing_runs(own, queue_file)
     command = "python -m scripts.studies.recipe " + " ".join(
-        [str(sources[0]), *(f"--extra {s}" for s in sources[1:])])
+        [str(sources[0]), *(f"--extra {s}" for s in sources[1:]), *([f'--title "{title}"'] if title else [])])
     epochs = backbone_epochs(runs)
     text = "\n".join([
-        f"# {study.title}", "",
+        f"# {title or study.title}", "",
         f"Made by `{command}` from {len(runs)} runs. Dataset {facts.get('dataset', '?')} "
         f"({facts.get('data_source', '?')}), precision {facts.get('precision', '?')}, {facts.get('hardware', '?')}. "
         f"{analysis.INTERVAL_NOTE}",
@@ -484,9 +487,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="another record whose runs of the same model join the page (e.g. earlier from-scratch runs)")
     parser.add_argument("--out", type=Path, help="where README.md and the plots go (default: beside the record)")
     parser.add_argument("--queue", type=Path, help="the study's queue file (default: queue.txt beside the record)")
+    parser.add_argument("--title", default=None, help="the page's heading (default: the study's)")
     args = parser.parse_args(argv)
     out, queue_file = analysis.page_locations(args.source, args.out, args.queue)
-    print(write_page([args.source, *args.extra], out, queue_file).read_text())
+    print(write_page([args.source, *args.extra], out, queue_file, args.title).read_text())
     return 0
 
 
