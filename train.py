@@ -207,7 +207,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra: HydraRun) -> dict:
                            desc=f"epoch {epoch}/{t.epochs}", leave=False, disable=None if cfg.progress else True)
             with state.timer.phase("epoch"), energy_meter.measure():  # training only: eval is timed apart
                 if progress is None and switches.select_before_loading:  # the whole epoch's selections, before
-                    with state.timer.phase("data"):                     # any sample loads (exact: sampler.py)
+                    with state.timer.phase("data"):                     # any sample loads (exact: gating/sampler.py)
                         train_loader.serve_selected(plan_epoch(gate, train_loader.index_batches()))
                 for batch in batches:
                     # 1. score: one forward over the whole batch, no autograd (only if the gate asks)

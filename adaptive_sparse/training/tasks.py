@@ -218,7 +218,7 @@ class ClassificationTask(Task):
 
 
 class CharLMTask(Task):
-    """Next-character prediction over fixed windows of `block_size` characters (adaptive_sparse/text.py).
+    """Next-character prediction over fixed windows of `block_size` characters (training/data/text.py).
 
     A sample is one training window (its loss: the mean over its tokens); `random_phase` shifts
     the window grid each epoch. Validation scores every character of the validation split once.

@@ -1,4 +1,4 @@
-"""Selection before loading (adaptive_sparse/sampler.py): the same decisions as selecting after
+"""Selection before loading (adaptive_sparse/gating/sampler.py): the same decisions as selecting after
 loading, only the selected samples loaded, in any DataLoader, across ranks, through a resume."""
 from __future__ import annotations
 
