@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import train as train_script
 from adaptive_sparse.training.runtime import HydraRun
@@ -78,6 +78,19 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict]:
     """(metrics.jsonl records, summary.json) of a finished run."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines], json.loads((run_dir / "summary.json").read_text())
+
+
+LANGUAGE_MODELS = {"gpt"}  # models with positions: task=char_lm; the others classify images
+
+
+def model_cases() -> list[tuple[str, str]]:
+    """(model, attention) for every registered model (conf/model/*) with every attention it takes."""
+    cases = []
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
+        takes_attention = "attention" in OmegaConf.load(path)
+        attentions = sorted(p.stem for p in (CONF_DIR / "attention").glob("*.yaml")) if takes_attention else ["dense"]
+        cases += [(path.stem, attention) for attention in attentions]
+    return cases
 
 
 def cyclic_text(n: int) -> str:

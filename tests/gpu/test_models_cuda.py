@@ -14,9 +14,8 @@ import copy
 
 import pytest
 import torch
-from conftest import CONF_DIR, compose_config
+from conftest import LANGUAGE_MODELS, compose_config, model_cases
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from adaptive_sparse.gating.scorers import autocast_context
 from adaptive_sparse.gating.significance import BatchScores
@@ -24,7 +23,6 @@ from adaptive_sparse.training.step import add_indexer_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-LANGUAGE_MODELS = {"gpt"}  # task=char_lm; the others classify images
 # small, the same code paths: the GPT's 256 tokens make 4 blocks of sparse_causal_long's 64, of
 # which top_k=128 keeps 2 (its default 512 would keep all); no dropout, whose draws differ by device
 SMALL = {"vit": ["model.depth=2", "model.embed_dim=48", "model.num_heads=2"], "cnn": ["model.dropout=0.0"],
@@ -37,15 +35,6 @@ ATTENTION = {("gpt", "sparse_causal_long"): ["attention.top_k=128"]}
 # key where two score alike, which the GPU's rounding may do elsewhere), or FLOOR where that is
 # smaller. A wrong kernel, mask or scale is off by O(1).
 FLOOR = {"fp32": 3e-2, "bf16": 1e-1}
-
-
-def model_cases() -> list[tuple[str, str]]:
-    cases = []
-    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
-        takes_attention = "attention" in OmegaConf.load(path)
-        attentions = sorted(p.stem for p in (CONF_DIR / "attention").glob("*.yaml")) if takes_attention else ["dense"]
-        cases += [(path.stem, attention) for attention in attentions]
-    return cases
 
 
 def build(model: str, attention: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:

@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONF_DIR, compose_config
+from conftest import LANGUAGE_MODELS, compose_config, model_cases
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from adaptive_sparse.attention.sparse import auxiliary_loss
 from adaptive_sparse.gating.significance import BatchScores
 from adaptive_sparse.training.metering import FlopMeter
 
-LANGUAGE_MODELS = {"gpt"}  # models with positions: task=char_lm; the others classify images
 # smaller than their defaults, so the fast tier stays fast: the same code paths, fewer channels and blocks
 SMALL = {"vit": ["model.depth=2", "model.embed_dim=48", "model.num_heads=2"],
          "fastnet": ["model.widths=[16,32,32]"], "gpt": ["model.n_layer=2", "model.block_size=32"]}
-
-
-def model_cases() -> list[tuple[str, str]]:
-    cases = []
-    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
-        takes_attention = "attention" in OmegaConf.load(path)
-        attentions = sorted(p.stem for p in (CONF_DIR / "attention").glob("*.yaml")) if takes_attention else ["dense"]
-        cases += [(path.stem, attention) for attention in attentions]
-    return cases
 
 
 def build(model: str, attention: str):

@@ -9,10 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -220,8 +219,22 @@ def _decode_image_folder(root: Path) -> ImageData:
     return ImageData(train, test, classes, f"folder:{root}")
 
 
+def decode_image(source, where: str) -> np.ndarray:
+    """One 32x32 image as RGB pixels [32, 32, 3] uint8, from a path or a file object; `where` names it
+    in the one-line error for a file PIL cannot read or of another size."""
+    from PIL import Image  # slow to import: only when decoding
+
+    try:
+        with Image.open(source) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except Exception as err:
+        raise DatasetError(f"cannot read image {where}: {err}") from err
+    if pixels.shape != (32, 32, 3):
+        raise DatasetError(f"image {where} is {pixels.shape}, expected 32x32 RGB")
+    return pixels
+
+
 def _decode_split(split_dir: Path, classes: tuple[str, ...]) -> Split:
-    from PIL import Image
     from tqdm import tqdm
 
     files = [(path, label) for label, name in enumerate(classes)
@@ -231,14 +244,7 @@ def _decode_split(split_dir: Path, classes: tuple[str, ...]) -> Split:
     images = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(tqdm(files, desc=f"decoding {split_dir.name}", mininterval=2,
                                        disable=None)):
-        try:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"))
-        except Exception as err:
-            raise DatasetError(f"cannot read image {path}: {err}") from err
-        if pixels.shape != (32, 32, 3):
-            raise DatasetError(f"image {path} is {pixels.shape}, expected 32x32 RGB")
-        images[i] = pixels
+        images[i] = decode_image(path, str(path))
     labels = torch.tensor([label for _, label in files], dtype=torch.long)
     return Split(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
 

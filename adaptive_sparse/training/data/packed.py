@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from adaptive_sparse.training.data.images import ImageData, Split, check_image_data, fingerprinted
+from adaptive_sparse.training.data.images import ImageData, Split, check_image_data, decode_image, fingerprinted
 from adaptive_sparse.training.data.loaders import DatasetError, find_root
 from adaptive_sparse.training.io import atomic_torch_save
 
@@ -95,17 +95,8 @@ def decode_pack(path: Path, cache_file: Path) -> dict:
 def decode_split(split: dict, headers: list[bytes], where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [N, 3, 32, 32] uint8, labels [N] int64), each image its header and own bytes
     decoded as images._decode_split decodes a file."""
-    from PIL import Image
-
     body, ends, header = bytes(split["body"].numpy()), split["ends"].tolist(), split["header"].tolist()
     images = np.empty((len(ends), 32, 32, 3), dtype=np.uint8)
     for i, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
-        try:
-            with Image.open(io.BytesIO(headers[header[i]] + body[start:end])) as image:
-                pixels = np.asarray(image.convert("RGB"))
-        except Exception as err:
-            raise DatasetError(f"cannot read image {i} of {where}: {err}") from err
-        if pixels.shape != (32, 32, 3):
-            raise DatasetError(f"image {i} of {where} is {pixels.shape}, expected 32x32 RGB")
-        images[i] = pixels
+        images[i] = decode_image(io.BytesIO(headers[header[i]] + body[start:end]), f"{i} of {where}")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), split["labels"].long()
