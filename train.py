@@ -33,7 +33,7 @@ from adaptive_sparse.gating.sampler import plan_epoch
 from adaptive_sparse.training.checkpoint import Checkpointer, ResumePoint, load_initial_weights
 from adaptive_sparse.training.data import load_dataset
 from adaptive_sparse.training.distributed import agree_on_run_dir
-from adaptive_sparse.training.gating import Scoring, build_gate, gate_switches, scoring_for
+from adaptive_sparse.training.gating import Scoring, build_gate, gate_switches, proxy_flop_meter, scoring_for
 from adaptive_sparse.training.lifecycle import (
     RunDirError,
     StopRequest,
@@ -174,6 +174,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra: HydraRun) -> dict:
     gate = build_gate(cfg.gate, cfg.budget, dict(num_samples=train_loader.num_samples, num_outputs=task.num_outputs(data),
                       epochs=t.epochs, seed=cfg.seed + dist.rank, device=device), task.model_kwargs(data))
     switches = gate_switches(cfg.gate, gate)  # packed: full training batches; selected before loading
+    proxy_meter = proxy_flop_meter(gate, task.example(data))  # a proxy scorer's FLOPs, if the gate has one
     packer = SelectionPacker(t.batch_size, enabled=switches.pack, carry=t.pack_remainder == "carry")
     dist.attach(gate, packer)  # torchrun: global activation rate; ranks step together
     log.info("gate: %s, target rate %s%s%s", hydra.choices["gate"], gate.target_rate, ", packed" * switches.pack,
@@ -199,7 +200,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra: HydraRun) -> dict:
                 start_epoch(epoch, [gate, train_loader])
             start_epoch(epoch, model_epoch_parts(model))  # sparse attention's warm-up, FastNet's whitening bias
             flop_meter = flop_meter.recount_if_changed(model)  # ...and are counted at what they run
-            scoring = scoring_for(gate, model, flop_meter, task.example(data))
+            scoring = scoring_for(gate, model, flop_meter, proxy_meter)
             state = EpochState(device, dist.snapshot_gate_memory(gate))  # torchrun: merged at epoch end
             if progress is not None:
                 state.load_state_dict(progress, packer)

@@ -68,11 +68,15 @@ class Scoring:
     learn_flops: int
 
 
-def scoring_for(gate: Gate, model: nn.Module, model_meter: FlopMeter, example: ExampleBatch) -> Scoring:
+def proxy_flop_meter(gate: Gate, example: ExampleBatch) -> FlopMeter | None:
+    """The FLOPs of the gate's proxy scorer (None without one), counted once: the proxy's
+    structure, unlike a model's with a sparse attention warm-up, never changes between epochs."""
+    return FlopMeter(gate.scorer.model, example) if gate.scorer is not None else None
+
+
+def scoring_for(gate: Gate, model: nn.Module, model_meter: FlopMeter, proxy_meter: FlopMeter | None) -> Scoring:
     """The gate's proxy (counted on its own model) or the trained model itself (a scoring
-    forward costs the model's forward; it learns nothing extra)."""
+    forward costs the model's forward, as counted this epoch; it learns nothing extra)."""
     if gate.scorer is None:
         return Scoring(ModelScorer(model), model_meter.forward_per_sample, 0)
-    meter = FlopMeter(gate.scorer.model, example)
-    return Scoring(gate.scorer, meter.forward_per_sample, meter.train_per_sample)
-
+    return Scoring(gate.scorer, proxy_meter.forward_per_sample, proxy_meter.train_per_sample)
