@@ -77,7 +77,7 @@ def check_kernel(dtype: torch.dtype, causal: bool, tokens: int, args: argparse.N
     q, k, v, grad = (torch.randn(2, args.heads, tokens, args.head_dim, device="cuda", dtype=dtype) for _ in range(4))
     idx = random_selection(2, -(-tokens // args.block_size), 4, causal, "cuda")
     flex = outputs_and_grads(lambda *t: attend_with_flex(*t, idx, args.block_size, causal), q, k, v, grad)
-    gather = outputs_and_grads(lambda *t: attend_to_selected_blocks(*t, idx, args.block_size, causal), q, k, v, grad)
+    gather = outputs_and_grads(lambda *t: attend_to_selected_blocks(*t, idx, args.block_size, causal)[0], q, k, v, grad)
     errors = dict(zip(["out", "dq", "dk", "dv"], map(relative_error, flex, gather), strict=True))
     return {"dtype": str(dtype), "causal": causal, "tokens": tokens, "errors": errors,
             "ok": max(errors.values()) < TOLERANCE[dtype]}

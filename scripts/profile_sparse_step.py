@@ -17,15 +17,17 @@ adaptive_sparse/ is not edited), and from op names inside them:
   forced-key masks, the chunk concatenation);
 - gather: `kernels.gather_per_head` (the kept key and value blocks, per head);
 - causal mask: `kernels.block_keep_mask`;
-- fused attention call: `aten::scaled_dot_product_attention`; attention glue: the rest of
-  `kernels.attend_to_selected_blocks` (padding, the mask copied per head, reshapes);
-- indexer target: `kernels.selected_block_mass` (the attention recomputed without grad), whole;
+- attention: the rest of `kernels.attend_to_selected_blocks` (in training its explicit scores:
+  two batched matmuls, the mask, the softmax; padding and reshapes); the dense step's fused
+  call, `aten::scaled_dot_product_attention`, apart;
+- indexer target: `kernels.block_mass` (read off the attention weights), whole;
 - indexer loss: `index_scores_at`, `selected_future`, `indexer_kl`, whole;
 - the rest of the forward: embeddings, projections, MLP, norms, cross-entropy, autocast casts;
 - backward, in two calls: the main loss, then the indexer's KL (their graphs share nothing: the
   indexer sees x.detach() and its target is computed without grad, so this is the gradient of
-  their sum at the same cost); the main loss's backward split into the fused attention kernel's
-  backward, the gathers' (embedding) backward and the rest;
+  their sum at the same cost); the main loss's backward split into attention's (the fused
+  kernel's, or the explicit scores': batched matmuls, softmax, mask), the gathers' (embedding)
+  backward and the rest;
 - optimizer: the fused AdamW step and zero_grad.
 Each range counts its own time less the labelled ranges inside it (the indexer target and loss
 count whole). The profiler's own overhead inflates small ops: compare the profiled step with the
@@ -58,21 +60,24 @@ from scripts.bench_gpt_attention import VOCAB, batch_size, build_gpt
 FEATURES, SCORES = "indexer scoring: features (projections)", "indexer scoring: block scores"
 TOPK, SELECT = "top-k: aten::topk", "top-k: masks and concatenation around it"
 GATHER, MASK = "gather: key/value blocks", "causal mask (block_keep_mask)"
-FUSED, GLUE = "fused attention call (SDPA forward)", "attention glue (pads, mask per head, reshapes)"
-TARGET, INDEXER_LOSS = "indexer target (selected_block_mass)", "indexer loss (scores at picks, KL)"
+FUSED, GLUE = "fused attention call (SDPA forward)", "attention: scores, mask, softmax, values (attend_to_selected_blocks)"
+TARGET, INDEXER_LOSS = "indexer target (block_mass)", "indexer loss (scores at picks, KL)"
 FORWARD = "forward: rest (embeddings, linears, MLP, norms, loss, casts)"
-BACKWARD_FUSED, BACKWARD_GATHER = "backward: fused attention", "backward: gathers (embedding backward)"
+BACKWARD_FUSED, BACKWARD_GATHER = "backward: attention", "backward: gathers (embedding backward)"
 BACKWARD = "backward: rest of the main loss"
 BACKWARD_INDEXER = "backward: indexer loss"
 OPTIMIZER, STEP = "optimizer (fused AdamW, zero_grad)", "unattributed (between phases)"
 PHASES = [FEATURES, SCORES, TOPK, SELECT, GATHER, MASK, FUSED, GLUE, TARGET, INDEXER_LOSS, FORWARD,
           BACKWARD_FUSED, BACKWARD_GATHER, BACKWARD, BACKWARD_INDEXER, OPTIMIZER, STEP]
-CLOSED = {TARGET, INDEXER_LOSS}  # counted whole: what runs inside them is theirs
+CLOSED = {TARGET, INDEXER_LOSS}
+# autograd nodes of attention's backward: the fused kernel's, or the explicit scores' (the model's
+# linears run addmm/mm, so batched matmuls here are attention's)
+ATTENTION_BACKWARD = ("FlashAttention", "BmmBackward", "SoftmaxBackward", "MaskedFillBackward")  # counted whole: what runs inside them is theirs
 # (module, attribute, phase): the library functions wrapped in a record_function range
 WRAPPED = [(sparse.SparseAttention, "indexer_features", FEATURES), (kernels, "index_scores", SCORES),
            (sparse, "select_keys", SELECT), (kernels, "gather_per_head", GATHER),
            (kernels, "block_keep_mask", MASK), (sparse, "attend_to_selected_blocks", GLUE),
-           (sparse, "selected_block_mass", TARGET), (sparse, "index_scores_at", INDEXER_LOSS),
+           (kernels, "block_mass", TARGET), (sparse, "index_scores_at", INDEXER_LOSS),
            (sparse, "selected_future", INDEXER_LOSS), (sparse, "indexer_kl", INDEXER_LOSS)]
 RANGES = {"step": STEP, "forward": FORWARD, "backward: main loss": BACKWARD, "backward: indexer loss": BACKWARD_INDEXER,
           "optimizer": OPTIMIZER, **{phase: phase for *_, phase in WRAPPED}}
@@ -115,7 +120,7 @@ def phase_of(name: str, enclosing: str | None) -> str | None:
     if name == "aten::scaled_dot_product_attention" and enclosing != TARGET:
         return FUSED
     if enclosing == BACKWARD and name.startswith("autograd::engine::evaluate_function:"):
-        if "FlashAttention" in name:
+        if any(node in name for node in ATTENTION_BACKWARD):
             return BACKWARD_FUSED
         if "EmbeddingBackward" in name:
             return BACKWARD_GATHER
@@ -215,8 +220,8 @@ def report(result: dict) -> str:
             lines.append(f"| {name} | {ms:.1f} | {100 * result['shares'][name]:.1f}% |")
     lines.append(f"| total | {sum(result['phases_ms'].values()):.1f} | "
                  f"{100 * sum(result['shares'].values()):.1f}% |")
-    kernel = result["shares"][FUSED] + result["shares"][BACKWARD_FUSED]
-    lines += ["", f"the fused attention kernel, forward and backward: {100 * kernel:.1f}% of the step"]
+    kernel = result["shares"][FUSED] + result["shares"][GLUE] + result["shares"][BACKWARD_FUSED]
+    lines += ["", f"attention itself, forward and backward: {100 * kernel:.1f}% of the step"]
     return "\n".join(lines)
 
 

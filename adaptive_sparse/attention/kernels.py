@@ -128,28 +128,58 @@ def pad_to_blocks(t: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def attend_to_selected_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
-                              block_size: int, causal: bool = False) -> torch.Tensor:
+                              block_size: int, causal: bool = False, with_mass: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block granularity: the queries of a block share its selected key blocks.
 
     q, k, v: [B, H, N, D]; block_idx: [B, NB, KB], the key blocks of each of the NB query blocks.
     Keys and values move as contiguous blocks (one gathered row per block and head), and each
-    query block runs the fused `scaled_dot_product_attention` over its KB*bs keys:
-    O(N * KB*bs * H * D). N is zero-padded to NB*bs and padded keys are masked out.
-    Causal: each query sees the keys of its selected blocks at or before its own position
-    (past blocks whole, its own block up to itself; a future block picked as padding not at all).
-    Returns the output [B, H, N, D].
+    query block attends over its KB*bs keys only: O(N * KB*bs * H * D). N is zero-padded to
+    NB*bs and padded keys are masked out. Causal: each query sees the keys of its selected
+    blocks at or before its own position (past blocks whole, its own block up to itself; a
+    future block picked as padding not at all).
+
+    Returns the output [B, H, N, D] and, `with_mass`, the indexer's target: the attention's
+    mass on each selected block, averaged over heads and the block's real queries [B, NB, KB]
+    (rows sum to 1); None otherwise.
+
+    Two computations of one function. Where a gradient flows or the mass is wanted, the scores
+    are formed explicitly ([B, H, NB, bs, KB*bs], two batched matmuls and a softmax): on CPU
+    autograd's backward of those runs faster than the fused kernel's backward at 64-query tiles
+    (docs/bench/gpt_attention_limit.json), and the target is read off the weights instead of
+    recomputing the attention. Otherwise (evaluation) one fused `scaled_dot_product_attention`
+    call, the faster forward.
     """
     b, h, n, d = q.shape
     nb, kb = block_idx.shape[1:]
     q, k, v = (pad_to_blocks(t, block_size) for t in (q, k, v))  # [B, H, NB*bs, D]
-    k_sel, v_sel = (gather_per_head(t, block_idx, block_size).view(b * h * nb, 1, kb * block_size, d)
-                    for t in (k, v))  # [B*H*NB, 1, KB*bs, D]
-    q_blocks = q.reshape(b * h * nb, 1, block_size, d)  # [B*H*NB, 1, bs, D]
+    k_sel, v_sel = (gather_per_head(t, block_idx, block_size).view(b, h, nb, kb * block_size, d)
+                    for t in (k, v))  # [B, H, NB, KB*bs, D]
     keep = block_keep_mask(block_idx, block_size, n, causal)  # [B, NB, bs or 1, KB*bs] or None
+    q_blocks = q.view(b, h, nb, block_size, d)  # [B, H, NB, bs, D]
+    if not (with_mass or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+        out = fused_block_attention(q_blocks, k_sel, v_sel, keep)
+        return out.reshape(b, h, nb * block_size, d)[:, :, :n], None
+    scores = torch.matmul(q_blocks * d ** -0.5, k_sel.transpose(-1, -2))  # [B, H, NB, bs, KB*bs]
+    if keep is not None:
+        scores = scores.masked_fill(~keep.unsqueeze(1), float("-inf"))
+    weights = scores.softmax(-1)  # every row keeps at least one key: causal, itself; else a real one
+    out = torch.matmul(weights, v_sel).view(b, h, nb * block_size, d)[:, :, :n]  # [B, H, N, D]
+    return out, block_mass(weights.detach(), n) if with_mass else None
+
+
+def fused_block_attention(q_blocks: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor,
+                          keep: torch.Tensor | None) -> torch.Tensor:
+    """One fused SDPA call over query blocks folded into the batch: q_blocks [B, H, NB, bs, D],
+    k_sel and v_sel [B, H, NB, KB*bs, D], keep [B, NB, bs or 1, KB*bs] (copied per head: the
+    kernel takes 4-D masks). Returns [B, H, NB, bs, D]."""
+    b, h, nb, bs, d = q_blocks.shape
     if keep is not None:
         keep = keep.unsqueeze(1).expand(b, h, *keep.shape[1:]).reshape(b * h * nb, 1, keep.shape[2], -1)
-    out = F.scaled_dot_product_attention(q_blocks, k_sel, v_sel, attn_mask=keep)  # [B*H*NB, 1, bs, D]
-    return out.view(b, h, nb * block_size, d)[:, :, :n]
+    out = F.scaled_dot_product_attention(q_blocks.reshape(b * h * nb, 1, bs, d),
+                                         k_sel.reshape(b * h * nb, 1, -1, d),
+                                         v_sel.reshape(b * h * nb, 1, -1, d), attn_mask=keep)
+    return out.view(b, h, nb, bs, d)
 
 
 def block_keep_mask(block_idx: torch.Tensor, block_size: int, n: int, causal: bool) -> torch.Tensor | None:
@@ -169,25 +199,19 @@ def block_key_positions(block_idx: torch.Tensor, block_size: int) -> torch.Tenso
     return (block_idx.unsqueeze(-1) * block_size + offsets).flatten(-2)
 
 
-@torch.no_grad()
-def selected_block_mass(q: torch.Tensor, k: torch.Tensor, block_idx: torch.Tensor, block_size: int,
-                        causal: bool = False) -> torch.Tensor:
-    """The indexer's target in block granularity: the main attention's mass on each selected key
-    block, averaged over heads and over the query block's real queries. [B, NB, KB], rows sum to 1.
+def block_mass(weights: torch.Tensor, n: int) -> torch.Tensor:
+    """Attention weights [B, H, NB, bs, KB*bs] over selected blocks -> each block's mass, averaged
+    over heads and over the query block's real queries (those < n): [B, NB, KB], rows sum to 1.
 
-    The fused kernel returns no weights, so they are recomputed here without grad (training only).
+    The sum over a block's queries is one matmul with a row of ones (fp32 accumulation, a
+    fraction of the cost of a reduction over the weights' row dimension); the rows are normalised
+    afterwards, which divides by heads x real queries and absorbs the bf16 rounding of the sums.
     """
-    b, h, n, d = q.shape
-    nb, kb = block_idx.shape[1:]
-    q, k = pad_to_blocks(q, block_size), pad_to_blocks(k, block_size)
-    k_sel = gather_per_head(k, block_idx, block_size).view(b * h, nb, kb * block_size, d)
-    scores = torch.matmul(q.reshape(b * h, nb, block_size, d), k_sel.transpose(-1, -2)) * d ** -0.5
-    hidden = ~block_keep_mask(block_idx, block_size, n, causal=True) if causal else \
-        (block_key_positions(block_idx, block_size) >= n).unsqueeze(2)  # [B, NB, bs or 1, KB*bs]
-    weights = scores.view(b, h, nb, block_size, -1).masked_fill(hidden.unsqueeze(1), float("-inf")).softmax(-1)
-    mass = weights.view(b, h, nb, block_size, kb, block_size).sum(-1).mean(1)  # [B, NB, bs, KB]
-    real = (torch.arange(nb * block_size, device=q.device) < n).view(1, nb, block_size, 1).to(mass.dtype)
-    return (mass * real).sum(2) / real.sum(2)
+    b, h, nb, bs, _ = weights.shape
+    real = (torch.arange(nb * bs, device=weights.device) < n).view(nb, 1, bs).to(weights.dtype)  # [NB, 1, bs]
+    per_key = torch.matmul(real, weights).squeeze(-2)  # [B, H, NB, KB*bs]
+    mass = per_key.float().sum(1).view(b, nb, -1, bs).sum(-1)  # [B, NB, KB]
+    return mass / mass.sum(-1, keepdim=True)
 
 
 def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -25,7 +25,6 @@ from adaptive_sparse.attention.kernels import (
     later_than,
     pool_blocks,
     select_keys,
-    selected_block_mass,
     selected_future,
 )
 
@@ -148,9 +147,8 @@ class SparseAttention(DenseAttention):
                     logits = logits.masked_fill(selected_future(idx), float("-inf"))
         else:
             idx = self.select(x, features, is_causal)  # [B, NB, KB]
-            out = self._attend_to_blocks(q, k, v, idx, is_causal)
+            out, target = self._attend_to_blocks(q, k, v, idx, is_causal, train_indexer)  # target: [B, NB, KB]
             if train_indexer:
-                target = selected_block_mass(q, k, idx, self.block_size, is_causal)  # [B, NB, KB]
                 logits = index_scores_at(features, idx)
                 if is_causal:
                     logits = logits.masked_fill(selected_future(idx), float("-inf"))
@@ -168,14 +166,19 @@ class SparseAttention(DenseAttention):
         return self.kernel == "flex"
 
     def _attend_to_blocks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
-                          causal: bool) -> torch.Tensor:
-        """Block granularity through the kernel `kernel` picks for q's device."""
+                          causal: bool, with_mass: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block granularity through the kernel `kernel` picks for q's device: the output and,
+        `with_mass`, the indexer's target (see `attend_to_selected_blocks`)."""
         if not self.uses_flex(q.device):
-            return attend_to_selected_blocks(q, k, v, idx, self.block_size, causal)
+            return attend_to_selected_blocks(q, k, v, idx, self.block_size, causal, with_mass)
         if q.device.type != "cuda" and q.requires_grad:
             raise ValueError(f"attention.kernel='flex' has no backward on {q.device.type} (FlexAttention, torch "
                              f"{torch.__version__}): use attention.kernel=auto or gather, or run under torch.no_grad()")
-        return attend_with_flex(q, k, v, idx, self.block_size, causal)
+        out = attend_with_flex(q, k, v, idx, self.block_size, causal)
+        if not with_mass:
+            return out, None
+        with torch.no_grad():  # FlexAttention returns no weights: the target costs a second, explicit forward
+            return out, attend_to_selected_blocks(q, k, v, idx, self.block_size, causal, with_mass=True)[1]
 
     def _dense_warmup(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, features: IndexerFeatures,
                       train_indexer: bool, causal: bool = False

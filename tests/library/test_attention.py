@@ -18,7 +18,6 @@ from adaptive_sparse.attention.kernels import (
     attend_with_key_mask,
     forced_keys,
     select_keys,
-    selected_block_mass,
 )
 from adaptive_sparse.attention.sparse import SparseAttention, auxiliary_loss, set_attention_epoch
 
@@ -91,9 +90,41 @@ def test_indexer_kl_by_hand():
 def test_block_target_is_the_attention_mass_per_selected_block():
     # 6 tokens in blocks of 4 ({0-3}, {4, 5} + 2 padding); zero queries attend uniformly to the
     # 6 real keys: block 0 holds 4/6 of the mass, block 1 2/6, whichever order they were picked in
-    q, k = torch.zeros(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
-    mass = selected_block_mass(q, k, torch.tensor([[[0, 1], [1, 0]]]), block_size=4)
+    q, k, v = torch.zeros(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    _, mass = attend_to_selected_blocks(q, k, v, torch.tensor([[[0, 1], [1, 0]]]), block_size=4, with_mass=True)
     torch.testing.assert_close(mass, torch.tensor([[[4 / 6, 2 / 6], [2 / 6, 4 / 6]]]))
+
+
+def dense_reference_of_blocks(q, k, v, block_idx, block_size, causal):
+    """attend_to_selected_blocks' function written densely: all N x N scores, every key outside
+    the query's selected blocks (and, causal, after the query) masked before the softmax."""
+    n = q.shape[2]
+    block_of = torch.arange(n) // block_size  # [N]
+    kept = torch.zeros(q.shape[0], block_idx.shape[1], -(-n // block_size), dtype=torch.bool)
+    kept.scatter_(-1, block_idx, True)  # [B, NB, NB]
+    keep = kept[:, block_of][:, :, block_of]  # [B, N, N]
+    if causal:
+        keep &= torch.ones(n, n, dtype=torch.bool).tril()
+    scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~keep.unsqueeze(1), float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_kernel_trains_and_evaluates_the_same_function(causal):
+    """The explicit scores (with grad) and the fused call (without) both compute the dense
+    reference's outputs, and the explicit one its gradients; 10 tokens, blocks of 4, one short."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, HEADS, 10, 8, requires_grad=True) for _ in range(3))
+    block_idx = torch.tensor([[[0, 1], [1, 0], [2, 0]], [[0, 2], [1, 2], [2, 1]]])  # [2, 3 query blocks, 2]
+    reference = dense_reference_of_blocks(q, k, v, block_idx, 4, causal)
+    trained, _ = attend_to_selected_blocks(q, k, v, block_idx, 4, causal)
+    with torch.no_grad():
+        evaluated, _ = attend_to_selected_blocks(q, k, v, block_idx, 4, causal)
+    torch.testing.assert_close(trained, reference)
+    torch.testing.assert_close(evaluated, reference)
+    grads = torch.autograd.grad(trained.square().sum(), (q, k, v))
+    for grad, expected in zip(grads, torch.autograd.grad(reference.square().sum(), (q, k, v))):
+        torch.testing.assert_close(grad, expected)
 
 
 def test_top_k_below_the_always_kept_keys_is_refused():
@@ -130,11 +161,11 @@ def test_unselected_key_blocks_get_exactly_zero_weight():
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, HEADS, 10, 8) for _ in range(3))  # blocks of 4: {0-3}, {4-7}, {8, 9}
     block_idx = torch.tensor([[[0, 2], [1, 0], [2, 1]]])  # [1, 3 query blocks, 2 key blocks]
-    out = attend_to_selected_blocks(q, k, v, block_idx, block_size=4)
+    out, _ = attend_to_selected_blocks(q, k, v, block_idx, block_size=4)
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 4:8] += 100.0  # key block 1: not selected by query block 0 (tokens 0-3)
     v2[:, :, 4:8] += 100.0
-    out2 = attend_to_selected_blocks(q, k2, v2, block_idx, block_size=4)
+    out2, _ = attend_to_selected_blocks(q, k2, v2, block_idx, block_size=4)
     assert torch.equal(out2[:, :, :4], out[:, :, :4])
     assert not torch.allclose(out2[:, :, 4:8], out[:, :, 4:8])  # block 1 itself sees the change
 
