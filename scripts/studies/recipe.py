@@ -236,10 +236,14 @@ def goal_section(runs: list[RecipeRun], context_learnt: bool | None = None) -> s
     verdict = ("undecided (dense training has not learnt to use its context: see below)" if context_learnt is False
                else "met" if within == len(known) and len(known) >= 2 else
                "missed" if within < len(known) else "undecided (fewer than two seeds)")
+    spread = interval(known)
+    loose = (f" Met seed by seed only: the interval on the mean difference (± {spread.half:.{study.digits}f}) is "
+             f"wider than the {study.tolerance_words} tolerance, so these seeds cannot bound the mean gap that "
+             f"closely." if verdict == "met" and spread.half is not None and spread.half > study.tolerance else "")
     return "\n".join([*lines, "",
                       f"Recipe minus dense at equal backbone epochs, top_k {k}: "
-                      f"{pm(interval(known), study.digits)} {study.metric.unit} over {len(known)} seed(s); within "
-                      f"{study.tolerance_words} of dense on {within} of {len(known)}: goal **{verdict}**.",
+                      f"{pm(spread, study.digits)} {study.metric.unit} over {len(known)} seed(s); within "
+                      f"{study.tolerance_words} of dense on {within} of {len(known)}: goal **{verdict}**.{loose}",
                       *([""] + control_line if control_line else [])])
 
 

@@ -109,3 +109,13 @@ def test_the_verdict_is_undecided_while_dense_training_sits_at_the_bigram_count(
     assert vit.context_learnt(vit.ngram_baselines(record), runs) is False
     assert "goal **undecided (dense training has not learnt" in vit.goal_section(runs, context_learnt=False)
     assert "goal **met**" in vit.goal_section(runs)  # the same differences, without the baseline to judge by
+
+
+def test_a_verdict_met_seed_by_seed_says_when_its_interval_is_wider_than_the_tolerance():
+    """The committed RoPE runs: the recipe ends -0.0029 and +0.0057 nats from dense, both within
+    0.03, but two seeds that far apart give a 95% interval of ± 12.71 * 0.0043 = ± 0.0548."""
+    record = ROOT / "docs" / "results" / "long-context-rope"
+    runs = vit.recipe_runs(analysis.collect_runs(record / "runs.jsonl"), vit.LONG_CONTEXT)
+    text = vit.goal_section(runs, vit.context_learnt(vit.ngram_baselines(record), runs))
+    assert "0.0014 ± 0.0548 nats over 2 seed(s); within 0.03 nats of dense on 2 of 2: goal **met**" in text
+    assert "Met seed by seed only: the interval on the mean difference (± 0.0548) is wider" in text
