@@ -127,6 +127,12 @@ def pad_to_blocks(t: torch.Tensor, block_size: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
+# Query blocks a chunk of the explicit kernel takes: scores of about 2^20 elements (2 MiB in bf16)
+# stay in cache from the matmul through the softmax to the values, where one [B, H, NB, bs, KB*bs]
+# tensor of 33 MB (8,192 tokens a batch, top_k 512, 4 heads) ran at a third of the speed.
+CHUNK_SCORES = 1 << 20
+
+
 def attend_to_selected_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                               block_size: int, causal: bool = False, with_mass: bool = False
                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -144,28 +150,51 @@ def attend_to_selected_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (rows sum to 1); None otherwise.
 
     Two computations of one function. Where a gradient flows or the mass is wanted, the scores
-    are formed explicitly ([B, H, NB, bs, KB*bs], two batched matmuls and a softmax): on CPU
-    autograd's backward of those runs faster than the fused kernel's backward at 64-query tiles
-    (docs/bench/gpt_attention_limit.json), and the target is read off the weights instead of
-    recomputing the attention. Otherwise (evaluation) one fused `scaled_dot_product_attention`
+    are formed explicitly, a chunk of query blocks at a time (`explicit_block_attention`): on
+    CPU autograd's backward of those runs faster than the fused kernel's backward at 64-query
+    tiles (docs/bench/gpt_attention_limit.json), and the target is read off the weights instead
+    of recomputing the attention. Otherwise (evaluation) one fused `scaled_dot_product_attention`
     call, the faster forward.
     """
     b, h, n, d = q.shape
     nb, kb = block_idx.shape[1:]
     q, k, v = (pad_to_blocks(t, block_size) for t in (q, k, v))  # [B, H, NB*bs, D]
-    k_sel, v_sel = (gather_per_head(t, block_idx, block_size).view(b, h, nb, kb * block_size, d)
-                    for t in (k, v))  # [B, H, NB, KB*bs, D]
     keep = block_keep_mask(block_idx, block_size, n, causal)  # [B, NB, bs or 1, KB*bs] or None
     q_blocks = q.view(b, h, nb, block_size, d)  # [B, H, NB, bs, D]
     if not (with_mass or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+        k_sel, v_sel = (gather_per_head(t, block_idx, block_size).view(b, h, nb, kb * block_size, d)
+                        for t in (k, v))  # [B, H, NB, KB*bs, D]
         out = fused_block_attention(q_blocks, k_sel, v_sel, keep)
         return out.reshape(b, h, nb * block_size, d)[:, :, :n], None
-    scores = torch.matmul(q_blocks * d ** -0.5, k_sel.transpose(-1, -2))  # [B, H, NB, bs, KB*bs]
+    step = max(1, CHUNK_SCORES // (b * h * block_size * kb * block_size))
+    outs, masses = [], []
+    for start in range(0, nb, step):
+        blocks = slice(start, start + step)
+        out, mass = explicit_block_attention(q_blocks[:, :, blocks], k, v, block_idx[:, blocks],
+                                             None if keep is None else keep[:, blocks], n, start, with_mass)
+        outs.append(out)
+        masses.append(mass)
+    out = torch.cat(outs, dim=2).view(b, h, nb * block_size, d)[:, :, :n]  # [B, H, N, D]
+    return out, torch.cat(masses, dim=1) if with_mass else None
+
+
+def explicit_block_attention(q_blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+                             keep: torch.Tensor | None, n: int, first_block: int, with_mass: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of c query blocks over their selected key blocks, scores formed explicitly.
+
+    q_blocks [B, H, c, bs, D] (blocks first_block.. of the sequence); k, v [B, H, NB*bs, D];
+    block_idx [B, c, KB]; keep [B, c, bs or 1, KB*bs] or None; n the real tokens. Returns the
+    output [B, H, c, bs, D] and, `with_mass`, each selected block's mass [B, c, KB].
+    """
+    b, h, c, bs, d = q_blocks.shape
+    k_sel, v_sel = (gather_per_head(t, block_idx, bs).view(b, h, c, -1, d) for t in (k, v))  # [B, H, c, KB*bs, D]
+    scores = torch.matmul(q_blocks * d ** -0.5, k_sel.transpose(-1, -2))  # [B, H, c, bs, KB*bs]
     if keep is not None:
         scores = scores.masked_fill(~keep.unsqueeze(1), float("-inf"))
     weights = scores.softmax(-1)  # every row keeps at least one key: causal, itself; else a real one
-    out = torch.matmul(weights, v_sel).view(b, h, nb * block_size, d)[:, :, :n]  # [B, H, N, D]
-    return out, block_mass(weights.detach(), n) if with_mass else None
+    out = torch.matmul(weights, v_sel)  # [B, H, c, bs, D]
+    return out, block_mass(weights.detach(), n, first_block) if with_mass else None
 
 
 def fused_block_attention(q_blocks: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor,
@@ -199,18 +228,20 @@ def block_key_positions(block_idx: torch.Tensor, block_size: int) -> torch.Tenso
     return (block_idx.unsqueeze(-1) * block_size + offsets).flatten(-2)
 
 
-def block_mass(weights: torch.Tensor, n: int) -> torch.Tensor:
-    """Attention weights [B, H, NB, bs, KB*bs] over selected blocks -> each block's mass, averaged
-    over heads and over the query block's real queries (those < n): [B, NB, KB], rows sum to 1.
+def block_mass(weights: torch.Tensor, n: int, first_block: int = 0) -> torch.Tensor:
+    """Attention weights [B, H, c, bs, KB*bs] over selected blocks (query blocks first_block..
+    of the sequence) -> each block's mass, averaged over heads and over the query block's real
+    queries (those < n): [B, c, KB], rows sum to 1.
 
     The sum over a block's queries is one matmul with a row of ones (fp32 accumulation, a
     fraction of the cost of a reduction over the weights' row dimension); the rows are normalised
     afterwards, which divides by heads x real queries and absorbs the bf16 rounding of the sums.
     """
-    b, h, nb, bs, _ = weights.shape
-    real = (torch.arange(nb * bs, device=weights.device) < n).view(nb, 1, bs).to(weights.dtype)  # [NB, 1, bs]
-    per_key = torch.matmul(real, weights).squeeze(-2)  # [B, H, NB, KB*bs]
-    mass = per_key.float().sum(1).view(b, nb, -1, bs).sum(-1)  # [B, NB, KB]
+    b, h, c, bs, _ = weights.shape
+    positions = torch.arange(first_block * bs, (first_block + c) * bs, device=weights.device)
+    real = (positions < n).view(c, 1, bs).to(weights.dtype)  # [c, 1, bs]
+    per_key = torch.matmul(real, weights).squeeze(-2)  # [B, H, c, KB*bs]
+    mass = per_key.float().sum(1).view(b, c, -1, bs).sum(-1)  # [B, c, KB]
     return mass / mass.sum(-1, keepdim=True)
 
 

@@ -10,6 +10,7 @@ from conftest import TINY, compose_config, read_run, run_train
 from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
+from adaptive_sparse.attention import kernels
 from adaptive_sparse.attention.dense import DenseAttention
 from adaptive_sparse.attention.indexer import IndexerFeatures, index_scores, indexer_kl
 from adaptive_sparse.attention.kernels import (
@@ -95,6 +96,20 @@ def test_block_target_is_the_attention_mass_per_selected_block():
     torch.testing.assert_close(mass, torch.tensor([[[4 / 6, 2 / 6], [2 / 6, 4 / 6]]]))
 
 
+@pytest.mark.parametrize("blocks_a_chunk", [1, 2])
+def test_causal_block_target_counts_only_real_queries_in_every_chunk(blocks_a_chunk, monkeypatch):
+    """The same 6 tokens, causal: block 0 sees only itself (mass 1, 0); in block 1, query 4
+    spreads over keys 0-4 (4/5 on block 0, 1/5 on its own) and query 5 over 0-5 (4/6, 2/6),
+    averaged over those two real queries: the padded queries 6 and 7 count for nothing, also
+    when block 1 is a chunk of its own."""
+    monkeypatch.setattr(kernels, "CHUNK_SCORES", blocks_a_chunk * 2 * 4 * 8)  # B H bs KB*bs a block
+    q, k, v = torch.zeros(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    _, mass = attend_to_selected_blocks(q, k, v, torch.tensor([[[0, 1], [1, 0]]]), block_size=4, causal=True,
+                                        with_mass=True)
+    own = (1 / 5 + 2 / 6) / 2
+    torch.testing.assert_close(mass, torch.tensor([[[1.0, 0.0], [own, 1 - own]]]))
+
+
 def dense_reference_of_blocks(q, k, v, block_idx, block_size, causal):
     """attend_to_selected_blocks' function written densely: all N x N scores, every key outside
     the query's selected blocks (and, causal, after the query) masked before the softmax."""
@@ -110,9 +125,12 @@ def dense_reference_of_blocks(q, k, v, block_idx, block_size, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_block_kernel_trains_and_evaluates_the_same_function(causal):
-    """The explicit scores (with grad) and the fused call (without) both compute the dense
-    reference's outputs, and the explicit one its gradients; 10 tokens, blocks of 4, one short."""
+@pytest.mark.parametrize("blocks_a_chunk", [1, 3])
+def test_block_kernel_trains_and_evaluates_the_same_function(causal, blocks_a_chunk, monkeypatch):
+    """The explicit scores (with grad), a chunk of query blocks at a time, and the fused call
+    (without) both compute the dense reference's outputs, and the explicit one its gradients;
+    10 tokens, blocks of 4, one short: chunks of 1 block (the last one short) and of all 3."""
+    monkeypatch.setattr(kernels, "CHUNK_SCORES", blocks_a_chunk * 2 * HEADS * 4 * 8)  # B H bs KB*bs a block
     torch.manual_seed(3)
     q, k, v = (torch.randn(2, HEADS, 10, 8, requires_grad=True) for _ in range(3))
     block_idx = torch.tensor([[[0, 1], [1, 0], [2, 0]], [[0, 2], [1, 2], [2, 1]]])  # [2, 3 query blocks, 2]
