@@ -347,8 +347,9 @@ def combined_table(runs: list[RecipeRun]) -> str:
         return "Not run yet."
     study = study_in(runs)
     gated_seeds = {r.seed for r in combined}
-    alone = [r for s, r in sorted(of([r for r in runs if not r.extra], "scratch", study.goal_top_k).items())
-             if s in gated_seeds]
+    top_ks = sorted({r.top_k for r in combined if r.top_k is not None}) or [study.goal_top_k]
+    alone = [r for k in top_ks for s, r in sorted(of([r for r in runs if not r.extra], "scratch", k).items())
+             if s in gated_seeds]  # sparse attention alone, at the top_k the gated sparse runs use
     lines = [f"| attention | gate | seed | final {study.metric_header} | dense gate=none {study.metric_header} | "
              "activation rate | training time (s) | speedup vs dense gate=none, same epochs |",
              "|---|---|---|---|---|---|---|---|"]
