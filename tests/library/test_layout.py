@@ -67,12 +67,19 @@ def test_the_project_has_no_import_cycle_and_no_deferred_import_of_its_own_code(
         visit(module, [])
 
 
+# The library's modules that need one of its extras, and what each may import besides.
+EXTRAS = {"adaptive_sparse.models.vit": {"timm"}, "adaptive_sparse.integrations.lightning": {"lightning"},
+          "adaptive_sparse.integrations.hf": {"transformers", "datasets"}}  # datasets: only when given one
+
+
 def test_the_library_imports_torch_and_numpy_alone():
-    """adaptive_sparse outside training/ (and models/vit.py, which needs timm) imports nothing but
-    the standard library, torch, numpy and itself: `pip install .` is all it needs."""
+    """adaptive_sparse outside training/ imports nothing but the standard library, torch, numpy
+    and itself (`pip install .` is all it needs), besides its extras' modules, each importing
+    only its own framework (EXTRAS), and only when imported by name."""
     allowed = {"torch", "numpy", "adaptive_sparse", *sys.stdlib_module_names}
     for name, path in _project_modules().items():
-        if name.startswith("adaptive_sparse.training") or name == "adaptive_sparse.models.vit":
+        if name.startswith("adaptive_sparse.training"):
             continue
-        outside = {m for m in _imports(path, top_level_only=False) if m.split(".")[0] not in allowed}
+        outside = {m for m in _imports(path, top_level_only=False)
+                   if m.split(".")[0] not in allowed | EXTRAS.get(name, set())}
         assert not outside, f"{name} imports {sorted(outside)}"
