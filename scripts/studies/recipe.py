@@ -30,7 +30,7 @@ import json
 import re
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from adaptive_sparse.training.records import Metric, preset_of
@@ -445,9 +445,12 @@ def baselines_note(figures: dict | None, runs: list[RecipeRun]) -> list[str]:
     return [" ".join(lines), ""]
 
 
-def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None, title: str | None = None) -> Path:
+def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None, title: str | None = None,
+               goal_top_k: int | None = None) -> Path:
     own = analysis.collect_runs(sources[0])
     study = study_of(own)
+    if goal_top_k is not None:  # the top_k the goal is judged at: the one that pays, once measured
+        study = replace(study, goal_top_k=goal_top_k)
     runs = recipe_runs(own, study) + [r for source in sources[1:]
                                       for r in recipe_runs(analysis.collect_runs(source), study, extra=True)]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -458,7 +461,8 @@ def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None, titl
     facts = next((r.run.summary for r in runs if r.kind == "dense"), runs[0].run.summary if runs else {})
     missing = analysis.missing_runs(own, queue_file)
     command = "python -m scripts.studies.recipe " + " ".join(
-        [str(sources[0]), *(f"--extra {s}" for s in sources[1:]), *([f'--title "{title}"'] if title else [])])
+        [str(sources[0]), *(f"--extra {s}" for s in sources[1:]),
+         *([f"--goal-top-k {goal_top_k}"] if goal_top_k is not None else []), *([f'--title "{title}"'] if title else [])])
     epochs = backbone_epochs(runs)
     text = "\n".join([
         f"# {title or study.title}", "",
@@ -493,9 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where README.md and the plots go (default: beside the record)")
     parser.add_argument("--queue", type=Path, help="the study's queue file (default: queue.txt beside the record)")
     parser.add_argument("--title", default=None, help="the page's heading (default: the study's)")
+    parser.add_argument("--goal-top-k", type=int, default=None,
+                        help="the top_k the goal judges (default: the study's; the one where sparse attention pays)")
     args = parser.parse_args(argv)
     out, queue_file = analysis.page_locations(args.source, args.out, args.queue)
-    print(write_page([args.source, *args.extra], out, queue_file, args.title).read_text())
+    print(write_page([args.source, *args.extra], out, queue_file, args.title, args.goal_top_k).read_text())
     return 0
 
 

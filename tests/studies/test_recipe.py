@@ -119,3 +119,13 @@ def test_a_verdict_met_seed_by_seed_says_when_its_interval_is_wider_than_the_tol
     text = vit.goal_section(runs, vit.context_learnt(vit.ngram_baselines(record), runs))
     assert "0.0014 ± 0.0548 nats over 2 seed(s); within 0.03 nats of dense on 2 of 2: goal **met**" in text
     assert "Met seed by seed only: the interval on the mean difference (± 0.0548) is wider" in text
+
+
+def test_the_goal_can_be_judged_at_another_top_k(tmp_path):
+    """--goal-top-k 16 judges the fabricated ViT study's one recipe run at 16 (seed 0: 46.00 after
+    D + S against dense's 52.00, 6 points worse), and the command on the page says so."""
+    fabricate(tmp_path / "sweep")
+    page = vit.write_page([tmp_path / "sweep"], tmp_path / "out", None, goal_top_k=16).read_text()
+    assert "## The goal: recipe-trained sparse within a point of dense at equal epochs (top_k 16 of 65)" in page
+    assert "--goal-top-k 16" in page
+    assert "top_k 16: -6.00 points over 1 seed(s); within a point of dense on 0 of 1: goal **missed**" in page
