@@ -170,7 +170,7 @@ def main() -> None:
              (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(", ".join(f"{k} matmul peak on {args.device}: {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()),
           flush=True)
-    common = [f"gate.target_rate={args.target_rate}", f"training.epochs={args.epochs}",
+    common = [f"budget={args.target_rate}", f"training.epochs={args.epochs}",
               f"training.limit_train_batches={args.limit_train_batches or 'null'}", f"device={args.device}",
               "wandb.mode=disabled", "progress=false", *args.overrides]
     if args.dataset_root:
