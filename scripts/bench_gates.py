@@ -147,6 +147,16 @@ def markdown_table(rows: list[dict], accuracies: list[float], epoch: int) -> str
     return "\n".join(lines)
 
 
+def shared_overrides(target_rate: float, epochs: int, limit_train_batches: int | None, device: str,
+                     overrides: list[str], dataset_root: str | None = None) -> list[str]:
+    """train.py overrides every configuration takes. The rate goes in as `budget`, which only the
+    gates with a target rate read: gate=none has no `gate.target_rate` to override."""
+    common = [f"budget={target_rate}", f"training.epochs={epochs}",
+              f"training.limit_train_batches={limit_train_batches or 'null'}", f"device={device}",
+              "wandb.mode=disabled", "progress=false", *overrides]
+    return common + ([f"dataset.root={dataset_root}"] if dataset_root else [])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset-root", default=None, help="dataset.root (default: the config's search)")
@@ -170,11 +180,8 @@ def main() -> None:
              (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(", ".join(f"{k} matmul peak on {args.device}: {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()),
           flush=True)
-    common = [f"budget={args.target_rate}", f"training.epochs={args.epochs}",
-              f"training.limit_train_batches={args.limit_train_batches or 'null'}", f"device={args.device}",
-              "wandb.mode=disabled", "progress=false", *args.overrides]
-    if args.dataset_root:
-        common.append(f"dataset.root={args.dataset_root}")
+    common = shared_overrides(args.target_rate, args.epochs, args.limit_train_batches, args.device, args.overrides,
+                              args.dataset_root)
     names = ["none", *(n for n in args.configs.split(",") if n and n != "none")]
     unknown = set(names) - set(CONFIGS)
     if unknown:

@@ -40,3 +40,12 @@ def test_rows_take_medians_over_repeats_and_ratios_against_none():
 def test_runs_folder_is_recorded_relative_inside_the_repo_and_absolute_outside(tmp_path):
     assert bench.runs_dir_name(bench.ROOT / "outputs" / "bench_gates" / "x") == "outputs/bench_gates/x"
     assert bench.runs_dir_name(tmp_path / "x") == str(tmp_path / "x")  # --out /tmp/...: no crash at the end
+
+
+@pytest.mark.parametrize("name", sorted(bench.CONFIGS))
+def test_every_configuration_composes_with_the_shared_overrides(name):
+    """The runs' overrides compose for every gate, gate=none included (it has no target_rate:
+    the rate goes in as `budget`); the rate reaches the gates that have one."""
+    from conftest import compose_config
+    cfg = compose_config([*bench.CONFIGS[name], *bench.shared_overrides(0.25, 2, 62, "cpu", ["training.num_threads=2"])])
+    assert cfg.budget == 0.25 and cfg.training.epochs == 2 and cfg.training.limit_train_batches == 62
