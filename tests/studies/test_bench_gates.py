@@ -44,8 +44,8 @@ def test_runs_folder_is_recorded_relative_inside_the_repo_and_absolute_outside(t
 
 @pytest.mark.parametrize("name", sorted(bench.CONFIGS))
 def test_every_configuration_composes_with_the_shared_overrides(name):
-    """The runs' overrides compose for every gate, gate=none included (it has no target_rate:
-    the rate goes in as `budget`); the rate reaches the gates that have one."""
+    """The runs' overrides compose for every gate, gate=none included: the rate goes in as
+    `budget`, since the gates' options hold no `target_rate` key to override."""
     from conftest import compose_config
     cfg = compose_config([*bench.CONFIGS[name], *bench.shared_overrides(0.25, 2, 62, "cpu", ["training.num_threads=2"])])
     assert cfg.budget == 0.25 and cfg.training.epochs == 2 and cfg.training.limit_train_batches == 62
