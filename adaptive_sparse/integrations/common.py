@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,19 @@ class PlannedSampler(SelectingBatchSampler):
     def load_state_dict(self, state: dict) -> None:
         self._ahead = self._before_ahead = None  # an epoch planned before the load belongs to the run replaced
         super().load_state_dict(state)
+
+
+def checkpoint_state(sampler: PlannedSampler, state: Callable[[], dict]) -> dict:
+    """What a checkpoint keeps of the sampler: `state()` at an epoch boundary; inside an epoch,
+    where a resume would skip the rest of it, only a marker naming the epoch (`refuse_mid_epoch`)."""
+    return state() if sampler.at_epoch_boundary else {"mid_epoch": sampler.served_epoch}
+
+
+def refuse_mid_epoch(state: dict, where: str, remedy: str = "") -> None:
+    """A one-line ValueError when `state` is a mid-epoch marker: `where` names the checkpoint."""
+    if "mid_epoch" in state:
+        raise ValueError(f"{where} was saved inside epoch {state['mid_epoch']}, where the sampler cannot resume; "
+                         f"resume from a checkpoint saved at an epoch's end{remedy}")
 
 
 def samples_looked_at(sampler: SelectingBatchSampler) -> int:

@@ -42,7 +42,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils import is_datasets_available
 
 from adaptive_sparse.gating.gates import Gate
-from adaptive_sparse.integrations.common import EvenSteps, PlannedSampler, causal_lm_losses, epoch_record
+from adaptive_sparse.integrations.common import (
+    EvenSteps,
+    PlannedSampler,
+    causal_lm_losses,
+    checkpoint_state,
+    epoch_record,
+    refuse_mid_epoch,
+)
 
 SAMPLER_FILE = "adaptive_sparse_sampler.pt"
 PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> [B]
@@ -128,10 +135,7 @@ class SelectingTrainer(Trainer):
             raise ValueError(f"SelectingTrainer: resume_from_checkpoint={folder} holds no {SAMPLER_FILE}: it was not "
                              "saved by a SelectingTrainer")
         state = torch.load(path, weights_only=False)
-        if "mid_epoch" in state:
-            raise ValueError(f"SelectingTrainer: resume_from_checkpoint={folder} was saved inside epoch "
-                             f"{state['mid_epoch']}, where the sampler cannot resume; resume from a checkpoint saved "
-                             "at an epoch's end (save_strategy='epoch')")
+        refuse_mid_epoch(state, f"SelectingTrainer: resume_from_checkpoint={folder}", " (save_strategy='epoch')")
         self.epochs = list(state["epochs"])
         if self.steps is None:
             self._restored = state["steps"]
@@ -141,10 +145,8 @@ class SelectingTrainer(Trainer):
     def sampler_state(self) -> dict:
         """What a checkpoint keeps: the sampler's state at an epoch boundary (inside an epoch only a
         marker), the steps per epoch, and the epoch records."""
-        sampler = self.steps.sampler
-        if not sampler.at_epoch_boundary:
-            return {"mid_epoch": sampler.served_epoch}
-        return {"steps": self.steps.state_dict(), "epochs": list(self.epochs)}
+        return checkpoint_state(self.steps.sampler,
+                                lambda: {"steps": self.steps.state_dict(), "epochs": list(self.epochs)})
 
 
 class _SamplerInCheckpoints(TrainerCallback):

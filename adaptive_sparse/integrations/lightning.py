@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from adaptive_sparse.gating.gates import Gate
-from adaptive_sparse.integrations.common import PlannedSampler, epoch_record
+from adaptive_sparse.integrations.common import PlannedSampler, checkpoint_state, epoch_record, refuse_mid_epoch
 
 # What the sampler decides in the loader's place: passing one of these would fight it.
 _SAMPLER_OWNS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last")
@@ -127,14 +127,11 @@ class SelectingSamplerCallback(pl.Callback):
         """The sampler's state at an epoch boundary; inside an epoch only a marker, which a resume refuses."""
         if self.sampler is None:
             return {}
-        if not self.sampler.at_epoch_boundary:
-            return {"mid_epoch": self.sampler.served_epoch}
-        return {"sampler": self.sampler.state_dict(), "epochs": list(self.epochs)}
+        return checkpoint_state(self.sampler,
+                                lambda: {"sampler": self.sampler.state_dict(), "epochs": list(self.epochs)})
 
     def load_state_dict(self, state: dict) -> None:
-        if "mid_epoch" in state:
-            raise ValueError(f"SelectingSamplerCallback: this checkpoint was saved inside epoch {state['mid_epoch']}, "
-                             "where the sampler cannot resume; resume from a checkpoint saved at an epoch's end")
+        refuse_mid_epoch(state, "SelectingSamplerCallback: this checkpoint")
         if "sampler" not in state:
             return
         self.epochs = list(state["epochs"])
