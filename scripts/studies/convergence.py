@@ -95,6 +95,7 @@ class ArmKey:
     selection: str | None = None  # sundew's rule when it is not the default percentile
     variant: str = ""   # the overrides off the study's axes, e.g. "training.lookahead=null"
     loss: str = "mean"  # training.loss_reduction: airbench's keep-half sums, so its arms say which
+    step_loss: str = ""  # InfoBatch's step loss where it is not its own mean(w * loss) (older runs)
 
     def label(self, study_precision: str = "bf16") -> str:
         """The arm's name on the page; its precision is named when it is not the study's."""
@@ -105,7 +106,8 @@ class ArmKey:
             return f"none, {epochs_text(self.epochs)} epochs{loss}{other}"
         rate = "" if self.rate is None else f" {self.rate:g}"
         rule = f", {self.selection}" if self.selection else ""
-        return f"{self.gate}{rate}{rule}{loss}{', packed' if self.packed else ''}{other}"
+        step_loss = f", {self.step_loss}" if self.step_loss else ""
+        return f"{self.gate}{rate}{rule}{loss}{step_loss}{', packed' if self.packed else ''}{other}"
 
 
 def epochs_text(epochs: float) -> str:
@@ -121,7 +123,16 @@ def arm_key(run: Run) -> ArmKey:
                        if k not in AXES and not resumable_change(k))
     loss = s.get("loss_reduction") or run.overrides.get("training.loss_reduction", "mean")  # older summaries: the override
     return ArmKey(s["gate"], s["target_rate"], packed and s["gate"] != "none", round(epochs_trained(run), 4),
-                  s.get("precision") or "fp32", selection, variant, str(loss))
+                  s.get("precision") or "fp32", selection, variant, str(loss), infobatch_step_loss(run, packed))
+
+
+def infobatch_step_loss(run: Run, packed: bool) -> str:
+    """'' for InfoBatch's own step loss, mean(w * loss) over the step's samples (what summary.json's
+    `gate_loss_form: mean` records) and for other gates; else the form InfoBatch's runs of that time
+    trained on, which undoes its rescaling, so that the two are arms apart."""
+    if run.summary["gate"] != "infobatch" or run.summary.get("gate_loss_form") == "mean":
+        return ""
+    return "sum(w * loss) / sum(w)" if packed else "sum(w * loss) / B"
 
 
 def epochs_trained(run: Run) -> float:
@@ -319,15 +330,15 @@ def share_text(share: float | None) -> str:
 def infobatch_note(study: Study) -> list[str]:
     """Which loss InfoBatch's arms trained on: InfoBatch's own mean(w * loss) over a step's samples
     where summary.json says so (`gate_loss_form: mean`), else the form the code of their time had."""
-    old = [(arm.key.packed, run) for arm in study.arms.values() if arm.key.gate == "infobatch"
-           for run in arm.runs.values() if (run.summary or {}).get("gate_loss_form") != "mean"]
+    old = [(arm.key.packed, run) for arm in study.arms.values() if arm.key.gate == "infobatch" and arm.key.step_loss
+           for run in arm.runs.values()]
     if not old:
         return []
     forms = sorted({"sum(w * loss) / sum(w) over a packed step" if packed else
                     "sum(w * loss) / B over each loader batch of B" for packed, _ in old})
-    return [f"InfoBatch's arms here ({len(old)} runs) trained on {' and '.join(forms)}, not InfoBatch's own "
-            "mean(w * loss) over a step's samples, which later runs record (`gate_loss_form: mean`): "
-            "their pruned epochs moved the weights less than InfoBatch's would have.", ""]
+    return [f"InfoBatch's arms named by that form ({len(old)} runs) trained on {' and '.join(forms)}, not InfoBatch's "
+            "own mean(w * loss) over a step's samples, which later runs record (`gate_loss_form: mean`) and "
+            "the arm without a form name ran: their pruned epochs moved the weights less than InfoBatch's would have.", ""]
 
 
 def arms_table(study: Study, margins: tuple[float, ...] | None = None) -> str:

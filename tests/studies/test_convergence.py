@@ -30,6 +30,7 @@ def fake_run(root: Path, gate: str, seed: int, epochs: int, acc: float, time_s: 
         "gate": gate, "target_rate": rate, "epochs": epochs, "seed": seed, "flops_executed": 1e9 * epochs,
         "samples_seen": 640, "model": "cnn", "dataset": "cifar10", "data_source": "folder:/data/cifar10",
         "hardware": hardware, "precision": precision, "activation_rate": rate or 0.7,
+        "gate_loss_form": "mean" if gate == "infobatch" else None,
         **({"epochs_trained": epochs_trained} if epochs_trained else {})}))
 
 
@@ -394,3 +395,16 @@ def test_the_pages_say_which_loss_the_infobatch_arms_trained_on():
         convergence.build_study(analysis.collect_runs(root / "fastnet-recipe" / "runs.jsonl")))
     assert "(3 runs) trained on sum(w * loss) / sum(w) over a packed step" in packed[0]
     assert "(5 runs) trained on sum(w * loss) / B over each loader batch of B" in unpacked[0]
+
+
+def test_infobatch_runs_of_each_step_loss_are_arms_apart():
+    """A run that records InfoBatch's own mean(w * loss) is not pooled with the seeds of the older form."""
+    root = Path(__file__).resolve().parents[2] / "docs" / "results"
+    old = [r for r in analysis.read_records(root / "fastnet-recipe" / "runs.jsonl")
+           if r.summary["gate"] == "infobatch" and r.summary.get("gate_loss_form") != "mean"][0]
+    assert convergence.arm_key(old).label() == "infobatch, sum(w * loss) / B"
+    old.summary["gate_loss_form"] = "mean"
+    assert convergence.arm_key(old).label() == "infobatch"
+    old.overrides["gate.pack"] = "true"
+    del old.summary["gate_loss_form"]
+    assert convergence.arm_key(old).label() == "infobatch, sum(w * loss) / sum(w), packed"
