@@ -15,19 +15,23 @@ blocks, the own block always, --local-window // block_size blocks before it alwa
 - attention alone: one layer's forward and backward on [batch, context, 128] (indexer loss
   included for sparse);
 - milliseconds: median of --reps after one warm-up; each (threads, context, variant, top_k) in
-  its own process;
+  its own process; the whole grid --rounds times over (dense, then each top_k, context by
+  context), each figure the median over rounds: a sitting's points moved by up to 0.31 in
+  measured / ideal between two one-round sittings, so the range over rounds is printed too;
 - ideal: dense step FLOPs / sparse step FLOPs, both counted as the kernels execute them
   (`flops_as_executed` in adaptive_sparse/training/metering.py: torch.utils.flop_counter on a
   meta-device copy, matmuls and attention kernels, causal attention as the CPU flash kernel runs
   it, the indexer's projections, scores and KL target included; top-k, gathers, masks and the
   optimiser count zero). It is the speed-up a kernel running every FLOP at dense's rate would
   reach; measured / ideal = speed-up / ideal says how much of it the code gets.
-Table columns: context, top_k, dense ms, sparse ms, speed-up, ideal, measured / ideal (then
-threads and batch); the JSON record (--json) holds the rows, the table, the CPU, torch and
-code versions, the command line and the load average before and after; a plot beside it.
+Table columns: context, top_k, dense ms, sparse ms, speed-up, ideal, measured / ideal, its range
+over the rounds (each round's dense over its sparse, over the ideal), then threads and batch; the
+goals of issue 37 judged on the table follow it. The JSON record (--json) holds the rows, the
+tables, the goals, the CPU, torch and code versions, the command line and the load average before
+and after; a plot beside it.
 Nothing else should run on the machine meanwhile (the record's load averages say whether it did).
 `--quick`: contexts 128 / 256, top_k 32 / 64, blocks of 16, 1 rep, 256 tokens a batch, 1 thread:
-a smoke of the whole path (six child processes, seconds each), never a measurement.
+a smoke of the whole path (six child processes, seconds each), one round, never a measurement.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import functools
 import json
 import os
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -54,10 +59,15 @@ from scripts.timing import json_from_child, median_ms
 VOCAB, WIDTH, LAYERS, HEADS = 65, 128, 4, 4
 ROOT = Path(__file__).resolve().parents[1]  # the checkout, where `python -m scripts.bench_gpt_attention` runs
 FULL = {"contexts": "1024,2048,4096,8192", "top_ks": "128,256,512", "block_size": 64, "local_window": 64,
-        "reps": 5, "batch_tokens": 8192, "threads": "2"}
-QUICK = {"contexts": "128,256", "top_ks": "32,64", "block_size": 16, "local_window": 16, "reps": 1,
+        "reps": 5, "rounds": 3, "batch_tokens": 8192, "threads": "2"}
+QUICK = {"contexts": "128,256", "top_ks": "32,64", "block_size": 16, "local_window": 16, "reps": 1, "rounds": 1,
          "batch_tokens": 256, "threads": "1"}
-COLUMNS = ["context", "top_k", "dense ms", "sparse ms", "speed-up", "ideal", "measured / ideal", "threads", "batch"]
+COLUMNS = ["context", "top_k", "dense ms", "sparse ms", "speed-up", "ideal", "measured / ideal", "range over rounds",
+           "threads", "batch"]
+# issue 37's goals for the whole step: (context, top_k, least speed-up), and the least share of the
+# ideal at every context from GOAL_CONTEXT
+SPEED_GOALS = ((2048, 256, 1.4), (4096, 512, 1.8))
+GOAL_SHARE, GOAL_CONTEXT = 0.8, 2048
 
 
 def attention_factory(variant: str, top_k: int, args: argparse.Namespace):
@@ -142,9 +152,20 @@ def run_child(variant: str, context: int, threads: int, top_k: int, argv: list[s
     return json_from_child(cmd, f"{variant} (top_k {top_k}) at {context} on {threads} threads")
 
 
+def over_rounds(rounds: list[dict]) -> dict:
+    """One variant's measurements from each round as one: the median milliseconds, each round's kept
+    (`step_ms_rounds`, `attention_ms_rounds`); FLOPs and shapes are the same in every round."""
+    out = dict(rounds[0])
+    for part in ("step", "attention"):
+        out[f"{part}_ms_rounds"] = [r[f"{part}_ms"] for r in rounds]
+        out[f"{part}_ms"] = statistics.median(out[f"{part}_ms_rounds"])
+    return out
+
+
 def row(dense: dict, sparse: dict) -> dict:
     """One table row: the dense measurement at this context against the sparse one at its top_k.
-    ideal = dense FLOPs / sparse FLOPs (as executed); measured_over_ideal = speed-up / ideal."""
+    ideal = dense FLOPs / sparse FLOPs (as executed); measured_over_ideal = speed-up / ideal, from
+    the median milliseconds; `measured_over_ideal_rounds`: the same from each round's pair."""
     out = {"context": dense["context"], "top_k": sparse["top_k"], "threads": dense["threads"],
            "batch": dense["batch"], "precision": dense["precision"]}
     for part in ("step", "attention"):
@@ -155,7 +176,37 @@ def row(dense: dict, sparse: dict) -> dict:
         prefix = "" if part == "step" else "attention_"
         out[f"{prefix}speedup"], out[f"{prefix}ideal"] = speedup, ideal
         out[f"{prefix}measured_over_ideal"] = speedup / ideal
+        pairs = zip(dense.get(f"{part}_ms_rounds", [dense[f"{part}_ms"]]),
+                    sparse.get(f"{part}_ms_rounds", [sparse[f"{part}_ms"]]))
+        out[f"{prefix}measured_over_ideal_rounds"] = [d / s / ideal for d, s in pairs]
     return out
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """Issue 37's speed goals judged on the whole step's rows (their medians over rounds), each
+    'met', 'missed' or 'not measured', with the figures and the rounds' range where it crosses the line."""
+    def at(context: int, top_k: int) -> dict | None:
+        return next((r for r in rows if (r["context"], r["top_k"]) == (context, top_k)), None)
+
+    lines = []
+    long_rows = [r for r in rows if r["context"] >= GOAL_CONTEXT]
+    if long_rows:
+        below = [r for r in long_rows if r["measured_over_ideal"] < GOAL_SHARE]
+        crossing = [r for r in long_rows
+                    if min(r["measured_over_ideal_rounds"]) < GOAL_SHARE <= max(r["measured_over_ideal_rounds"])]
+        verdict = "missed at " + ", ".join(f"{r['context']}/top_k {r['top_k']} ({r['measured_over_ideal']:.2f})"
+                                           for r in below) if below else "met"
+        lowest = min(long_rows, key=lambda r: r["measured_over_ideal"])
+        lines.append(f"at least {GOAL_SHARE} of the ideal at every context from {GOAL_CONTEXT:,} "
+                     f"({len(long_rows)} points, lowest {lowest['measured_over_ideal']:.2f} at "
+                     f"{lowest['context']}/top_k {lowest['top_k']}): **{verdict}**" +
+                     (f"; the rounds cross the line at {len(crossing)} point(s)" if crossing else ""))
+    for context, top_k, least in SPEED_GOALS:
+        r = at(context, top_k)
+        verdict = ("not measured" if r is None else
+                   f"{'met' if r['speedup'] >= least else 'missed'} ({r['speedup']:.2f}x)")
+        lines.append(f"at least {least}x at {context:,}/top_k {top_k}: **{verdict}**")
+    return lines
 
 
 def table(rows: list[dict], part: str = "step") -> str:
@@ -164,10 +215,11 @@ def table(rows: list[dict], part: str = "step") -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
     for r in rows:
         digits = 0 if part == "step" else 1
+        spread = r.get(f"{prefix}measured_over_ideal_rounds") or [r[f"{prefix}measured_over_ideal"]]
         lines.append(f"| {r['context']} | {r['top_k']} | {r[f'dense_{part}_ms']:.{digits}f} "
                      f"| {r[f'sparse_{part}_ms']:.{digits}f} | {r[f'{prefix}speedup']:.2f}x "
                      f"| {r[f'{prefix}ideal']:.2f}x | {r[f'{prefix}measured_over_ideal']:.2f} "
-                     f"| {r['threads']} | {r['batch']} |")
+                     f"| {min(spread):.2f}–{max(spread):.2f} | {r['threads']} | {r['batch']} |")
     return "\n".join(lines)
 
 
@@ -215,6 +267,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=None, help=f"default {FULL['block_size']}")
     parser.add_argument("--local-window", type=int, default=None, help=f"default {FULL['local_window']}")
     parser.add_argument("--reps", type=int, default=None, help=f"timed steps, median taken (default {FULL['reps']})")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"times the whole grid is measured, median taken (default {FULL['rounds']})")
     parser.add_argument("--position", choices=("rope", "learned"), default="rope")
     parser.add_argument("--quick", action="store_true", help="a smoke, never a measurement: " + json.dumps(QUICK))
     parser.add_argument("--json", default=None)
@@ -247,15 +301,22 @@ def main(argv: list[str]) -> int:
     if load_before and load_before[0] > 0.5:
         print(f"warning: load average {load_before} before the benchmark: the machine is not idle, "
               "these timings are not a measurement", file=sys.stderr)
-    rows = []
-    for threads in thread_counts:
-        for context in map(int, args.contexts.split(",")):
-            dense = run_child("dense", context, threads, 0, forwarded)
-            for top_k in top_ks:
-                rows.append(row(dense, run_child("sparse", context, threads, top_k, forwarded)))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
-    print("\nWhole training step:\n" + table(rows))
+    grid = [(threads, context, variant, top_k) for threads in thread_counts for context in map(int, args.contexts.split(","))
+            for variant, top_k in (("dense", 0), *(("sparse", k) for k in top_ks))]
+    measured: dict[tuple, list[dict]] = {point: [] for point in grid}
+    for round_number in range(1, args.rounds + 1):
+        for point in grid:  # dense beside its sparse runs, round after round: drift reaches every variant
+            measured[point].append(run_child(point[2], point[1], point[0], point[3], forwarded))
+            if point[2] == "sparse":
+                dense = measured[(point[0], point[1], "dense", 0)][-1]
+                print(f"round {round_number}/{args.rounds}: " + table([row(dense, measured[point][-1])]).splitlines()[-1],
+                      flush=True)
+    rows = [row(over_rounds(measured[(t, c, "dense", 0)]), over_rounds(measured[(t, c, v, k)]))
+            for (t, c, v, k) in grid if v == "sparse"]
+    verdicts = goals(rows)
+    print(f"\nWhole training step (median of {args.rounds} rounds):\n" + table(rows))
     print("\nAttention layer alone (forward and backward):\n" + table(rows, "attention"))
+    print("\nGoals (whole step, issue 37):\n" + "\n".join(f"- {line}" for line in verdicts))
     if args.json:
         out = Path(args.json)
         torch.set_num_threads(thread_counts[-1])  # hardware_description names the thread count
@@ -265,7 +326,7 @@ def main(argv: list[str]) -> int:
                   "load_average_before": load_before, "load_average_after": load_average(),
                   "model": {"n_layer": LAYERS, "n_head": HEADS, "n_embd": WIDTH, "vocab": VOCAB,
                             "position": args.position},
-                  "batch_tokens": args.batch_tokens, "reps": args.reps,
+                  "batch_tokens": args.batch_tokens, "reps": args.reps, "rounds": args.rounds, "goals": verdicts,
                   "sparse": {"granularity": "block", "top_ks": top_ks, "block_size": args.block_size,
                              "local_window": args.local_window, "global_tokens": 0},
                   "ideal": "dense step FLOPs / sparse step FLOPs, as executed (flops_as_executed), indexer included",

@@ -32,19 +32,52 @@ def test_rows_and_table_give_speedup_ideal_and_measured_over_ideal():
     assert first["attention_measured_over_ideal"] == pytest.approx(1.0)
     printed = bench.parse_table(bench.table(rows))
     assert list(printed[0]) == bench.COLUMNS == ["context", "top_k", "dense ms", "sparse ms", "speed-up", "ideal",
-                                                 "measured / ideal", "threads", "batch"]
+                                                 "measured / ideal", "range over rounds", "threads", "batch"]
     assert printed[1] == {"context": "2048", "top_k": "512", "dense ms": "900", "sparse ms": "450",
-                          "speed-up": "2.00x", "ideal": "1.50x", "measured / ideal": "1.33", "threads": "2",
-                          "batch": "4"}
+                          "speed-up": "2.00x", "ideal": "1.50x", "measured / ideal": "1.33",
+                          "range over rounds": "1.33–1.33", "threads": "2", "batch": "4"}
     assert bench.parse_table(bench.table(rows, "attention"))[0]["dense ms"] == "150.0"
+
+
+def test_rounds_give_the_median_and_each_rounds_pair():
+    """Three rounds: dense 900, 1000, 800 ms (median 900); sparse 500, 400, 450 (median 450); ideal 2.
+    Each round's pair over the ideal: 0.90, 1.25, 0.89; the row's figure is 900 / 450 / 2 = 1.0."""
+    dense = bench.over_rounds([fake("dense", ms, 12.0, 1.0, 1.0) for ms in (900.0, 1000.0, 800.0)])
+    sparse = bench.over_rounds([fake("sparse", ms, 6.0, 1.0, 1.0, top_k=256) for ms in (500.0, 400.0, 450.0)])
+    assert dense["step_ms"] == 900.0 and sparse["step_ms"] == 450.0 and dense["step_ms_rounds"] == [900.0, 1000.0, 800.0]
+    r = bench.row(dense, sparse)
+    assert r["measured_over_ideal"] == pytest.approx(1.0)
+    assert r["measured_over_ideal_rounds"] == pytest.approx([0.9, 1.25, 800 / 450 / 2])
+    assert bench.parse_table(bench.table([r]))[0]["range over rounds"] == "0.89–1.25"
+
+
+def goal_row(context, top_k, speedup, ideal, rounds):
+    return {"context": context, "top_k": top_k, "speedup": speedup, "ideal": ideal,
+            "measured_over_ideal": speedup / ideal, "measured_over_ideal_rounds": rounds}
+
+
+def test_goals_are_judged_on_the_rows_with_the_rounds_that_cross_the_line():
+    rows = [goal_row(1024, 512, 0.5, 1.0, [0.5]),  # below 2,048: no part of the share goal
+            goal_row(2048, 256, 1.5, 1.8, [0.80, 0.85]),  # 0.83: above 0.8, both rounds too
+            goal_row(4096, 512, 1.9, 2.5, [0.70, 0.82])]  # 0.76: below, one round above
+    lines = bench.goals(rows)
+    assert lines[0] == ("at least 0.8 of the ideal at every context from 2,048 (2 points, lowest 0.76 at "
+                        "4096/top_k 512): **missed at 4096/top_k 512 (0.76)**; the rounds cross the line at 1 point(s)")
+    assert lines[1:] == ["at least 1.4x at 2,048/top_k 256: **met (1.50x)**",
+                         "at least 1.8x at 4,096/top_k 512: **met (1.90x)**"]
+    rows[2] = goal_row(4096, 512, 2.1, 2.5, [0.84, 0.85])
+    assert bench.goals(rows)[0].endswith("lowest 0.83 at 2048/top_k 256): **met**")
+    assert bench.goals(rows[:1]) == ["at least 1.4x at 2,048/top_k 256: **not measured**",
+                                     "at least 1.8x at 4,096/top_k 512: **not measured**"]
 
 
 def test_quick_preset_fills_only_what_is_not_given():
     args = bench.parse_args(["--quick", "--threads", "2"])
-    assert (args.contexts, args.top_ks, args.block_size, args.reps, args.threads) == ("128,256", "32,64", 16, 1, "2")
+    assert (args.contexts, args.top_ks, args.block_size, args.reps, args.rounds, args.threads) == (
+        "128,256", "32,64", 16, 1, 1, "2")
     args = bench.parse_args([])
-    assert (args.contexts, args.top_ks, args.threads, args.block_size) == ("1024,2048,4096,8192", "128,256,512",
-                                                                           "2", 64)
+    assert (args.contexts, args.top_ks, args.threads, args.block_size, args.rounds) == (
+        "1024,2048,4096,8192", "128,256,512", "2", 64, 3)
 
 
 def hand_step_flops(batch: int, context: int, dense_pairs_per_head: int, block: int, top_k: int,
@@ -92,11 +125,12 @@ def test_quick_benchmark_prints_and_records_the_table(tmp_path):
     done = subprocess.run([sys.executable, "-m", "scripts.bench_gpt_attention", "--quick", "--json", str(out)],
                           check=False, capture_output=True, text=True, cwd=bench.ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    step_table = done.stdout.split("Whole training step:")[1].split("Attention layer alone")[0]
+    step_table = done.stdout.split("Whole training step (median of 1 rounds):")[1].split("Attention layer alone")[0]
     printed = bench.parse_table(step_table)
     assert [(r["context"], r["top_k"]) for r in printed] == [("128", "32"), ("128", "64"), ("256", "32"), ("256", "64")]
     record = json.loads(out.read_text())
-    assert record["columns"] == list(printed[0]) == bench.COLUMNS
+    assert record["columns"] == list(printed[0]) == bench.COLUMNS and record["rounds"] == 1
+    assert record["goals"] == bench.goals(record["rows"]) and "Goals (whole step, issue 37):" in done.stdout
     assert record["quick"] and record["threads"] == [1] and record["hardware"] and record["torch"] == torch.__version__
     assert record["command"].endswith("--quick --json " + str(out)) and "git_commit" in record
     for r, cells in zip(record["rows"], printed):
