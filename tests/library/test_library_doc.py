@@ -2,6 +2,7 @@
 a reader's script would already have (the data, a model, an optimiser, the framework's objects)."""
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 
@@ -27,8 +28,11 @@ def block_with(marker: str) -> str:
 
 def test_every_block_is_run_below():
     markers = ("gate.select(idx, None)", "SelectingBatchSampler(gate", "SelectingSamplerCallback(gate",
-               "SelectingTrainer(model=model")
+               "SelectingTrainer(model=model", PLAIN, GATED)
     assert sorted(BLOCKS) == sorted(block_with(m) for m in markers)
+
+
+PLAIN, GATED = "batch_size=64, shuffle=True)", "loader.batch_sampler.update("  # the existing script, then gated
 
 
 def reader_names() -> dict:
@@ -36,7 +40,7 @@ def reader_names() -> dict:
     x, y = make_data(SAMPLES, FEATURES, CLASSES)
     model = nn.Linear(FEATURES, CLASSES)
     return {"train_set": TensorDataset(x, y), "model": model, "optimizer": torch.optim.SGD(model.parameters(), 0.1),
-            "epochs": 2, "DataLoader": DataLoader, "F": F, "x": x, "y": y}
+            "epochs": 2, "DataLoader": DataLoader, "F": F, "x": x, "y": y, "torch": torch}
 
 
 def test_the_select_after_loading_block_trains_and_teaches_the_gate():
@@ -85,3 +89,42 @@ def test_the_hf_block_trains_an_epoch_at_about_half(tmp_path):
     names = {"model": tiny_gpt2(), "args": args, "train_set": make_sequences(256), "SundewGate": SundewGate}
     exec(block_with("SelectingTrainer(model=model"), names)
     assert 0.4 <= names["trainer"].epochs[0]["activation_rate"] <= 0.6
+
+
+def test_sundew_goes_into_an_existing_script_in_five_lines():
+    """The diff of the plain script's block and the gated one's: five lines in, two of them in
+    place of the loader's and the loss's, nothing else removed."""
+    diff = list(difflib.ndiff(block_with(PLAIN).splitlines(), block_with(GATED).splitlines()))
+    added = [line for line in diff if line.startswith("+ ")]
+    assert [line[2:].split("=")[0].strip() for line in diff if line.startswith("- ")] == ["loader", "loss"]
+    assert len(added) == 5 and all(line.rstrip().endswith(f"# ({n})") for n, line in enumerate(added, 1))
+
+
+def run_script(block: str, epochs: int) -> dict:
+    """The block as a reader's script run up to `epochs`, in the current directory (its checkpoint)."""
+    torch.manual_seed(0)  # the same model for every run
+    names = {**reader_names(), "epochs": epochs}
+    exec(block, names)
+    return names
+
+
+def test_the_existing_script_runs_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names = run_script(block_with(PLAIN), 2)
+    assert torch.load("ckpt.pt")["epoch"] == 2 and names["epoch"] == 2
+
+
+def test_the_gated_script_stopped_and_started_again_resumes_exactly(tmp_path, monkeypatch):
+    """Through epoch 3 in one go, and stopped after epoch 2 then run again: the same samples in
+    epoch 3 (about half of them), the same final weights."""
+    (tmp_path / "once").mkdir(), (tmp_path / "twice").mkdir()
+    monkeypatch.chdir(tmp_path / "once")
+    once = run_script(block_with(GATED), 3)
+    monkeypatch.chdir(tmp_path / "twice")
+    run_script(block_with(GATED), 2)
+    twice = run_script(block_with(GATED), 3)
+    assert twice["start"] == 3  # the second run trained only epoch 3
+    trained = [idx.tolist() for idx, _ in once["loader"].batch_sampler.batches]
+    assert trained == [idx.tolist() for idx, _ in twice["loader"].batch_sampler.batches]
+    assert 0.4 * SAMPLES <= sum(map(len, trained)) <= 0.6 * SAMPLES
+    assert torch.equal(once["model"].weight, twice["model"].weight)
