@@ -203,6 +203,12 @@ class SelectingBatchSampler(Sampler[list[int]]):
         rate = self.gate.target_rate if self.gate.target_rate is not None else 1.0
         return math.ceil(rate * self.order.samples_served / self.batch_size) if self.pack else len(self.order)
 
+    @property
+    def samples_looked_at(self) -> int:
+        """This process's samples the gate looks at each epoch: its slice of the order, cut at
+        `limit_batches`; the epoch's activation rate is the samples its batches hold over this."""
+        return min(len(self.order) * self.order.batch_size, self.order.samples_served)
+
     def _batches_of(self, looks: list[Look]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """The epoch's batches: dataset indices [k] and the step's loss weights [k] (None: the mean),
         those of a packed batch from its samples' relative weights (`step_weight`)."""

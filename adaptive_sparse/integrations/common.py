@@ -89,16 +89,10 @@ def refuse_mid_epoch(state: dict, where: str, remedy: str = "") -> None:
                          f"resume from a checkpoint saved at an epoch's end{remedy}")
 
 
-def samples_looked_at(sampler: SelectingBatchSampler) -> int:
-    """This rank's samples the gate looks at each epoch: its slice of the order, cut at limit_batches."""
-    order = sampler.order
-    return min(len(order) * order.batch_size, order.samples_served)
-
-
 def epoch_record(sampler: SelectingBatchSampler, trained: int) -> dict:
     """The epoch's samples trained and looked at, summed over ranks (a collective under torchrun:
     every rank calls it), and their ratio, the global activation rate."""
-    trained_all, seen_all = sampler.ranks.all_reduce([trained, samples_looked_at(sampler)])
+    trained_all, seen_all = sampler.ranks.all_reduce([trained, sampler.samples_looked_at])
     epoch = getattr(sampler, "served_epoch", sampler.epoch)  # a PlannedSampler may have planned the next
     return {"epoch": epoch, "samples_trained": int(trained_all), "samples_seen": int(seen_all),
             "activation_rate": trained_all / seen_all}

@@ -102,5 +102,6 @@ def test_epoch_record_is_trained_over_looked_at_the_looks_cut_at_limit_batches()
     sampler = SelectingBatchSampler(RandomGate(100, 0.5, seed=0), 8, limit_batches=5)  # looks at 5 x 8 = 40
     batches = list(sampler)
     trained = sum(len(b) for b in batches)
+    assert sampler.samples_looked_at == 40 and SelectingBatchSampler(RandomGate(100, 0.5), 8).samples_looked_at == 100
     assert epoch_record(sampler, trained) == {"epoch": 1, "samples_trained": trained, "samples_seen": 40,
                                               "activation_rate": trained / 40}
