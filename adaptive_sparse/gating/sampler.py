@@ -134,20 +134,27 @@ class SelectingBatchSampler(Sampler[list[int]]):
     `seed`'s generator, in looks of `batch_size` (under torchrun: this rank's slice of one
     global order). With `pack` (the default) the selected indices of consecutive looks fill
     whole batches, the last one possibly short; without it each look's selection is one batch
-    (empty ones are skipped). Hand every batch's per-sample losses back with `update`, in the
+    (empty ones are skipped). With `steps` (packed only) every epoch's selection is dealt evenly
+    into that many batches instead, sizes differing by at most one, for a loop that fixes its
+    steps per epoch once (the Hugging Face Trainer): each batch still carries its own weights.
+    Hand every batch's per-sample losses back with `update`, in the
     order the batches came: the gate learns from them, and `update` returns the batch's training
     loss (the gate's weights applied). `state_dict` holds the order's generator, the epoch and
     the gate, so a run resumes exactly at an epoch boundary.
     """
 
     def __init__(self, gate: Gate, batch_size: int, *, shuffle: bool = True, seed: int = 0, pack: bool = True,
-                 limit_batches: int | None = None, indices: torch.Tensor | None = None):
+                 limit_batches: int | None = None, indices: torch.Tensor | None = None, steps: int | None = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"SelectingBatchSampler: batch_size={batch_size!r} is not allowed: an integer >= 1")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"SelectingBatchSampler: steps={steps!r} is not allowed: an integer >= 1, or None")
+        if steps is not None and not pack:
+            raise ValueError("SelectingBatchSampler: steps needs pack=True: unpacked, each look is its own batch")
         if not gate.can_select_before_loading:
             raise ValueError(f"{type(gate).__name__} with these settings needs a scoring forward of each loaded "
                              "batch, so it cannot select before loading: select after loading instead")
-        self.gate, self.batch_size, self.pack = gate, batch_size, bool(pack)
+        self.gate, self.batch_size, self.pack, self.steps = gate, batch_size, bool(pack), steps
         self.ranks = Ranks.from_torch_distributed(gate.device)
         if self.ranks.active and not self.pack:
             raise ValueError("SelectingBatchSampler: pack=False is not allowed under torchrun: every rank must "
@@ -200,6 +207,8 @@ class SelectingBatchSampler(Sampler[list[int]]):
         before that, the last epoch's, or on the first the number the target rate implies."""
         if self.batches is not None:
             return len(self.batches)
+        if self.steps is not None:
+            return self.steps
         rate = self.gate.target_rate if self.gate.target_rate is not None else 1.0
         return math.ceil(rate * self.order.samples_served / self.batch_size) if self.pack else len(self.order)
 
@@ -215,9 +224,7 @@ class SelectingBatchSampler(Sampler[list[int]]):
         if not self.pack:
             return [(look.chosen, look.selection.weight) for look in looks if len(look.chosen)]
         chosen, relative = self._pooled(looks)
-        batches = self._dealt(chosen, relative) if self.ranks.active else \
-            list(zip(chosen.split(self.batch_size),
-                     relative.split(self.batch_size) if relative is not None else [None] * len(chosen)))
+        batches = self._dealt(chosen, relative)
         form = next((look.selection.form for look in looks if look.selection.weight is not None), "estimate")
         return [(idx, None if weight is None else step_weight(weight, form)) for idx, weight in batches]
 
@@ -235,17 +242,27 @@ class SelectingBatchSampler(Sampler[list[int]]):
                 if any(w is not None for _, w in parts) else None
         return chosen, weight
 
+    def _step_bounds(self, n: int) -> list[tuple[int, int]]:
+        """The epoch's global steps as [start, end) positions in a pooled selection of n samples:
+        batch_size x world each, a last one too small to give every rank a sample joining the one
+        before; or with `steps`, that many (fewer only when some rank would get no sample), sizes
+        differing by at most one."""
+        world = self.ranks.world_size
+        if self.steps is not None:
+            count = max(min(self.steps, n // world), 1)
+            edges = [n * step // count for step in range(count + 1)]
+            return list(zip(edges[:-1], edges[1:]))
+        starts = list(range(0, n, self.batch_size * world))
+        if len(starts) > 1 and n - starts[-1] < world:
+            starts.pop()
+        return list(zip(starts, starts[1:] + [n]))
+
     def _dealt(self, chosen: torch.Tensor, weight: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """The pooled selection in global steps of batch_size x world, each split evenly over the
-        ranks (sizes differ by at most one); a last step too small to give every rank a sample
-        joins the step before it."""
+        """The pooled selection [n] (and its relative weights) as this rank's batches: each global
+        step (`_step_bounds`) split evenly over the ranks, sizes differing by at most one."""
         world, rank = self.ranks.world_size, self.ranks.rank
-        steps = list(range(0, len(chosen), self.batch_size * world))
-        if len(steps) > 1 and len(chosen) - steps[-1] < world:
-            steps.pop()
-        bounds = steps[1:] + [len(chosen)]
         batches = []
-        for start, end in zip(steps, bounds):
+        for start, end in self._step_bounds(len(chosen)):
             mine = torch.arange(start, end).tensor_split(world)[rank]  # [about batch_size] positions
             batches.append((chosen[mine], None if weight is None else weight[mine]))
         return [b for b in batches if len(b[0])]

@@ -1,18 +1,16 @@
 """What the framework adapters share, with torch alone: a sampler whose length is exact before
-an epoch starts, an epoch served in a fixed number of steps, the epoch's global activation rate,
-and a causal language model's per-sequence loss.
+an epoch starts, the epoch's global activation rate, and a causal language model's per-sequence loss.
 
 Frameworks read `len(dataloader)` before they iterate an epoch and stop the epoch after that many
 batches (Lightning), or fix the steps of every epoch from the first (the Hugging Face Trainer,
 which also finds the epoch to resume from as global_step // steps). The selecting sampler knows
 an epoch's batch count only once the gate has planned it, and the count moves a little with the
-gate's choices, so the adapters plan early (`PlannedSampler`) and, for the Trainer, cut each
-epoch into the first epoch's number of steps (`EvenSteps`).
+gate's choices, so the adapters plan early (`PlannedSampler`) and, for the Trainer, deal each
+epoch into the first epoch's number of steps (the sampler's `steps`).
 """
 from __future__ import annotations
 
 import copy
-from collections import deque
 from typing import Callable, Iterator
 
 import torch
@@ -96,94 +94,6 @@ def epoch_record(sampler: SelectingBatchSampler, trained: int) -> dict:
     epoch = getattr(sampler, "served_epoch", sampler.epoch)  # a PlannedSampler may have planned the next
     return {"epoch": epoch, "samples_trained": int(trained_all), "samples_seen": int(seen_all),
             "activation_rate": trained_all / seen_all}
-
-
-def recut(batches: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
-    """`batches` as `steps` batches, only the epoch's tail changed: the batches past `steps` join
-    the last one; with too few, the last batches are split evenly (fewer than `steps` only when
-    the epoch has fewer samples than steps)."""
-    if len(batches) >= steps:
-        return batches[:steps - 1] + [torch.cat(batches[steps - 1:])]
-    keep, tail = list(batches), []
-    while keep and sum(len(t) for t in tail) < steps - len(keep):
-        tail.insert(0, keep.pop())
-    joined = torch.cat(tail)
-    return keep + list(joined.tensor_split(min(steps - len(keep), len(joined))))
-
-
-class EvenSteps:
-    """A batch sampler serving every epoch of `sampler` in the same number of batches: the first
-    epoch's (or `steps`), for a trainer that fixes its steps per epoch once.
-
-    An epoch whose plan has another count is re-cut at its tail (`recut`). `update` takes the
-    served batches' losses in order and hands them to the sampler in its own batches. A served
-    batch made of whole sampler batches trains on what the sampler returns (their size-weighted
-    mean); a piece of a split batch trains on its plain mean, so a weighting gate's weights are
-    left out there, in the tail of an epoch whose count differs from the first's.
-    """
-
-    def __init__(self, sampler: SelectingBatchSampler, steps: int | None = None):
-        self.sampler, self.steps = sampler, steps
-        self.sizes: deque[int] = deque()  # the sampler's batch sizes whose losses are not all back
-        self.held: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # losses of a split batch so far
-
-    def __len__(self) -> int:
-        if self.steps is None:
-            self.steps = max(len(self.sampler), 1)  # a PlannedSampler: the first epoch's exact count
-        return self.steps
-
-    def __iter__(self) -> Iterator[list[int]]:
-        steps = len(self)
-        batches = [torch.as_tensor(b, dtype=torch.long) for b in self.sampler]  # planned at its start anyway
-        self.sizes = deque(len(b) for b in batches)
-        self.held = []
-        for batch in recut(batches, steps) if batches else []:
-            yield batch.tolist()
-
-    def update(self, losses: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        """Hand back a served batch's per-sample losses [k]; returns the loss to backpropagate."""
-        whole = self._whole_batches(len(losses))
-        if whole is None:
-            self.held.append((losses.detach(), None if logits is None else logits.detach()))
-            self._hand_back_held()
-            return losses.mean()
-        parts = [self.sampler.update(loss, None if logits is None else logit)
-                 for loss, logit in zip(losses.split(whole), _split(logits, whole))]
-        for _ in whole:
-            self.sizes.popleft()
-        return sum(part * size for part, size in zip(parts, whole)) / len(losses)
-
-    def _whole_batches(self, k: int) -> list[int] | None:
-        """The sampler batch sizes that `k` losses complete exactly from a clean start; None otherwise."""
-        if self.held:
-            return None
-        total, sizes = 0, []
-        for size in self.sizes:
-            total += size
-            sizes.append(size)
-            if total >= k:
-                break
-        return sizes if total == k else None
-
-    def _hand_back_held(self) -> None:
-        losses = torch.cat([loss for loss, _ in self.held])
-        logits = None if any(logit is None for _, logit in self.held) else torch.cat([lg for _, lg in self.held])
-        while self.sizes and len(losses) >= self.sizes[0]:
-            n = self.sizes.popleft()
-            self.sampler.update(losses[:n], None if logits is None else logits[:n])
-            losses, logits = losses[n:], None if logits is None else logits[n:]
-        self.held = [(losses, logits)] if len(losses) else []
-
-    def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict(), "steps": self.steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-        self.steps, self.sizes, self.held = state["steps"], deque(), []
-
-
-def _split(logits: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor | None]:
-    return [None] * len(sizes) if logits is None else list(logits.split(sizes))
 
 
 def causal_lm_losses(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -17,8 +17,8 @@ sampler knows which indices it served. Evaluation is not gated (the plain mean).
 
 Steps: the Trainer counts an epoch's steps once, from the loader's length before training, and
 finds the epoch to resume from as global_step // steps per epoch. The sampler plans the first
-epoch when that length is read, so it is exact, and every later epoch is served in that many
-steps (`EvenSteps`: only an epoch's tail is re-cut when its plan has another count). Prefer
+epoch when that length is read, so it is exact, and every later epoch's selection is dealt
+evenly into that many steps (the sampler's `steps`), each with its own weights. Prefer
 `num_train_epochs`; `max_steps` works, but a run that stops inside an epoch leaves it unfinished.
 
 Checkpoints: at each save the sampler's state goes into the checkpoint folder beside the
@@ -43,7 +43,6 @@ from transformers.utils import is_datasets_available
 
 from adaptive_sparse.gating.gates import Gate
 from adaptive_sparse.integrations.common import (
-    EvenSteps,
     PlannedSampler,
     causal_lm_losses,
     checkpoint_state,
@@ -79,7 +78,7 @@ class SelectingTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.gate, self.per_example_loss = gate, per_example_loss
         self.sampler_args = dict(shuffle=shuffle, pack=pack, limit_batches=limit_batches, indices=indices)
-        self.steps: EvenSteps | None = None
+        self.sampler: PlannedSampler | None = None
         self.epochs: list[dict] = []
         self.trained = 0  # examples handed back this epoch, on this rank
         self._restored: dict | None = None  # a checkpoint's sampler state, for the sampler not yet built
@@ -89,22 +88,23 @@ class SelectingTrainer(Trainer):
         """The training examples the gate picks, collated as the Trainer would (unused columns removed)."""
         if self.train_dataset is None:
             raise ValueError("SelectingTrainer: train_dataset= is required for training")
-        if self.steps is None:
+        if self.sampler is None:
             # Built here, after the Trainer's accelerator has set up torch.distributed: the sampler
             # finds the ranks when it is built.
-            sampler = PlannedSampler(self.gate, self.args.per_device_train_batch_size, seed=self.args.seed,
-                                     **self.sampler_args)
-            self.steps = EvenSteps(sampler)
+            self.sampler = PlannedSampler(self.gate, self.args.per_device_train_batch_size, seed=self.args.seed,
+                                          **self.sampler_args)
             if self._restored is not None:
-                self.steps.load_state_dict(self._restored)
+                self._load_steps(self._restored)
                 self._restored = None
+            else:
+                self.sampler.steps = max(len(self.sampler), 1)  # the first epoch's exact count, for every epoch
         dataset, collate = self.train_dataset, self.data_collator
         if _is_hf_dataset(dataset):
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collate = self._get_collator_with_removed_columns(collate, description="training")
         workers = self.args.dataloader_num_workers
-        return DataLoader(dataset, batch_sampler=self.steps, collate_fn=collate, num_workers=workers,
+        return DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
                           pin_memory=self.args.dataloader_pin_memory,
                           persistent_workers=self.args.dataloader_persistent_workers and workers > 0)
 
@@ -117,7 +117,7 @@ class SelectingTrainer(Trainer):
         losses = self.per_example_loss(outputs.logits, labels)  # [B]
         if model.training:
             self.trained += len(losses)
-            loss = self.steps.update(losses, outputs.logits.detach())
+            loss = self.sampler.update(losses, outputs.logits.detach())
         else:
             loss = losses.mean()
         return (loss, outputs) if return_outputs else loss
@@ -137,16 +137,20 @@ class SelectingTrainer(Trainer):
         state = torch.load(path, weights_only=False)
         refuse_mid_epoch(state, f"SelectingTrainer: resume_from_checkpoint={folder}", " (save_strategy='epoch')")
         self.epochs = list(state["epochs"])
-        if self.steps is None:
+        if self.sampler is None:
             self._restored = state["steps"]
         else:
-            self.steps.load_state_dict(state["steps"])
+            self._load_steps(state["steps"])
+
+    def _load_steps(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.sampler.steps = state["steps"]
 
     def sampler_state(self) -> dict:
         """What a checkpoint keeps: the sampler's state at an epoch boundary (inside an epoch only a
         marker), the steps per epoch, and the epoch records."""
-        return checkpoint_state(self.steps.sampler,
-                                lambda: {"steps": self.steps.state_dict(), "epochs": list(self.epochs)})
+        return checkpoint_state(self.sampler, lambda: {
+            "steps": {"sampler": self.sampler.state_dict(), "steps": self.sampler.steps}, "epochs": list(self.epochs)})
 
 
 class _SamplerInCheckpoints(TrainerCallback):
@@ -159,7 +163,7 @@ class _SamplerInCheckpoints(TrainerCallback):
         self.trainer.trained = 0
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        record = epoch_record(self.trainer.steps.sampler, self.trainer.trained)  # every rank: a collective
+        record = epoch_record(self.trainer.sampler, self.trainer.trained)  # every rank: a collective
         self.trainer.epochs.append(record)
         self.trainer.log({"activation_rate": record["activation_rate"]})
 

@@ -8,7 +8,7 @@ import math
 import torch
 
 from adaptive_sparse import RandomGate, SelectingBatchSampler, SundewGate
-from adaptive_sparse.integrations.common import EvenSteps, PlannedSampler, causal_lm_losses, epoch_record, recut
+from adaptive_sparse.integrations.common import PlannedSampler, causal_lm_losses, epoch_record
 
 
 def test_causal_lm_losses_average_the_shifted_tokens_and_leave_out_ignored_ones():
@@ -20,17 +20,6 @@ def test_causal_lm_losses_average_the_shifted_tokens_and_leave_out_ignored_ones(
                            [1, -100, -100]])    # nothing scored
     expected = torch.tensor([(math.log(4 / 3) + math.log(4)) / 2, math.log(4 / 3), 0.0])
     assert torch.allclose(causal_lm_losses(logits, labels), expected, atol=1e-6)
-
-
-def test_recut_changes_only_the_epochs_tail():
-    batches = [torch.arange(0, 16), torch.arange(16, 32), torch.arange(32, 37)]  # 16, 16, 5
-    assert [len(b) for b in recut(batches, 4)] == [16, 16, 3, 2]      # one more: the last batch split
-    assert [len(b) for b in recut(batches, 6)] == [16, 16, 2, 1, 1, 1]  # three more: the 5 in 4 pieces
-    assert [len(b) for b in recut(batches, 40)] == [1] * 37             # more steps than samples: one each
-    assert [len(b) for b in recut(batches, 2)] == [16, 21]            # one fewer: the last two joined
-    assert [len(b) for b in recut(batches, 3)] == [16, 16, 5]         # as planned: unchanged
-    for steps in (1, 2, 3, 4, 6, 40):
-        assert torch.equal(torch.cat(recut(batches, steps)), torch.arange(37))  # same samples, same order
 
 
 def _epochs(sampler: SelectingBatchSampler, epochs: int = 3) -> list[tuple[int, list[list[int]]]]:
@@ -66,36 +55,6 @@ def test_planned_sampler_saved_with_an_epoch_planned_ahead_resumes_to_plan_it_th
     len(resumed)  # an epoch planned before the load is dropped by it
     resumed.load_state_dict(state)
     assert _epochs(resumed, 1) == third and resumed.epoch == 3
-
-
-@torch.no_grad()
-def _serve(steps_offset: int | None) -> None:
-    """Four epochs through EvenSteps; checks the count served and that the sampler got back exactly
-    its own batches' losses (each sample's loss is its index), once, in order."""
-    sampler = PlannedSampler(RandomGate(100, 0.5, seed=0), 8, seed=0)
-    steps = None if steps_offset is None else len(sampler) + steps_offset
-    served = EvenSteps(sampler, steps)
-    handed: list[list[int]] = []
-    update = sampler.update
-    sampler.update = lambda losses, logits=None: handed.append(losses.long().tolist()) or update(losses, logits)
-    for _ in range(4):
-        handed.clear()
-        batches = list(served)
-        assert len(batches) == len(served)
-        for batch in batches:
-            losses = torch.tensor(batch, dtype=torch.float)
-            assert torch.isclose(served.update(losses, torch.randn(len(batch), 4)), losses.mean())  # unweighted gate
-        assert sampler.updates_left == 0 and not served.held
-        assert handed == [idx.tolist() for idx, _ in sampler.batches]
-
-
-def test_even_steps_serves_every_epoch_in_the_first_epochs_count_handing_each_batch_back_once():
-    _serve(None)
-
-
-def test_even_steps_splits_or_joins_the_tail_when_an_epoch_needs_more_or_fewer_steps():
-    _serve(+3)
-    _serve(-2)
 
 
 def test_epoch_record_is_trained_over_looked_at_the_looks_cut_at_limit_batches():

@@ -23,7 +23,7 @@ def _callbacks(stop_after: int | None = None):
             self.chosen: dict[int, list[int]] = {}
 
         def on_epoch_end(self, args, state, control, train_dataloader=None, **kwargs):
-            sampler = train_dataloader.batch_sampler.sampler
+            sampler = train_dataloader.batch_sampler
             self.chosen[sampler.epoch] = torch.cat([idx for idx, _ in sampler.batches]).tolist()
             if stop_after is not None and len(self.chosen) == stop_after:
                 control.should_training_stop = True
@@ -66,8 +66,8 @@ def _trainer(tmp_path, gate=None, **training):
     from examples import hf_sundew
 
     data = hf_sundew.make_sequences(64)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=1,
-                             report_to="none", use_cpu=True, disable_tqdm=True, logging_strategy="no", **training)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none", use_cpu=True,
+                             disable_tqdm=True, logging_strategy="no", **{"num_train_epochs": 1, **training})
     return SelectingTrainer(model=hf_sundew.tiny_gpt2(), args=args, train_dataset=data,
                             data_collator=default_data_collator, gate=gate or RandomGate(64, 0.5))
 
@@ -91,3 +91,25 @@ def test_misuse_is_refused_in_one_line_naming_the_argument(tmp_path):
     foreign.mkdir()
     with pytest.raises(ValueError, match="holds no adaptive_sparse_sampler.pt"):
         _trainer(tmp_path).train(resume_from_checkpoint=str(foreign))
+
+
+def test_a_pruned_epoch_is_dealt_evenly_into_the_first_epochs_steps(tmp_path):
+    """InfoBatch trains everything in epoch 1 (8 steps of 8) and prunes in epoch 2: its fewer samples
+    come in the same 8 steps, sizes differing by at most one, each with its own weights."""
+    from transformers import TrainerCallback
+
+    from adaptive_sparse import InfoBatchGate
+
+    sizes: dict[int, list[int]] = {}
+    trainer = _trainer(tmp_path, gate=InfoBatchGate(64, epochs=4, seed=0), num_train_epochs=2, save_strategy="no")
+
+    class Sizes(TrainerCallback):
+        def on_epoch_end(self, args, state, control, train_dataloader=None, **kwargs):
+            sampler = train_dataloader.batch_sampler
+            sizes[sampler.epoch] = [len(idx) for idx, _ in sampler.batches]
+
+    trainer.add_callback(Sizes())
+    trainer.train()
+    assert sizes[1] == [8] * 8 and len(sizes[2]) == 8 and sum(sizes[2]) < 64
+    assert max(sizes[2]) - min(sizes[2]) <= 1
+    assert trainer.state.global_step == 16

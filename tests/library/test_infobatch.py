@@ -53,10 +53,12 @@ def test_by_hand_one_look_every_route_returns_infobatchs_loss():
         assert sampler.update(losses).item() == pytest.approx(2.8)
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_the_sampler_returns_infobatchs_loss_for_every_batch_of_an_epoch(pack):
+@pytest.mark.parametrize("pack, steps", [(True, None), (False, None), (True, 5)])
+def test_the_sampler_returns_infobatchs_loss_for_every_batch_of_an_epoch(pack, steps):
+    """Packed, unpacked, and dealt into a fixed number of steps (the Hugging Face Trainer's way):
+    each batch's loss is mean(w * loss) over its own samples."""
     losses = torch.linspace(0.5, 2.0, N)  # this epoch's: a different loss per sample
-    sampler = SelectingBatchSampler(second_epoch_gate(), 4, seed=3, pack=pack)
+    sampler = SelectingBatchSampler(second_epoch_gate(), 4, seed=3, pack=pack, steps=steps)
     sampler.set_epoch(2)
     batches = list(sampler)
     assert 0 < sum(map(len, batches)) < N  # something pruned

@@ -69,6 +69,25 @@ def test_packed_batches_are_full_and_in_selection_order():
     assert len(set(flat)) == len(flat)  # no sample twice in an epoch
 
 
+def test_steps_deal_each_epoch_evenly_into_that_many_batches_of_the_same_selection():
+    """100 samples at 0.5 in looks of 8: each epoch's selection (about 50) in exactly 7 batches
+    whose sizes differ by at most one, the same indices in the same order as batches of 8."""
+    even = SelectingBatchSampler(RandomGate(100, 0.5, seed=0), 8, seed=1, steps=7)
+    plain = SelectingBatchSampler(RandomGate(100, 0.5, seed=0), 8, seed=1)
+    assert len(even) == 7  # known before the epoch is planned
+    for _ in range(3):
+        batches, plain_batches = list(even), list(plain)
+        sizes = [len(b) for b in batches]
+        assert len(batches) == len(even) == 7 and max(sizes) - min(sizes) <= 1
+        assert [i for b in batches for i in b] == [i for b in plain_batches for i in b]
+        for b in batches:
+            even.update(torch.ones(len(b)))
+        for b in plain_batches:
+            plain.update(torch.ones(len(b)))
+    tiny = list(SelectingBatchSampler(RandomGate(10, 0.5, seed=0), 8, steps=20))  # fewer samples than steps
+    assert tiny and all(len(b) == 1 for b in tiny)  # one each
+
+
 def test_update_returns_the_gate_weighted_loss_and_teaches_the_memory():
     """InfoBatch in its second epoch: a sample below the first epoch's mean loss that survives
     pruning counts 1 / (1 - 0.5) = 2 times; the rest count once."""
@@ -143,13 +162,13 @@ def test_dataloader_with_workers_loads_only_the_selected_and_resumes_exactly():
         assert 24 <= len(flat) <= 40  # about half of the 64 samples loaded, each at most once
 
 
-def _sampler_rank(rank: int, port: int, out: str) -> None:
+def _sampler_rank(rank: int, port: int, out: str, steps: int | None = None) -> None:
     import torch.distributed as torch_dist
 
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     gate = SundewGate(101, 0.5, scoring="memory", seed=7)  # same seed on every rank
-    sampler = SelectingBatchSampler(gate, 8, seed=4)
+    sampler = SelectingBatchSampler(gate, 8, seed=4, steps=steps)
     epochs = []
     for epoch in (1, 2):
         served = []
@@ -162,12 +181,18 @@ def _sampler_rank(rank: int, port: int, out: str) -> None:
     torch_dist.destroy_process_group()
 
 
+def _sampler_rank_in_five_steps(rank: int, port: int, out: str) -> None:
+    _sampler_rank(rank, port, out, steps=5)
+
+
 @pytest.mark.slow
-def test_two_ranks_yield_equal_batch_counts_of_disjoint_samples_with_one_memory(tmp_path):
-    ranks = two_ranks_spawn(_sampler_rank, tmp_path)
+@pytest.mark.parametrize("steps", [None, 5])
+def test_two_ranks_yield_equal_batch_counts_of_disjoint_samples_with_one_memory(tmp_path, steps):
+    ranks = two_ranks_spawn(_sampler_rank if steps is None else _sampler_rank_in_five_steps, tmp_path)
     for epoch in (0, 1):
         a, b = (r["epochs"][epoch] for r in ranks)
         assert len(a) == len(b) and all(len(x) for x in a + b)  # collectives line up, no empty batch
+        assert steps is None or len(a) == steps
         flat_a, flat_b = [i for x in a for i in x], [i for x in b for i in x]
         assert not set(flat_a) & set(flat_b) and len(set(flat_a)) == len(flat_a)
         share = (len(flat_a) + len(flat_b)) / 100  # 101 samples: one dropped so both ranks see 50
