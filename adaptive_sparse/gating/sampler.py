@@ -24,6 +24,8 @@ up), and the per-sample memories are merged when the epoch's last batch is hande
 """
 from __future__ import annotations
 
+import copy
+
 import math
 import warnings
 from collections import deque
@@ -304,13 +306,14 @@ class SelectingBatchSampler(Sampler[list[int]]):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """The state at an epoch boundary; refused inside an epoch, whose remaining batches a
-        resume would otherwise silently skip."""
+        """A copy of the state at an epoch boundary; refused inside an epoch, whose remaining
+        batches a resume would otherwise silently skip."""
         if self.updates_left:
             raise RuntimeError(f"SelectingBatchSampler.state_dict: epoch {self.epoch} still has {self.updates_left} of "
                                f"{len(self.batches)} batches to hand back; a resume starts at the next epoch, so saved "
                                "now the rest of this one would be skipped: save after the epoch's last update")
-        return {"epoch": self.epoch, "order": self.order.state_dict(), "gate": self.gate.state_dict()}
+        # a copy: the gate's own tensors move with the next epoch, and a state kept in memory must not
+        return copy.deepcopy({"epoch": self.epoch, "order": self.order.state_dict(), "gate": self.gate.state_dict()})
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])

@@ -10,7 +10,6 @@ epoch into the first epoch's number of steps (the sampler's `steps`).
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable, Iterator
 
 import torch
@@ -47,8 +46,7 @@ class PlannedSampler(SelectingBatchSampler):
 
     def _plan_next_epoch(self) -> None:
         if self._ahead is None:
-            # a copy: the state holds the gate's own tensors, which the planning moves
-            self._before_ahead = None if self.updates_left else copy.deepcopy(super().state_dict())
+            self._before_ahead = None if self.updates_left else super().state_dict()  # a copy, before planning
             epoch = super().__iter__()
             self._ahead = (next(epoch, None), epoch)  # the first batch drawn runs the epoch's planning
 

@@ -88,6 +88,19 @@ def test_steps_deal_each_epoch_evenly_into_that_many_batches_of_the_same_selecti
     assert tiny and all(len(b) == 1 for b in tiny)  # one each
 
 
+def test_a_state_kept_in_memory_is_not_moved_by_later_epochs():
+    sampler = SelectingBatchSampler(SundewGate(64, 0.5, scoring="memory", seed=0), 8, seed=0)
+    for batch in sampler:
+        sampler.update(torch.rand(len(batch)))
+    state = sampler.state_dict()
+    kept = {k: v.clone() for k, v in state["gate"]["memory"].items() if isinstance(v, torch.Tensor)}
+    for batch in sampler:  # epoch 2 writes new losses into the gate's memory
+        sampler.update(torch.rand(len(batch)) + 5)
+    for key, before in kept.items():
+        torch.testing.assert_close(state["gate"]["memory"][key], before, equal_nan=True, rtol=0, atol=0)
+    assert kept
+
+
 def test_update_returns_the_gate_weighted_loss_and_teaches_the_memory():
     """InfoBatch in its second epoch: a sample below the first epoch's mean loss that survives
     pruning counts 1 / (1 - 0.5) = 2 times; the rest count once."""
