@@ -445,6 +445,35 @@ def baselines_note(figures: dict | None, runs: list[RecipeRun]) -> list[str]:
     return [" ".join(lines), ""]
 
 
+def context_use_section(out_dir: Path) -> list[str]:
+    """How far back each run reads (scripts/studies/context_use.py's record beside the page): the
+    loss on the same characters at each context, and per run a verdict on the full window's gain
+    over the shortest context, from its 95% interval over windows."""
+    path = out_dir / "context_use.json"
+    if not path.exists():
+        return []
+    record = json.loads(path.read_text())
+    contexts = sorted({int(c) for run in record["runs"] for c in run["loss"]})
+    shortest = str(contexts[0])
+    head = ["run", *(f"loss at {c:,}" for c in contexts), f"full window's gain over {contexts[0]}", "reads beyond it"]
+    lines = ["## How far back each model reads", "",
+             f"Each validation window's last {record['scored']} characters predicted from less and less of the "
+             f"window before them (`{record['command']}`; {record['hardware']}): a model that uses context beyond "
+             f"{contexts[0]} characters does better with the whole window. The gain is paired window by window, "
+             "± its 95% interval over windows.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in record["runs"]:
+        gain = run["gain_of_full_window_over"].get(shortest)
+        if gain is None:
+            continue
+        low, high = gain["mean"] - gain["interval"], gain["mean"] + gain["interval"]
+        verdict = "yes" if low > 0 else "no: worse with more" if high < 0 else "no gain measured"
+        cells = [run["name"], *(f"{run['loss'][str(c)]:.4f}" if str(c) in run["loss"] else "–" for c in contexts),
+                 f"{gain['mean']:+.4f} ± {gain['interval']:.4f}", verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, "", "![loss against the context given](context_use.png)", ""]
+
+
 def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None, title: str | None = None,
                goal_top_k: int | None = None) -> Path:
     own = analysis.collect_runs(sources[0])
@@ -480,6 +509,7 @@ def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None, titl
         "so read shares, not seconds). The recipe's total includes the dense epochs it started from.", "",
         "## The keep-ratio curve", "", keep_ratio_table(runs), "",
         f"![final {what} against top_k](keep_ratio.png)", "",
+        *context_use_section(out_dir),
         f"## {study.combined_heading}", "", combined_table(runs), "",
         study.combined_note, "",
         *analysis.not_yet_run_section(missing, queue_file),
