@@ -336,9 +336,11 @@ def infobatch_note(study: Study) -> list[str]:
         return []
     forms = sorted({"sum(w * loss) / sum(w) over a packed step" if packed else
                     "sum(w * loss) / B over each loader batch of B" for packed, _ in old})
+    own = any(arm.key.gate == "infobatch" and not arm.key.step_loss for arm in study.arms.values())
     return [f"InfoBatch's arms named by that form ({len(old)} runs) trained on {' and '.join(forms)}, not InfoBatch's "
-            "own mean(w * loss) over a step's samples, which later runs record (`gate_loss_form: mean`) and "
-            "the arm without a form name ran: their pruned epochs moved the weights less than InfoBatch's would have.", ""]
+            "own mean(w * loss) over a step's samples, which later runs record (`gate_loss_form: mean`)" +
+            (" and the InfoBatch arm without a form in its name ran" if own else "") +
+            ": their pruned epochs moved the weights less than InfoBatch's would have.", ""]
 
 
 def arms_table(study: Study, margins: tuple[float, ...] | None = None) -> str:
