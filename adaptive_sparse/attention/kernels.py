@@ -127,10 +127,13 @@ def pad_to_blocks(t: torch.Tensor, block_size: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
-# Query blocks a chunk of the explicit kernel takes: scores of about 2^20 elements (2 MiB in bf16)
+# Query blocks a chunk of the explicit kernel takes: scores of about 2^21 elements (4 MiB in bf16)
 # stay in cache from the matmul through the softmax to the values, where one [B, H, NB, bs, KB*bs]
-# tensor of 33 MB (8,192 tokens a batch, top_k 512, 4 heads) ran at a third of the speed.
-CHUNK_SCORES = 1 << 20
+# tensor of 33 MB (8,192 tokens a batch, top_k 512, 4 heads) ran at a third of the speed. Chosen
+# by an in-process A/B on the AMD EPYC (2 threads, idle, one attention forward and backward at
+# 8,192 tokens a batch): at top_k 512, 2^21 ran 4-9% faster than 2^20 at 2,048-8,192 tokens and
+# tied it at top_k 256; 2^18 and 2^19 were slower everywhere, 2^22 mixed.
+CHUNK_SCORES = 1 << 21
 
 
 def attend_to_selected_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
