@@ -25,7 +25,6 @@ up), and the per-sample memories are merged when the epoch's last batch is hande
 from __future__ import annotations
 
 import copy
-
 import math
 import warnings
 from collections import deque

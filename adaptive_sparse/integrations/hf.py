@@ -149,6 +149,8 @@ class SelectingTrainer(Trainer):
     def sampler_state(self) -> dict:
         """What a checkpoint keeps: the sampler's state at an epoch boundary (inside an epoch only a
         marker), the steps per epoch, and the epoch records."""
+        # the shape the adapter's checkpoints have always had ("steps" held the sampler and the steps
+        # per epoch), so checkpoints written before the sampler dealt the steps itself still resume
         return checkpoint_state(self.sampler, lambda: {
             "steps": {"sampler": self.sampler.state_dict(), "steps": self.sampler.steps}, "epochs": list(self.epochs)})
 

@@ -66,9 +66,10 @@ def load_model(run_dir: Path, cfg, vocab_size: int) -> torch.nn.Module:
     """The run's model as its config builds it, with the weights of its last checkpoint."""
     from hydra.utils import instantiate
 
+    from adaptive_sparse.training.checkpoint import load_checkpoint
+
     model = instantiate(cfg.model, vocab_size=vocab_size)
-    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"])
     return model.eval()
 
 

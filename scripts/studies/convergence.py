@@ -330,14 +330,14 @@ def share_text(share: float | None) -> str:
 def infobatch_note(study: Study) -> list[str]:
     """Which loss InfoBatch's arms trained on: InfoBatch's own mean(w * loss) over a step's samples
     where summary.json says so (`gate_loss_form: mean`), else the form the code of their time had."""
-    old = [(arm.key.packed, run) for arm in study.arms.values() if arm.key.gate == "infobatch" and arm.key.step_loss
-           for run in arm.runs.values()]
+    old = [arm for arm in study.arms.values() if arm.key.gate == "infobatch" and arm.key.step_loss]
     if not old:
         return []
-    forms = sorted({"sum(w * loss) / sum(w) over a packed step" if packed else
-                    "sum(w * loss) / B over each loader batch of B" for packed, _ in old})
+    forms = sorted({f"{arm.key.step_loss} over {'a packed step' if arm.key.packed else 'each loader batch of B'}"
+                    for arm in old})
+    runs = sum(len(arm.runs) for arm in old)
     own = any(arm.key.gate == "infobatch" and not arm.key.step_loss for arm in study.arms.values())
-    return [f"InfoBatch's arms named by that form ({len(old)} runs) trained on {' and '.join(forms)}, not InfoBatch's "
+    return [f"InfoBatch's arms named by that form ({runs} runs) trained on {' and '.join(forms)}, not InfoBatch's "
             "own mean(w * loss) over a step's samples, which later runs record (`gate_loss_form: mean`)" +
             (" and the InfoBatch arm without a form in its name ran" if own else "") +
             ": their pruned epochs moved the weights less than InfoBatch's would have.", ""]
