@@ -170,11 +170,13 @@ def attend_to_selected_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = fused_block_attention(q_blocks, k_sel, v_sel, keep)
         return out.reshape(b, h, nb * block_size, d)[:, :, :n], None
     step = max(1, CHUNK_SCORES // (b * h * block_size * kb * block_size))
+    # split, not slices: autograd joins split's gradients in one copy, where each slice's backward
+    # would write a zero tensor the size of all of q
+    keeps = [None] * len(range(0, nb, step)) if keep is None else keep.split(step, dim=1)
     outs, masses = [], []
-    for start in range(0, nb, step):
-        blocks = slice(start, start + step)
-        out, mass = explicit_block_attention(q_blocks[:, :, blocks], k, v, block_idx[:, blocks],
-                                             None if keep is None else keep[:, blocks], n, start, with_mass)
+    for start, q_chunk, idx_chunk, keep_chunk in zip(range(0, nb, step), q_blocks.split(step, dim=2),
+                                                     block_idx.split(step, dim=1), keeps):
+        out, mass = explicit_block_attention(q_chunk, k, v, idx_chunk, keep_chunk, n, start, with_mass)
         outs.append(out)
         masses.append(mass)
     out = torch.cat(outs, dim=2).view(b, h, nb * block_size, d)[:, :, :n]  # [B, H, N, D]
@@ -193,8 +195,8 @@ def explicit_block_attention(q_blocks: torch.Tensor, k: torch.Tensor, v: torch.T
     b, h, c, bs, d = q_blocks.shape
     k_sel, v_sel = (gather_per_head(t, block_idx, bs).view(b, h, c, -1, d) for t in (k, v))  # [B, H, c, KB*bs, D]
     scores = torch.matmul(q_blocks * d ** -0.5, k_sel.transpose(-1, -2))  # [B, H, c, bs, KB*bs]
-    if keep is not None:
-        scores = scores.masked_fill(~keep.unsqueeze(1), float("-inf"))
+    if keep is not None:  # an added -inf bias, not masked_fill: its backward is free, masked_fill's a pass
+        scores = scores + scores.new_zeros(keep.shape).masked_fill_(~keep, float("-inf")).unsqueeze(1)
     weights = scores.softmax(-1)  # every row keeps at least one key: causal, itself; else a real one
     out = torch.matmul(weights, v_sel)  # [B, H, c, bs, D]
     return out, block_mass(weights.detach(), n, first_block) if with_mass else None
