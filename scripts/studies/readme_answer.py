@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,14 +25,17 @@ START = "<!-- answer: made by `python -m scripts.studies.readme_answer` from the
 END = "<!-- /answer -->"
 CLAIM_START = "<!-- claims: made by `python -m scripts.studies.readme_answer` from the benchmark records; do not edit by hand -->"
 CLAIM_END = "<!-- /claims -->"
-# the report's combined claim, measured idle: (setting, dense-attention record, sparse-attention record),
-# each a scripts/bench_gates.py run of gate=none and sundew (memory, packed) in one sitting
+# the report's combined claim, measured idle: (setting, dense-attention record, sparse-attention record,
+# the quality study's record and its sparse arm's top_k, or None where quality was not trained), each
+# record a scripts/bench_gates.py run of gate=none and sundew (memory, packed) in one sitting
 COMBINED = [("ViT, CIFAR-10, 65 tokens, sundew 6%", "docs/bench/bench_vit_combined_dense.json",
-             "docs/bench/bench_vit_combined_sparse.json"),
+             "docs/bench/bench_vit_combined_sparse.json", None),
             ("GPT with rotary positions, tiny-shakespeare, 2,048 tokens, top_k 256, sundew 25%",
-             "docs/bench/bench_long_rope_combined_dense_2048.json", "docs/bench/bench_long_rope_combined_sparse_2048.json"),
+             "docs/bench/bench_long_rope_combined_dense_2048.json", "docs/bench/bench_long_rope_combined_sparse_2048.json",
+             ("docs/results/long-context-rope/runs.jsonl", 256)),
             ("GPT with rotary positions, tiny-shakespeare, 4,096 tokens, top_k 512, sundew 25%",
-             "docs/bench/bench_long_rope_combined_dense_4096.json", "docs/bench/bench_long_rope_combined_sparse_4096.json")]
+             "docs/bench/bench_long_rope_combined_dense_4096.json", "docs/bench/bench_long_rope_combined_sparse_4096.json",
+             ("docs/results/long-context-rope-4096/runs.jsonl", 512))]
 # (the learned-position GPT's row at 2,048 tokens, bench_long_combined_*.json, left with its model,
 # which never left the bigram plateau: docs/sparse-attention.md keeps its figures)
 # (setting, study folder, idle benchmarks beside the record unless named)
@@ -74,20 +78,54 @@ def signed(figure: Estimate, digits: int) -> str:
 
 
 def combined_rows() -> list[str]:
-    """Epoch-time speedups against dense attention with gate=none, from each pair of idle records."""
-    rows = ["| setting (idle, one sitting) | sundew with sparse attention | sundew alone | sparse attention alone | records |",
-            "|---|---|---|---|---|"]
-    for setting, dense_file, sparse_file in COMBINED:
+    """Epoch-time speedups against dense attention with gate=none, from each pair of idle records,
+    and each arm's validation-loss cost against dense full training from the quality study."""
+    rows = ["| setting (idle, one sitting) | sundew with sparse attention | sundew alone | sparse attention alone "
+            "| loss cost: both, sundew, sparse (nats) | records |",
+            "|---|---|---|---|---|---|"]
+    for setting, dense_file, sparse_file, quality in COMBINED:
         if not (ROOT / dense_file).exists() or not (ROOT / sparse_file).exists():
             continue
         dense_record, sparse_record = (json.loads((ROOT / f).read_text()) for f in (dense_file, sparse_file))
         dense, sparse = ({r["config"]: r for r in record["rows"]} for record in (dense_record, sparse_record))
         base = dense["none"]["epoch_time_s"]
         speed = lambda row: f"{base / row['epoch_time_s']:.2f}x"  # noqa: E731
+        records = f"[dense]({dense_file}), [sparse]({sparse_file})"
+        if quality and (ROOT / quality[0]).exists():
+            records += f", [quality]({quality[0]})"
         rows.append(f"| {setting} ({dense_record['hardware']}) | {speed(sparse['sundew-memory-packed'])} | "
                     f"{speed(dense['sundew-memory-packed'])} | {speed(sparse['none'])} | "
-                    f"[dense]({dense_file}), [sparse]({sparse_file}) |")
+                    f"{loss_costs(quality)} | {records} |")
     return rows
+
+
+def loss_costs(quality: tuple[str, int] | None) -> str:
+    """'+0.42, +0.47, -0.03 (seed 0)': the final validation loss of sundew 25% with sparse
+    attention, sundew alone and sparse attention alone (from scratch), each minus dense full
+    training's on the same seed, averaged over the seeds both have; '–' where quality was not
+    trained."""
+    if quality is None or not (ROOT / quality[0]).exists():
+        return "–"
+    final = {}  # (gated, sparse) -> {seed: val_loss}
+    for run in analysis.collect_runs(ROOT / quality[0]):
+        o = run.overrides
+        if o.get("study") != "long_context_rope" or "init_from" in o:
+            continue  # the recipe's runs start from a dense checkpoint: not an arm of the combined claim
+        sparse = o.get("attention") == "sparse_causal_long"
+        if sparse and int(o.get("attention.top_k", 512)) != quality[1]:
+            continue
+        gate = o.get("gate")
+        if gate is not None and not (gate == "sundew_memory" and o.get("budget") == "0.25"):
+            continue
+        final.setdefault((gate is not None, sparse), {})[run.seed] = run.summary["val_loss"]
+    dense = final.get((False, False), {})
+    cells, seeds = [], set()
+    for arm in ((True, True), (True, False), (False, True)):
+        common = sorted(set(final.get(arm, {})) & set(dense))
+        seeds |= set(common)
+        cells.append(f"{statistics.fmean(final[arm][s] - dense[s] for s in common):+.2f}" if common else "–")
+    named = ", ".join(str(s) for s in sorted(seeds))
+    return ", ".join(cells) + (f" (seed {named})" if len(seeds) == 1 else f" (seeds {named})" if seeds else "")
 
 
 def block() -> str:
