@@ -2,6 +2,8 @@
 over only those; pure functions of tensors."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -172,7 +174,7 @@ def attend_to_selected_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     step = max(1, CHUNK_SCORES // (b * h * block_size * kb * block_size))
     # split, not slices: autograd joins split's gradients in one copy, where each slice's backward
     # would write a zero tensor the size of all of q
-    keeps = [None] * len(range(0, nb, step)) if keep is None else keep.split(step, dim=1)
+    keeps = itertools.repeat(None) if keep is None else keep.split(step, dim=1)
     outs, masses = [], []
     for start, q_chunk, idx_chunk, keep_chunk in zip(range(0, nb, step), q_blocks.split(step, dim=2),
                                                      block_idx.split(step, dim=1), keeps):
