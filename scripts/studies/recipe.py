@@ -82,12 +82,21 @@ LONG_CONTEXT = Study(
                        "from scratch, the combined claim",
     metric=Metric("val_loss", False), digits=4, tolerance=0.03, tolerance_words="0.03 nats",
     goal_top_k=512, tokens=2048, recipe_warmup=1, metric_header="(val loss)",
-    plot_title="GPT at context 2,048 on tiny-shakespeare: dense, sparse from scratch, and DeepSeek's recipe",
+    plot_title="GPT at context {tokens:,} on tiny-shakespeare: dense, sparse from scratch, and DeepSeek's recipe",
     combined_heading="The combined claim (sundew 25% with sparse attention)",
     combined_note="Speedups here divide recorded training times of runs that shared the machine two at a "
-                  "time; the idle benchmark in docs/sparse-attention.md (the combined claim at 2,048 tokens, "
+                  "time; the idle benchmark in docs/sparse-attention.md (the combined claim at {tokens:,} tokens, "
                   "measured) is the one to quote.")
 STUDIES = {s.model: s for s in (VIT, LONG_CONTEXT)}
+
+
+def context_of(runs: list[Run], default: int) -> int:
+    """The study's sequence length: its runs' model.block_size override (the same in every run),
+    else the study's own."""
+    contexts = {int(r.overrides.get("model.block_size", default)) for r in runs}
+    if len(contexts) > 1:
+        raise SystemExit(f"the runs were trained at different contexts {sorted(contexts)}: one study, one context")
+    return contexts.pop() if contexts else default
 
 
 def top_k_of(run: Run) -> int | None:
@@ -386,7 +395,7 @@ def plot_epochs(runs: list[RecipeRun], path: Path) -> None:
             ax.plot(*zip(*points), color=colour, linestyle=style, marker="o", markersize=3,
                     label=r.name)
     ax.set(xlabel="backbone training epochs", ylabel=metric_label(study))
-    ax.set_title(study.plot_title, fontsize=9)
+    ax.set_title(study.plot_title.format(tokens=study.tokens), fontsize=9)
     analysis.finish(fig, ax, path)
 
 
@@ -480,6 +489,7 @@ def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None, titl
     study = study_of(own)
     if goal_top_k is not None:  # the top_k the goal is judged at: the one that pays, once measured
         study = replace(study, goal_top_k=goal_top_k)
+    study = replace(study, tokens=context_of(own, study.tokens))
     runs = recipe_runs(own, study) + [r for source in sources[1:]
                                       for r in recipe_runs(analysis.collect_runs(source), study, extra=True)]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -511,7 +521,7 @@ def write_page(sources: list[Path], out_dir: Path, queue_file: Path | None, titl
         f"![final {what} against top_k](keep_ratio.png)", "",
         *context_use_section(out_dir),
         f"## {study.combined_heading}", "", combined_table(runs), "",
-        study.combined_note, "",
+        study.combined_note.format(tokens=study.tokens), "",
         *analysis.not_yet_run_section(missing, queue_file),
         ""])
     path = out_dir / "README.md"

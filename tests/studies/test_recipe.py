@@ -129,3 +129,18 @@ def test_the_goal_can_be_judged_at_another_top_k(tmp_path):
     assert "## The goal: recipe-trained sparse within a point of dense at equal epochs (top_k 16 of 65)" in page
     assert "--goal-top-k 16" in page
     assert "top_k 16: -6.00 points over 1 seed(s); within a point of dense on 0 of 1: goal **missed**" in page
+
+
+def test_the_context_is_read_from_the_runs_and_must_be_one(tmp_path):
+    """A study trained by override at another context (model.block_size=4096) says so in its goal's
+    "top_k of N"; runs at two contexts in one record are refused in one line."""
+    fabricate(tmp_path / "sweep")
+    for run in (tmp_path / "sweep").iterdir():
+        overrides = run / ".hydra" / "overrides.yaml"
+        overrides.write_text(yaml.safe_dump([*yaml.safe_load(overrides.read_text()), "model.block_size=129"]))
+    page = vit.write_page([tmp_path / "sweep"], tmp_path / "out", None).read_text()
+    assert "(top_k 32 of 129)" in page
+    overrides = tmp_path / "sweep" / "dense0" / ".hydra" / "overrides.yaml"
+    overrides.write_text(overrides.read_text().replace("model.block_size=129", "model.block_size=65"))
+    with pytest.raises(SystemExit, match=r"different contexts \[65, 129\]: one study, one context"):
+        vit.write_page([tmp_path / "sweep"], tmp_path / "out", None)
