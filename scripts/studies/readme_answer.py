@@ -119,13 +119,18 @@ def loss_costs(quality: tuple[str, int] | None) -> str:
             continue
         final.setdefault((gate is not None, sparse), {})[run.seed] = run.summary["val_loss"]
     dense = final.get((False, False), {})
-    cells, seeds = [], set()
+    cells = []
     for arm in ((True, True), (True, False), (False, True)):
         common = sorted(set(final.get(arm, {})) & set(dense))
-        seeds |= set(common)
-        cells.append(f"{statistics.fmean(final[arm][s] - dense[s] for s in common):+.2f}" if common else "–")
-    named = ", ".join(str(s) for s in sorted(seeds))
-    return ", ".join(cells) + (f" (seed {named})" if len(seeds) == 1 else f" (seeds {named})" if seeds else "")
+        cells.append((f"{statistics.fmean(final[arm][s] - dense[s] for s in common):+.2f}" if common else "–", common))
+    if len({tuple(seeds) for _, seeds in cells if seeds}) > 1:  # the arms have different seeds: say each's
+        return ", ".join(cost + (f" ({seeds_text(seeds)})" if seeds else "") for cost, seeds in cells)
+    seeds = next((seeds for _, seeds in cells if seeds), [])
+    return ", ".join(cost for cost, _ in cells) + (f" ({seeds_text(seeds)})" if seeds else "")
+
+
+def seeds_text(seeds: list[int]) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(s) for s in seeds)
 
 
 def block() -> str:

@@ -74,7 +74,9 @@ def test_the_combined_claims_loss_costs_are_each_arm_minus_dense_on_the_same_see
              run("recipe0", 9.00, 0, **sparse, init_from="epoch_5.pt")]
     record = tmp_path / "runs.jsonl"
     record.write_text("\n".join(lines) + "\n")
-    # both 2.20 - 1.80; sundew 2.25 - 1.80; sparse mean(1.77 - 1.80, 1.79 - 1.78) = -0.01
-    assert readme_answer.loss_costs((str(record), 256)) == "+0.40, +0.45, -0.01 (seeds 0, 1)"
+    # both 2.20 - 1.80; sundew 2.25 - 1.80; sparse mean(1.77 - 1.80, 1.79 - 1.78) = -0.01: seeds differ by arm
+    assert readme_answer.loss_costs((str(record), 256)) == "+0.40 (seed 0), +0.45 (seed 0), -0.01 (seeds 0, 1)"
+    record.write_text("\n".join(line for line in lines if '"run": "sparse1"' not in line) + "\n")
+    assert readme_answer.loss_costs((str(record), 256)) == "+0.40, +0.45, -0.03 (seed 0)"
     assert readme_answer.loss_costs(None) == "–"
     assert readme_answer.loss_costs((str(tmp_path / "absent.jsonl"), 256)) == "–"
