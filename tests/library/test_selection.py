@@ -27,6 +27,7 @@ def percentile_gate(unbiased: bool, **kw) -> SundewGate:
                       unbiased=unbiased, exploration=0.2, min_selected=0, seed=0, **kw)
 
 
+@pytest.mark.slow  # many sampled subsets per case: the full suite's
 @pytest.mark.parametrize("unbiased", [True, False])
 def test_inverse_probability_weights_make_the_subset_gradient_unbiased(unbiased):
     """Averaged over many draws, the weighted subset gradient is the full batch's gradient;

@@ -177,6 +177,7 @@ def test_whitening_bias_trains_at_the_base_rate_for_its_epochs_then_freezes():
     assert FastNet().whiten.bias is None  # whiten_bias_epochs 0: no bias at all
 
 
+@pytest.mark.slow  # two short runs: the full suite's
 def test_tta_at_the_end_only_evaluates_earlier_epochs_on_the_plain_image(tmp_path):
     """eval_tta_every_epoch=false (the fast preset's): epoch 1's val_acc is its accuracy without
     TTA, recorded as val_acc_tta0 too, with no other level; the last epoch has all three and its
