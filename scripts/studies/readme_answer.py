@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from scripts.studies import analysis, convergence
+from scripts.studies import analysis, convergence, recipe
 from scripts.studies.analysis import Estimate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,26 +103,21 @@ def loss_costs(quality: tuple[str, int] | None) -> str:
     """'+0.42, +0.47, -0.03 (seed 0)': the final validation loss of sundew 25% with sparse
     attention, sundew alone and sparse attention alone (from scratch), each minus dense full
     training's on the same seed, averaged over the seeds both have; '–' where quality was not
-    trained."""
+    trained. The runs are told apart as the study's page tells them (scripts.studies.recipe)."""
     if quality is None or not (ROOT / quality[0]).exists():
         return "–"
-    final = {}  # (gated, sparse) -> {seed: val_loss}
-    for run in analysis.collect_runs(ROOT / quality[0]):
-        o = run.overrides
-        if o.get("study") != "long_context_rope" or "init_from" in o:
-            continue  # the recipe's runs start from a dense checkpoint: not an arm of the combined claim
-        sparse = o.get("attention") == "sparse_causal_long"
-        if sparse and int(o.get("attention.top_k", 512)) != quality[1]:
-            continue
-        gate = o.get("gate")
-        if gate is not None and not (gate == "sundew_memory" and o.get("budget") == "0.25"):
-            continue
-        final.setdefault((gate is not None, sparse), {})[run.seed] = run.summary["val_loss"]
-    dense = final.get((False, False), {})
+    path, top_k = quality
+    runs = recipe.recipe_runs(analysis.collect_runs(ROOT / path), recipe.LONG_CONTEXT)
+    gated = [r for r in runs if r.kind == "combined"
+             and (r.run.summary["gate"], r.run.summary["target_rate"]) == ("sundew_memory", 0.25)]
+    dense = {seed: r.final for seed, r in recipe.of(runs, "dense").items()}
+    arms = [{r.seed: r.final for r in gated if r.top_k == top_k},
+            {r.seed: r.final for r in gated if r.top_k is None},
+            {seed: r.final for seed, r in recipe.of(runs, "scratch", top_k).items()}]
     cells = []
-    for arm in ((True, True), (True, False), (False, True)):
-        common = sorted(set(final.get(arm, {})) & set(dense))
-        cells.append((f"{statistics.fmean(final[arm][s] - dense[s] for s in common):+.2f}" if common else "–", common))
+    for final in arms:
+        common = sorted(set(final) & set(dense))
+        cells.append((f"{statistics.fmean(final[s] - dense[s] for s in common):+.2f}" if common else "–", common))
     if len({tuple(seeds) for _, seeds in cells if seeds}) > 1:  # the arms have different seeds: say each's
         return ", ".join(cost + (f" ({seeds_text(seeds)})" if seeds else "") for cost, seeds in cells)
     seeds = next((seeds for _, seeds in cells if seeds), [])

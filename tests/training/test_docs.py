@@ -60,8 +60,10 @@ def test_the_combined_claims_loss_costs_are_each_arm_minus_dense_on_the_same_see
 
     def run(name: str, val_loss: float, seed: int, **overrides: str) -> str:
         overrides = {"study": "long_context_rope", "seed": str(seed), **overrides}
-        return json.dumps({"run": name, "overrides": overrides, "summary": {"seed": seed, "val_loss": val_loss},
-                           "epochs": []})
+        summary = {"seed": seed, "val_loss": val_loss, "model": "gpt",
+                   "attention": overrides.get("attention", "dense"), "gate": overrides.get("gate", "none"),
+                   "target_rate": float(overrides.get("budget", 1.0))}
+        return json.dumps({"run": name, "overrides": overrides, "summary": summary, "epochs": []})
 
     sparse = {"attention": "sparse_causal_long", "attention.top_k": "256"}
     gated = {"gate": "sundew_memory", "budget": "0.25", "gate.pack": "true"}
